@@ -1,0 +1,744 @@
+"""emailsvc: the HTTP API (Bottle, served by waitress) and the command line.
+
+A request never talks to a mail server: it checks input, records intent and
+enqueues a task. Sections: errors, requests and auth, accounts, tasks,
+health, command line.
+"""
+import argparse
+import datetime
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import traceback
+import uuid
+
+import bottle
+import peewee as pw
+import redis
+
+import models
+import tasks
+from mailkit import logs
+from mailkit import settings as settings_mod
+from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
+
+SETTINGS = tasks.SETTINGS
+logger = logging.getLogger('emailsvc.web')
+bottle.BaseRequest.MEMFILE_MAX = SETTINGS['server.max_body_kb'] * 1024
+
+# Errors a dependency outage raises: the client gets 503 and may retry.
+UNAVAILABLE = (pw.OperationalError, pw.InterfaceError, redis.ConnectionError, redis.TimeoutError)
+
+
+# ================================================================ errors
+
+class ApiError(bottle.HTTPError):
+    """An error the client can act on: a status, a stable code and a message."""
+
+    def __init__(self, status, code, message, **extra):
+        super().__init__(status, message)
+        self.code = code
+        self.extra = extra
+
+
+class Api(bottle.Bottle):
+    def default_error_handler(self, err):
+        bottle.response.content_type = 'application/json'   # return a str; Bottle iterates a dict
+        if isinstance(err, ApiError):
+            return json.dumps({'error': err.code, 'message': err.body, **err.extra})
+        if err.status_code < 500:                           # Bottle's own 404, 405, 413, bad JSON
+            return json.dumps({'error': f'http_{err.status_code}', 'message': err.body})
+        if isinstance(err.exception, UNAVAILABLE):
+            bottle.response.status = 503
+            logger.warning('dependency unavailable: %s', type(err.exception).__name__)
+            return json.dumps({'error': 'unavailable',
+                               'message': 'A backing service (database or queue) is unavailable; retry shortly.'})
+        ref = log_unexpected(err)
+        return json.dumps({'error': 'internal', 'message': f'Internal error, reference {ref}.'})
+
+
+def log_unexpected(err):
+    ref = uuid.uuid4().hex[:12]
+    exc = err.exception
+    tb = ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)) if exc else err.traceback
+    logger.error('unexpected error %s on %s %s', ref, bottle.request.method, bottle.request.path,
+                 extra={'ref': ref, 'trace': tb})
+    return ref
+
+
+app = Api()
+
+
+def not_found(kind, ident):
+    return ApiError(404, 'not_found', f'no {kind} {ident}')
+
+
+# ================================================================ requests and auth
+
+REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+
+
+@app.hook('before_request')
+def start_request():
+    given = bottle.request.get_header('X-Request-ID', '')
+    logs.request_id.set(given if REQUEST_ID.match(given) else logs.new_request_id())
+
+
+@app.hook('after_request')
+def end_request():
+    bottle.response.set_header('X-Request-ID', logs.request_id.get() or '')
+    if not models.database.is_closed():
+        models.database.close()  # back to the pool
+
+
+class Caller:
+    def __init__(self, key_row):
+        self.tenant_id = key_row.tenant_id
+        self.user_id = key_row.user_id
+        self.operator = key_row.is_operator
+
+
+def authenticate():
+    header = bottle.request.get_header('Authorization', '')
+    scheme, _, key = header.partition(' ')
+    if scheme.lower() != 'bearer' or not key.strip():
+        raise ApiError(401, 'unauthorized', 'Send "Authorization: Bearer <api key>"; create a key with '
+                                            './run.sh admin create-key.')
+    with models.all_tenants():
+        row = ApiKey.lookup(key.strip())
+    if row is None:
+        raise ApiError(401, 'unauthorized', 'The API key is unknown or revoked.')
+    return Caller(row)
+
+
+def api(method, path, operator_only=False):
+    """Route decorator: authenticate, then run the handler inside the caller's tenant scope."""
+    def decorate(handler):
+        def scoped(**kwargs):
+            caller = authenticate()
+            if operator_only and not caller.operator:
+                raise ApiError(403, 'forbidden', 'This needs an operator key.')
+            bottle.request.caller = caller
+            scope = models.all_tenants() if caller.operator else models.tenant_scope(caller.tenant_id)
+            with scope:
+                return handler(**kwargs)
+        app.route(path, method)(scoped)
+        return handler
+    return decorate
+
+
+def caller():
+    return bottle.request.caller
+
+
+def own(query, model):
+    """Narrow to the calling user's rows (operators see every user's)."""
+    return query if caller().operator else query.where(model.user_id == caller().user_id)
+
+
+def one(model, ident, kind):
+    """The caller's row of `model` by id; 404 for anyone else's (also another tenant's)."""
+    row = own(model.select(), model).where(model.id == ident).first()
+    if row is None:
+        raise not_found(kind, ident)
+    return row
+
+
+def json_body():
+    """The request's JSON object; 413 if too large, 400 if not JSON, 422 if not an object."""
+    limit = bottle.BaseRequest.MEMFILE_MAX
+    if (bottle.request.content_length or 0) > limit:
+        raise ApiError(413, 'too_large', f'The request body is over {limit // 1024} KB.')
+    raw = bottle.request.body.read(limit + 1)
+    if len(raw) > limit:
+        raise ApiError(413, 'too_large', f'The request body is over {limit // 1024} KB.')
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, 'invalid_json', 'The request body is not valid JSON.') from None
+    if not isinstance(body, dict):
+        raise ApiError(422, 'invalid_body', 'The request body must be a JSON object.')
+    return body
+
+
+def accepted(task, status='pending'):
+    bottle.response.status = 202
+    return {'task_id': task.id, 'status': status}
+
+
+# ================================================================ accounts
+
+EMAIL = re.compile(r'^[^@\s<>()",;]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}$')
+HOST = re.compile(r'^[A-Za-z0-9._:-]{1,255}$')
+SECURITY = ('tls', 'starttls', 'none')
+
+
+class Fields:
+    """Collects field-level validation errors so the client sees all at once."""
+
+    def __init__(self):
+        self.errors = {}
+
+    def fail(self, field, message):
+        self.errors.setdefault(field, message)
+
+    def check(self):
+        if self.errors:
+            first = next(iter(self.errors.items()))
+            raise ApiError(422, 'validation_failed', f'{first[0]}: {first[1]}', fields=self.errors)
+
+
+def want_str(fields, name, value, pattern=None, hint='', required=True, limit=320):
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        fields.fail(name, 'is required' if value is None else 'must be a non-empty string')
+    elif len(value) > limit:
+        fields.fail(name, f'must be at most {limit} characters')
+    elif pattern and not pattern.match(value.strip()):
+        fields.fail(name, hint)
+    else:
+        return value.strip()
+    return None
+
+
+def want_int(fields, name, value, low, high):
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        fields.fail(name, f'must be an integer from {low} to {high}')
+        return None
+    return value
+
+
+def want_choice(fields, name, value, choices):
+    if value not in choices:
+        fields.fail(name, f'must be one of {", ".join(choices)}')
+        return None
+    return value
+
+
+def want_object(fields, name, value, allowed):
+    if not isinstance(value, dict):
+        fields.fail(name, 'must be an object')
+        return {}
+    for extra in sorted(set(value) - set(allowed)):
+        fields.fail(f'{name}.{extra}', 'is not a known field')
+    return value
+
+
+INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
+SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
+ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval')
+
+
+def validate_server(fields, prefix, given, current, allowed):
+    """Merge `given` over `current` (PATCH) and check every field of one server."""
+    server = dict(current, **want_object(fields, prefix, given, allowed))
+    clean = {}
+    if 'protocol' in allowed:
+        clean['protocol'] = want_choice(fields, f'{prefix}.protocol', server.get('protocol'), ('imap', 'pop3'))
+    clean['host'] = want_str(fields, f'{prefix}.host', server.get('host'), HOST, 'must be a host name or address', limit=255)
+    clean['port'] = want_int(fields, f'{prefix}.port', server.get('port'), 1, 65535)
+    clean['security'] = want_choice(fields, f'{prefix}.security', server.get('security'), SECURITY)
+    clean['username'] = want_str(fields, f'{prefix}.username', server.get('username'))
+    if 'password' in given or not current:
+        clean['password'] = want_str(fields, f'{prefix}.password', server.get('password'), limit=1024)
+    return clean
+
+
+def validate_account(body, client=None):
+    """Check a create (client None) or update body; returns the clean values given."""
+    fields = Fields()
+    for extra in sorted(set(body) - set(ACCOUNT_FIELDS)):
+        fields.fail(extra, 'is not a known field')
+    clean = {}
+    if client is None or 'email' in body:
+        clean['email'] = want_str(fields, 'email', body.get('email'), EMAIL, 'must be an email address')
+    if client is None or 'incoming' in body:
+        current = incoming_of(client) if client else {}
+        clean['incoming'] = validate_server(fields, 'incoming', body.get('incoming'), current, INCOMING_FIELDS)
+    if body.get('smtp') is not None:
+        current = smtp_of(client) if client and client.smtp_host else {}
+        clean['smtp'] = validate_server(fields, 'smtp', body['smtp'], current, SMTP_FIELDS)
+    elif 'smtp' in body:
+        clean['smtp'] = None
+    if 'sync_enabled' in body:
+        if not isinstance(body['sync_enabled'], bool):
+            fields.fail('sync_enabled', 'must be true or false')
+        clean['sync_enabled'] = body['sync_enabled']
+    if 'sync_interval' in body:
+        clean['sync_interval'] = want_int(fields, 'sync_interval', body['sync_interval'], 60, 86400)
+    fields.check()
+    return clean
+
+
+def incoming_of(client):
+    return {'protocol': client.incoming_protocol, 'host': client.incoming_host, 'port': client.incoming_port,
+            'security': client.incoming_security, 'username': client.incoming_username}
+
+
+def smtp_of(client):
+    if not client.smtp_host:
+        return None
+    return {'host': client.smtp_host, 'port': client.smtp_port, 'security': client.smtp_security,
+            'username': client.smtp_username}
+
+
+def account_dict(client, kinds_with_password):
+    incoming = dict(incoming_of(client), has_password='incoming' in kinds_with_password)
+    smtp = smtp_of(client)
+    if smtp:
+        smtp['has_password'] = 'smtp' in kinds_with_password
+    return {
+        'id': client.id, 'email': client.email, 'user_id': client.user_id,
+        'incoming': incoming, 'smtp': smtp,
+        'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
+        'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
+        'last_error': client.last_error,
+        'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
+    }
+
+
+def password_kinds(client_ids):
+    """{client id: {'incoming', 'smtp'}}: which passwords are stored, in one query."""
+    kinds = {}
+    rows = models.Credential.select(models.Credential.client, models.Credential.kind) \
+        .where(models.Credential.client.in_(client_ids))
+    for row in rows:
+        kinds.setdefault(row.client_id, set()).add(row.kind)
+    return kinds
+
+
+def apply_account(client, clean):
+    """Copy validated values onto the row; returns {kind: password} to store."""
+    passwords = {}
+    if 'email' in clean:
+        client.email = clean['email']
+    if clean.get('incoming'):
+        incoming = clean['incoming']
+        for key in ('protocol', 'host', 'port', 'security', 'username'):
+            setattr(client, f'incoming_{key}', incoming[key])
+        if incoming.get('password'):
+            passwords['incoming'] = incoming['password']
+    if 'smtp' in clean:
+        smtp = clean['smtp'] or {}
+        for key in ('host', 'port', 'security', 'username'):
+            setattr(client, f'smtp_{key}', smtp.get(key))
+        if smtp.get('password'):
+            passwords['smtp'] = smtp['password']
+    for key in ('sync_enabled', 'sync_interval'):
+        if key in clean:
+            setattr(client, key, clean[key])
+    return passwords
+
+
+def store_passwords(client, passwords, dropped_smtp):
+    for kind, password in passwords.items():
+        models.Credential.insert(tenant_id=client.tenant_id, client=client.id, kind=kind,
+                                 secret=tasks.vault.encrypt(password), updated_at=models.utcnow()) \
+            .on_conflict(conflict_target=[models.Credential.client, models.Credential.kind],
+                         update={models.Credential.secret: pw.EXCLUDED.secret,
+                                 models.Credential.updated_at: pw.EXCLUDED.updated_at}).execute()
+    if dropped_smtp:
+        models.Credential.delete().where(models.Credential.client == client.id,
+                                         models.Credential.kind == 'smtp').execute()
+
+
+@api('POST', '/api/v1/accounts')
+def create_account():
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Accounts belong to a user; create them with that user\'s key.')
+    clean = validate_account(json_body())
+    with models.database.atomic():
+        client = EmailClient(user_id=caller().user_id)
+        passwords = apply_account(client, clean)
+        client.save()
+        store_passwords(client, passwords, dropped_smtp=False)
+    bottle.response.status = 201
+    return account_dict(client, set(passwords))
+
+
+@api('GET', '/api/v1/accounts')
+def list_accounts():
+    rows = list(own(EmailClient.select(), EmailClient).order_by(EmailClient.id))
+    kinds = password_kinds([row.id for row in rows])
+    return {'items': [account_dict(row, kinds.get(row.id, set())) for row in rows]}
+
+
+@api('GET', '/api/v1/accounts/<client_id:int>')
+def get_account(client_id):
+    client = one(EmailClient, client_id, 'account')
+    return account_dict(client, password_kinds([client.id]).get(client.id, set()))
+
+
+@api('PATCH', '/api/v1/accounts/<client_id:int>')
+def update_account(client_id):
+    client = one(EmailClient, client_id, 'account')
+    clean = validate_account(json_body(), client)
+    with models.database.atomic():
+        passwords = apply_account(client, clean)
+        client.updated_at = models.utcnow()
+        client.save()
+        store_passwords(client, passwords, dropped_smtp='smtp' in clean and clean['smtp'] is None)
+    return account_dict(client, password_kinds([client.id]).get(client.id, set()))
+
+
+@api('DELETE', '/api/v1/accounts/<client_id:int>')
+def delete_account(client_id):
+    client = one(EmailClient, client_id, 'account')
+    with models.database.atomic():
+        models.Credential.delete().where(models.Credential.client == client.id).execute()
+        client.delete_instance()
+    bottle.response.status = 204
+    return ''
+
+
+# ================================================================ tasks
+
+def parse_since(value):
+    try:
+        since = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
+    except ValueError:
+        raise ApiError(422, 'invalid_filter', f'since must be an ISO 8601 time, got {value!r}.') from None
+    if since.tzinfo:
+        since = since.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return since
+
+
+def query_int(name, default, low, high):
+    raw = bottle.request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        raise ApiError(422, 'invalid_filter', f'{name} must be an integer from {low} to {high}.')
+    return value
+
+
+@api('GET', '/api/v1/tasks')
+def list_tasks():
+    """Newest first; `cursor` is the last id of the previous page."""
+    query = own(TaskRecord.select(), TaskRecord)
+    params = bottle.request.query
+    if params.get('state'):
+        if params.state not in models.TASK_STATES:
+            raise ApiError(422, 'invalid_filter', f'state must be one of {", ".join(models.TASK_STATES)}.')
+        query = query.where(TaskRecord.state == params.state)
+    if params.get('name'):
+        query = query.where(TaskRecord.name == params.name)
+    if params.get('since'):
+        query = query.where(TaskRecord.enqueued_at >= parse_since(params.since))
+    limit = query_int('limit', 50, 1, 500)
+    if params.get('cursor'):
+        anchor = TaskRecord.get_or_none(TaskRecord.id == params.cursor)
+        if anchor is None:
+            raise ApiError(422, 'invalid_cursor', 'cursor is not a task id from a previous page.')
+        query = query.where((TaskRecord.enqueued_at < anchor.enqueued_at) |
+                            ((TaskRecord.enqueued_at == anchor.enqueued_at) & (TaskRecord.id < anchor.id)))
+    rows = list(query.order_by(TaskRecord.enqueued_at.desc(), TaskRecord.id.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {'items': [row.to_dict() for row in rows], 'next_cursor': rows[-1].id if more else None}
+
+
+@api('GET', '/api/v1/tasks/<task_id>')
+def get_task(task_id):
+    return one(TaskRecord, task_id, 'task').to_dict()
+
+
+@api('DELETE', '/api/v1/tasks/<task_id>')
+def revoke_task(task_id):
+    record = one(TaskRecord, task_id, 'task')
+    # Mark first, then tell Huey: a worker that dequeues it in between finds it
+    # revoked in the ledger's eyes and Huey's, never run and recorded twice.
+    changed = models.ledger_update(record.id, only_states=('pending', 'retrying'),
+                                   state='revoked', finished_at=models.utcnow())
+    if not changed:
+        record = TaskRecord.get_by_id(record.id)
+        raise ApiError(409, 'not_revocable', f'task {record.id} is {record.state}; only pending or '
+                                             'retrying tasks can be revoked.')
+    tasks.huey.revoke_by_id(record.id)
+    return TaskRecord.get_by_id(record.id).to_dict()
+
+
+@api('POST', '/api/v1/tasks/<task_id>/retry')
+def retry_task(task_id):
+    record = one(TaskRecord, task_id, 'task')
+    task = rerun(record)
+    return accepted(task)
+
+
+def rerun(record):
+    """Queue a finished-unsuccessful task again: same id, a new attempt on the same record."""
+    wrapper = tasks.TASKS.get(record.name)
+    if wrapper is None:
+        raise ApiError(409, 'not_retryable', f'task {record.id} ({record.name}) cannot be re-run.')
+    changed = models.ledger_update(record.id, only_states=('failed', 'dead', 'revoked'),
+                                   state='pending', finished_at=None, next_retry_at=None)
+    if not changed:
+        raise ApiError(409, 'not_retryable', f'task {record.id} is {record.state}; only failed, dead or '
+                                             'revoked tasks can be re-run.')
+    tasks.huey.restore_by_id(record.id)
+    arguments = json.loads(record.args)
+    task = wrapper.s(**arguments, id=record.id)
+    task.request_id = logs.request_id.get()
+    return tasks.huey.enqueue(task)
+
+
+# ================================================================ health
+
+@app.get('/health')
+def health():
+    return {'status': 'ok'}
+
+
+@app.get('/health/detailed')
+def health_detailed():
+    report = {'database': probe(models.check_database), 'broker': probe(check_broker)}
+    report['consumers'] = probe(live_consumers) if report['database']['ok'] else {'ok': False}
+    report['queue'] = probe(tasks.queue_depth) if report['broker']['ok'] else {'ok': False}
+    healthy = report['database']['ok'] and report['broker']['ok']
+    report['status'] = 'ok' if healthy else 'degraded'
+    bottle.response.status = 200 if healthy else 503
+    return report
+
+
+def probe(check):
+    """Run one health check; a failure becomes {'ok': False, 'error': ...}, never a 500."""
+    try:
+        return dict(check() or {}, ok=True)
+    except Exception as exc:  # any failure of a dependency is reported, not raised
+        return {'ok': False, 'error': type(exc).__name__}
+
+
+def check_broker():
+    tasks.huey.storage.queue_size()
+
+
+def live_consumers(now=None):
+    cutoff = (now or models.utcnow()) - datetime.timedelta(seconds=SETTINGS['consumer.alive_seconds'])
+    with models.database.connection_context():
+        rows = list(ConsumerHeartbeat.select().where(ConsumerHeartbeat.last_seen >= cutoff))
+    return {'alive': len({(r.host, r.consumer_pid) for r in rows}), 'workers': len(rows)}
+
+
+# ================================================================ command line
+
+def serve_web(args):
+    import waitress
+    logs.configure(SETTINGS['log.level'])
+    models.migrate()
+    host, port = SETTINGS['server.host'], SETTINGS['server.port']
+    # A shell starts background jobs with SIGINT ignored; stop on it (and
+    # SIGTERM) all the same, so ./run.sh's Ctrl-C ends the web server too.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.default_int_handler)
+    print(f'emailsvc: serving http://{host}:{port}/ (health: http://{host}:{port}/health)', flush=True)
+    try:
+        waitress.serve(app, host=host, port=port, threads=SETTINGS['server.threads'], ident='emailsvc',
+                       _quiet=True)
+    except KeyboardInterrupt:
+        print('emailsvc: web server stopped', flush=True)
+
+
+def run_consumer(args):
+    logs.configure(SETTINGS['log.level'])
+    models.migrate()
+    consumer = tasks.huey.create_consumer(
+        workers=SETTINGS['consumer.workers'], worker_type=SETTINGS['consumer.worker_type'],
+        periodic=True, check_worker_health=True, health_check_interval=1)
+    consumer.run()
+
+
+def run_migrate(args):
+    old, new = models.migrate()
+    print(f'database schema: version {old} -> {new}' if old != new else f'database schema: version {new}, up to date')
+
+
+def admin_create_tenant(args):
+    models.migrate()
+    if Tenant.get_or_none(Tenant.name == args.name):
+        fail(f'tenant {args.name!r} exists already')
+    tenant = Tenant.create(name=args.name)
+    print(f'tenant {tenant.name} created (id {tenant.id})')
+
+
+def find_tenant(name):
+    tenant = Tenant.get_or_none(Tenant.name == name)
+    if tenant is None:
+        fail(f'no tenant {name!r}; create it with ./run.sh admin create-tenant {name}')
+    return tenant
+
+
+def admin_create_user(args):
+    models.migrate()
+    tenant = find_tenant(args.tenant)
+    with models.tenant_scope(tenant.id):
+        if User.get_or_none(User.name == args.name):
+            fail(f'user {args.name!r} exists already in tenant {tenant.name}')
+        user = User.create(name=args.name)
+    print(f'user {user.name} created in tenant {tenant.name} (id {user.id})')
+
+
+def admin_create_key(args):
+    models.migrate()
+    if args.operator:
+        if args.tenant or args.user:
+            fail('an operator key belongs to no tenant; drop --tenant and --user')
+        _, key = ApiKey.issue(operator=True)
+        print('operator key created; it is shown once, store it now:')
+    else:
+        if not (args.tenant and args.user):
+            fail('give --tenant and --user, or --operator')
+        tenant = find_tenant(args.tenant)
+        with models.tenant_scope(tenant.id):
+            user = User.get_or_none(User.name == args.user) or User.create(name=args.user)
+        _, key = ApiKey.issue(tenant_id=tenant.id, user_id=user.id)
+        print(f'key created for {user.name} in tenant {tenant.name}; it is shown once, store it now:')
+    print(key)
+
+
+def admin_list_keys(args):
+    models.migrate()
+    tenants = {t.id: t.name for t in Tenant.select()}
+    with models.all_tenants():
+        users = {u.id: u.name for u in User.select()}
+    for row in ApiKey.select().order_by(ApiKey.id):
+        owner = 'operator' if row.is_operator else f'{tenants.get(row.tenant_id)}/{users.get(row.user_id)}'
+        state = f'revoked {models.iso(row.revoked_at)}' if row.revoked_at else 'active'
+        print(f'{row.id}\t{row.prefix}…\t{owner}\t{state}\tcreated {models.iso(row.created_at)}')
+
+
+def admin_revoke_key(args):
+    models.migrate()
+    query = ApiKey.select().where((ApiKey.prefix == args.key[:12]) if not args.key.isdigit()
+                                  else (ApiKey.id == int(args.key)))
+    row = query.first()
+    if row is None:
+        fail(f'no key {args.key!r}; ./run.sh admin list-keys shows them')
+    ApiKey.update(revoked_at=models.utcnow()).where(ApiKey.id == row.id).execute()
+    print(f'key {row.id} ({row.prefix}…) revoked')
+
+
+def admin_rotate_key(args):
+    """Re-encrypt every credential under the newest key (the first in security.credential_keys)."""
+    models.migrate()
+    vault = tasks.vault
+    if args.generate:
+        vault = generate_embedded_key()
+    count = 0
+    with models.all_tenants(), models.database.atomic():
+        for row in models.Credential.select():
+            models.Credential.update(secret=vault.rotate(row.secret)).where(models.Credential.id == row.id).execute()
+            count += 1
+    print(f're-encrypted {count} credentials under the newest key')
+
+
+def generate_embedded_key():
+    """Put a new key in front of var/fernet.key (embedded mode only)."""
+    from mailkit.credentials import Vault, new_key
+    path = SETTINGS['paths.var'] / 'fernet.key'
+    if settings_mod.env_name('security.credential_keys') in os.environ or not path.exists():
+        fail('--generate works on the generated var/fernet.key only; with configured keys, put a new key '
+             'first in security.credential_keys and run rotate-key without --generate')
+    keys = [new_key()] + path.read_text().strip().split(',')
+    path.write_text(','.join(keys) + '\n')
+    return Vault(keys)
+
+
+def tasks_status(args):
+    models.migrate()
+    with models.all_tenants():
+        record = TaskRecord.get_or_none(TaskRecord.id == args.task_id)
+    if record is None:
+        fail(f'no task {args.task_id}')
+    print(json.dumps(record.to_dict(), indent=2))
+
+
+def tasks_active(args):
+    with models.all_tenants():
+        rows = TaskRecord.select().where(TaskRecord.state.in_(('running', 'retrying', 'pending'))) \
+            .order_by(TaskRecord.enqueued_at).limit(args.limit)
+        for row in rows:
+            print(f'{row.id}\t{row.name}\t{row.state}\tattempts {row.attempts}\tworker {row.worker or "-"}')
+
+
+def tasks_queues(args):
+    print(json.dumps(tasks.queue_depth()))
+
+
+def tasks_revoke(args):
+    with models.all_tenants():
+        changed = models.ledger_update(args.task_id, only_states=('pending', 'retrying'),
+                                       state='revoked', finished_at=models.utcnow())
+    if not changed:
+        fail(f'task {args.task_id} is not pending or retrying (./run.sh tasks status {args.task_id})')
+    tasks.huey.revoke_by_id(args.task_id)
+    print(f'task {args.task_id} revoked')
+
+
+def fail(message):
+    print(f'emailsvc: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog='emailsvc', description='Email background-processing service.')
+    commands = parser.add_subparsers(dest='command', required=True)
+    commands.add_parser('web', help='serve the HTTP API').set_defaults(run=serve_web)
+    commands.add_parser('consumer', help='run the task consumer').set_defaults(run=run_consumer)
+    commands.add_parser('migrate', help='upgrade the database schema').set_defaults(run=run_migrate)
+
+    admin = commands.add_parser('admin', help='tenants, users, keys').add_subparsers(dest='action', required=True)
+    p = admin.add_parser('create-tenant')
+    p.add_argument('name')
+    p.set_defaults(run=admin_create_tenant)
+    p = admin.add_parser('create-user')
+    p.add_argument('--tenant', required=True)
+    p.add_argument('name')
+    p.set_defaults(run=admin_create_user)
+    p = admin.add_parser('create-key', help='prints the key alone on its last line')
+    p.add_argument('--tenant')
+    p.add_argument('--user')
+    p.add_argument('--operator', action='store_true')
+    p.set_defaults(run=admin_create_key)
+    admin.add_parser('list-keys').set_defaults(run=admin_list_keys)
+    p = admin.add_parser('revoke-key')
+    p.add_argument('key', help='key id or its first 12 characters')
+    p.set_defaults(run=admin_revoke_key)
+    p = admin.add_parser('rotate-key', help='re-encrypt credentials under the newest key')
+    p.add_argument('--generate', action='store_true', help='embedded mode: make the new key too')
+    p.set_defaults(run=admin_rotate_key)
+
+    inspect = commands.add_parser('tasks', help='inspect and manage tasks').add_subparsers(dest='action', required=True)
+    p = inspect.add_parser('active')
+    p.add_argument('--limit', type=int, default=100)
+    p.set_defaults(run=tasks_active)
+    p = inspect.add_parser('status')
+    p.add_argument('task_id')
+    p.set_defaults(run=tasks_status)
+    inspect.add_parser('queues').set_defaults(run=tasks_queues)
+    p = inspect.add_parser('revoke')
+    p.add_argument('task_id')
+    p.set_defaults(run=tasks_revoke)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except UNAVAILABLE as exc:
+        fail(f'cannot reach the database or queue ({type(exc).__name__}: {exc}); is it running?')
+
+
+if __name__ == '__main__':
+    main()

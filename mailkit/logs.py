@@ -1,0 +1,67 @@
+"""Structured JSON logs with the request id that caused them.
+
+A `request_id` is set when an HTTP request arrives, travels inside the task
+payload, and is set again in the worker that runs the task, so every line a
+request causes, in any process, can be found by one id.
+"""
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+import time
+import traceback
+import uuid
+
+request_id = contextvars.ContextVar('request_id', default=None)
+task_id = contextvars.ContextVar('task_id', default=None)
+
+# Names whose values never reach a log line, whatever a caller passes in `extra`.
+SECRET_WORDS = ('password', 'secret', 'token', 'authorization', 'api_key')
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, ids, extras."""
+
+    RESERVED = set(vars(logging.makeLogRecord({}))) | {'message', 'asctime'}
+
+    def format(self, record):
+        entry = {
+            'ts': time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(record.created)) + f'.{int(record.msecs):03d}Z',
+            'level': record.levelname,
+            'logger': record.name,
+            'message': record.getMessage(),
+        }
+        for name, var in (('request_id', request_id), ('task_id', task_id)):
+            if var.get():
+                entry[name] = var.get()
+        for key, value in vars(record).items():
+            if key not in self.RESERVED and not key.startswith('_'):
+                entry[key] = '[redacted]' if any(w in key.lower() for w in SECRET_WORDS) else value
+        if record.exc_info:
+            entry['traceback'] = ''.join(traceback.format_exception(*record.exc_info))
+        return json.dumps(entry, default=str)
+
+
+def configure(level='INFO', stream=None):
+    """Send every logger to `stream` (stderr) as JSON lines."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def new_request_id():
+    return uuid.uuid4().hex[:16]
+
+
+@contextlib.contextmanager
+def task_context(current_task_id, current_request_id):
+    """Tag the log lines of one task run with its id and its request's id."""
+    tokens = task_id.set(current_task_id), request_id.set(current_request_id)
+    try:
+        yield
+    finally:
+        task_id.reset(tokens[0])
+        request_id.reset(tokens[1])

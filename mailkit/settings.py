@@ -1,0 +1,184 @@
+"""Settings: one table, read from config.ini and overridden by the environment.
+
+Every row is `section.key`; `config.ini` documents each one with its default,
+and `EMAILSVC_SECTION_KEY` in the environment wins over the file. Start-up
+stops on the first bad value with one line that names where it came from, the
+key and how to fix it. The embedded mode needs no configuration at all: the
+signing secret and the credential key are generated into `var/` on first run.
+"""
+import configparser
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED = object()
+GENERATED = object()  # made on first run in the embedded mode, required otherwise
+
+SETTINGS = (  # key, type, default, meaning
+    ('server.host', str, '127.0.0.1', 'address the web server listens on'),
+    ('server.port', int, 8080, 'port the web server listens on'),
+    ('server.threads', int, 8, 'waitress worker threads'),
+    ('server.max_body_kb', int, 1024, 'largest JSON request body accepted (413 beyond)'),
+    ('server.secret', str, GENERATED, 'signs task payloads; 32+ random characters, the same on every host'),
+    ('database.url', str, 'sqlite:///var/emailsvc.db', 'peewee db_url; postgresql://user:pw@host/db when scaled out'),
+    ('queue.url', str, 'sqlite:///var/queue.db', 'huey storage; redis://host:6379/0 when scaled out'),
+    ('queue.name', str, 'emailsvc', 'queue name (several services may share a Redis)'),
+    ('queue.results_ttl', int, 3600, 'seconds a task result is kept in the broker'),
+    ('queue.history_days', int, 30, 'days finished tasks stay in the ledger'),
+    ('consumer.workers', int, 2, 'worker processes per consumer'),
+    ('consumer.worker_type', str, 'process', 'process | thread'),
+    ('consumer.heartbeat_seconds', float, 5.0, 'how often each worker reports it is alive'),
+    ('consumer.alive_seconds', float, 20.0, 'a worker silent for longer counts as gone'),
+    ('retry.base_delay', float, 5.0, 'seconds before the first retry; doubles each attempt'),
+    ('retry.max_delay', float, 600.0, 'cap of the retry delay in seconds'),
+    ('retry.jitter', float, 0.2, 'fraction of the delay drawn at random, so retries spread out'),
+    ('limits.sync_emails_soft', int, 1800, 'seconds before sync_emails is told to stop'),
+    ('limits.sync_emails_hard', int, 1860, 'seconds before the sync_emails worker is killed'),
+    ('limits.send_email_soft', int, 120, 'seconds before send_email is told to stop'),
+    ('limits.send_email_hard', int, 150, 'seconds before the send_email worker is killed'),
+    ('limits.delete_emails_soft', int, 300, 'seconds before delete_emails is told to stop'),
+    ('limits.delete_emails_hard', int, 330, 'seconds before the delete_emails worker is killed'),
+    ('limits.check_spam_soft', int, 60, 'seconds before check_spam is told to stop'),
+    ('limits.check_spam_hard', int, 75, 'seconds before the check_spam worker is killed'),
+    ('limits.default_soft', int, 300, 'soft limit of every other task'),
+    ('limits.default_hard', int, 330, 'hard limit of every other task'),
+    ('security.credential_keys', str, GENERATED, 'Fernet keys, comma-separated, newest first; the first encrypts'),
+    ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
+)
+CHOICES = {
+    'consumer.worker_type': ('process', 'thread'),
+    'log.level': ('DEBUG', 'INFO', 'WARNING', 'ERROR'),
+}
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message says where and how to fix it."""
+
+
+def env_name(key):
+    return 'EMAILSVC_' + key.replace('.', '_').upper()
+
+
+def config_path(environ=os.environ):
+    return Path(environ.get('EMAILSVC_CONFIG') or ROOT / 'config.ini')
+
+
+def load(path=None, environ=os.environ):
+    """Read every setting: the file, then the environment, then defaults."""
+    path = Path(path) if path else config_path(environ)
+    file_values = read_file(path)
+    values = {}
+    for key, kind, default, _ in SETTINGS:
+        source, raw = pick_source(key, path, file_values, environ)
+        values[key] = default if raw is None else convert(key, kind, raw, source)
+        check_choice(key, values[key], source)
+    values['paths.var'] = Path(environ.get('EMAILSVC_VAR') or ROOT / 'var')
+    fill_generated(values, path)
+    return values
+
+
+def read_file(path):
+    if not path.exists():
+        return {}
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(path, encoding='utf-8')
+    except configparser.Error as exc:
+        raise ConfigError(f'{path}: cannot be read ({exc.message.splitlines()[0]}); fix the syntax') from exc
+    known = {key for key, *_ in SETTINGS}
+    values = {}
+    for section in parser.sections():
+        for name, raw in parser.items(section):
+            key = f'{section}.{name}'
+            if key not in known:
+                raise ConfigError(f'{path}: [{section}] {name} is not a setting; remove it or fix the spelling')
+            values[key] = raw
+    return values
+
+
+def pick_source(key, path, file_values, environ):
+    section, name = key.split('.', 1)
+    if env_name(key) in environ:
+        return env_name(key), environ[env_name(key)]
+    if key in file_values:
+        return f'{path}: [{section}] {name}', file_values[key]
+    return f'{path}: [{section}] {name}', None
+
+
+def convert(key, kind, raw, source):
+    raw = raw.strip()
+    if kind is str:
+        return raw
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f'{source} must be {"an integer" if kind is int else "a number"}, '
+                          f'got {raw!r}; fix it there or in {env_name(key)}') from None
+
+
+def check_choice(key, value, source):
+    choices = CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '
+                          f'fix it there or in {env_name(key)}')
+
+
+def is_embedded(url):
+    return url.startswith('sqlite:')
+
+
+def fill_generated(values, path):
+    """Generate the secrets of the embedded mode; require them when scaled out."""
+    generators = {
+        'server.secret': (values['queue.url'], 'secret.key', lambda: secrets.token_urlsafe(48)),
+        'security.credential_keys': (values['database.url'], 'fernet.key', lambda: Fernet.generate_key().decode()),
+    }
+    for key, (url, filename, make) in generators.items():
+        if values[key] is not GENERATED and values[key]:
+            continue
+        section, name = key.split('.', 1)
+        if not is_embedded(url):
+            raise ConfigError(f'{path}: [{section}] {name} is missing; with a shared '
+                              f'{"queue" if key == "server.secret" else "database"} every host needs '
+                              f'the same value: set it there or in {env_name(key)}')
+        values[key] = read_or_create_secret(values['paths.var'] / filename, make)
+
+
+def read_or_create_secret(path, make):
+    """Return the secret in `path`, creating it (mode 0600) on first run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        # Written aside and linked into place, so a web server and a consumer
+        # starting together never read a half-written file or make two keys.
+        temp = path.with_name(f'.{path.name}.{os.getpid()}')
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, 'w') as handle:
+            handle.write(make() + '\n')
+        with contextlib.suppress(FileExistsError):  # the other process won: use its key
+            os.link(temp, path)
+        temp.unlink()
+    return path.read_text().strip()
+
+
+def sqlite_path(url):
+    """The file of a sqlite:/// URL, relative paths taken from the project root."""
+    path = url.split(':///', 1)[1]
+    return Path(path) if path.startswith('/') else ROOT / path
+
+
+def describe():
+    """config.ini's text: every setting with its default and meaning."""
+    lines, section = [], None
+    for key, _, default, meaning in SETTINGS:
+        sec, name = key.split('.', 1)
+        if sec != section:
+            lines.append(f'\n[{sec}]')
+            section = sec
+        lines.append(f'# {meaning} ({env_name(key)})')
+        shown = '' if default is GENERATED or default is REQUIRED else default
+        lines.append(f'# {name} = {shown}')
+    return '\n'.join(lines).lstrip() + '\n'

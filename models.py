@@ -1,0 +1,375 @@
+"""Peewee database, models, tenant scope and migrations.
+
+Tenant data is reached only through `TenantModel`, whose select, update and
+delete add `tenant_id = <current tenant>`; the current tenant is set with
+`tenant_scope(tenant_id)` (a request, a task) or lifted on purpose with
+`all_tenants()` (operators, the ledger writer, periodic jobs). Code that forgets
+both gets `ScopeError`, not another tenant's rows.
+"""
+import contextlib
+import contextvars
+import datetime
+import hashlib
+import json
+import os
+import secrets
+
+import peewee as pw
+from playhouse import db_url
+from playhouse import migrate as pw_migrate
+from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
+
+from mailkit import settings as mailkit_settings
+
+database = pw.DatabaseProxy()
+
+
+def utcnow():
+    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+
+
+# ---------------------------------------------------------------- database
+
+def open_database(url):
+    """A pooled peewee database for a sqlite:/// or postgresql:// URL."""
+    if url.startswith('sqlite:'):
+        path = mailkit_settings.sqlite_path(url)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # WAL lets the web server read while a worker writes; busy_timeout
+        # makes a writer wait for the lock instead of failing with "locked".
+        return PooledSqliteDatabase(
+            str(path), max_connections=64, stale_timeout=600, timeout=15,
+            check_same_thread=False,  # the pool hands a connection to whichever thread asks next
+            pragmas={'journal_mode': 'wal', 'synchronous': 'normal',
+                     'busy_timeout': 15000, 'foreign_keys': 1})
+    if url.startswith(('postgres:', 'postgresql:')):
+        params = db_url.parse(url)
+        return PooledPostgresqlDatabase(
+            params.pop('database'), max_connections=64, stale_timeout=300,
+            connect_timeout=5, **params)
+    raise ValueError(f'unsupported database URL scheme in {url.split(":", 1)[0]!r}; use sqlite:/// or postgresql://')
+
+
+def init_database(url):
+    database.initialize(open_database(url))
+    # A forked worker must not reuse its parent's sockets or sqlite handles.
+    os.register_at_fork(after_in_child=dispose_connections)
+    return database
+
+
+def dispose_connections():
+    if database.obj is not None:
+        database.obj.dispose()
+
+
+def check_database():
+    """Raise if the database cannot answer a trivial query."""
+    with database.connection_context():
+        database.execute_sql('SELECT 1')
+
+
+# ---------------------------------------------------------------- tenant scope
+
+class ScopeError(RuntimeError):
+    """Tenant data was touched outside tenant_scope() or all_tenants()."""
+
+
+_ALL = object()
+_scope = contextvars.ContextVar('tenant_scope', default=None)
+
+
+@contextlib.contextmanager
+def tenant_scope(tenant_id):
+    token = _scope.set(int(tenant_id))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+@contextlib.contextmanager
+def all_tenants():
+    token = _scope.set(_ALL)
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def current_tenant():
+    """The scoped tenant id, or None inside all_tenants()."""
+    scope = _scope.get()
+    if scope is None:
+        raise ScopeError('tenant data used outside tenant_scope() or all_tenants()')
+    return None if scope is _ALL else scope
+
+
+class BaseModel(pw.Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class TenantModel(BaseModel):
+    tenant_id = pw.IntegerField(index=True)
+
+    @classmethod
+    def _narrow(cls, query):
+        tenant = current_tenant()
+        return query if tenant is None else query.where(cls.tenant_id == tenant)
+
+    @classmethod
+    def select(cls, *fields):  # get(), get_by_id() and back-references come through here too
+        return cls._narrow(super().select(*fields))
+
+    @classmethod
+    def update(cls, __data=None, **update):
+        return cls._narrow(super().update(__data, **update))
+
+    @classmethod
+    def delete(cls):
+        return cls._narrow(super().delete())
+
+    def save(self, *args, **kwargs):
+        tenant = current_tenant()
+        if self.tenant_id is None:
+            self.tenant_id = tenant
+        elif tenant is not None and self.tenant_id != tenant:
+            raise ScopeError(f'refusing to write tenant {self.tenant_id} data inside tenant {tenant} scope')
+        return super().save(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- models
+
+class Tenant(BaseModel):
+    name = pw.CharField(unique=True, max_length=100)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class User(TenantModel):
+    name = pw.CharField(max_length=100)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((('tenant_id', 'name'), True),)
+
+
+def hash_key(key):
+    # API keys are 256-bit random tokens, so one SHA-256 is enough: there is
+    # nothing to brute-force that a slow password hash would protect.
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class ApiKey(BaseModel):
+    """A bearer key, stored as its hash; the key itself is shown once."""
+    key_hash = pw.CharField(unique=True, max_length=64)
+    prefix = pw.CharField(max_length=16)  # enough to recognise a key in a listing
+    tenant_id = pw.IntegerField(null=True, index=True)
+    user_id = pw.IntegerField(null=True)
+    is_operator = pw.BooleanField(default=False)
+    created_at = pw.DateTimeField(default=utcnow)
+    revoked_at = pw.DateTimeField(null=True)
+    last_used_at = pw.DateTimeField(null=True)
+
+    @classmethod
+    def issue(cls, tenant_id=None, user_id=None, operator=False):
+        """Create a key; returns (row, the key in clear, never stored)."""
+        key = 'esk_' + secrets.token_urlsafe(32)
+        row = cls.create(key_hash=hash_key(key), prefix=key[:12], tenant_id=tenant_id,
+                         user_id=user_id, is_operator=operator)
+        return row, key
+
+    @classmethod
+    def lookup(cls, key):
+        """The live key row for `key`, or None."""
+        return cls.get_or_none((cls.key_hash == hash_key(key)) & cls.revoked_at.is_null())
+
+
+class EmailClient(TenantModel):
+    """One mail account: incoming (IMAP or POP3), outgoing SMTP, sync settings."""
+    user_id = pw.IntegerField(index=True)
+    email = pw.CharField(max_length=320)
+    incoming_protocol = pw.CharField(max_length=8)
+    incoming_host = pw.CharField(max_length=255)
+    incoming_port = pw.IntegerField()
+    incoming_security = pw.CharField(max_length=10)
+    incoming_username = pw.CharField(max_length=320)
+    smtp_host = pw.CharField(max_length=255, null=True)
+    smtp_port = pw.IntegerField(null=True)
+    smtp_security = pw.CharField(max_length=10, null=True)
+    smtp_username = pw.CharField(max_length=320, null=True)
+    sync_enabled = pw.BooleanField(default=True)
+    sync_interval = pw.IntegerField(default=300)
+    sync_state = pw.CharField(max_length=16, default='idle')  # idle | syncing | error | auth_error
+    last_sync_at = pw.DateTimeField(null=True)
+    last_error = pw.TextField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
+class Credential(TenantModel):
+    """An account password, Fernet-encrypted; `kind` is incoming or smtp."""
+    client = pw.ForeignKeyField(EmailClient, backref='credentials', on_delete='CASCADE')
+    kind = pw.CharField(max_length=10)
+    secret = pw.TextField()
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((('client', 'kind'), True),)
+
+    def __repr__(self):
+        return f'<Credential {self.kind} of client {self.client_id}>'
+
+
+TASK_STATES = ('pending', 'running', 'retrying', 'succeeded', 'failed', 'dead', 'revoked')
+FINAL_STATES = ('succeeded', 'failed', 'dead', 'revoked')
+
+
+class TaskRecord(TenantModel):
+    """The ledger: one row per task id, the source of GET /api/v1/tasks."""
+    id = pw.CharField(primary_key=True, max_length=64)
+    tenant_id = pw.IntegerField(null=True, index=True)  # None: the service's own periodic work
+    user_id = pw.IntegerField(null=True)
+    name = pw.CharField(max_length=64, index=True)
+    state = pw.CharField(max_length=10, index=True, default='pending')
+    priority = pw.IntegerField(default=0)
+    attempts = pw.IntegerField(default=0)
+    retries_left = pw.IntegerField(default=0)
+    enqueued_at = pw.DateTimeField(default=utcnow, index=True)
+    started_at = pw.DateTimeField(null=True)
+    finished_at = pw.DateTimeField(null=True, index=True)
+    next_retry_at = pw.DateTimeField(null=True)
+    worker = pw.CharField(max_length=100, null=True)
+    progress_done = pw.IntegerField(null=True)
+    progress_total = pw.IntegerField(null=True)
+    result = pw.TextField(null=True)
+    error = pw.TextField(null=True)
+    traceback = pw.TextField(null=True)
+    request_id = pw.CharField(max_length=64, null=True)
+    args = pw.TextField(default='{}')
+
+    def to_dict(self):
+        return {
+            'task_id': self.id, 'name': self.name, 'state': self.state,
+            'attempts': self.attempts, 'priority': self.priority,
+            'tenant_id': self.tenant_id, 'user_id': self.user_id,
+            'enqueued_at': iso(self.enqueued_at), 'started_at': iso(self.started_at),
+            'finished_at': iso(self.finished_at), 'next_retry_at': iso(self.next_retry_at),
+            'worker': self.worker,
+            'progress': ({'done': self.progress_done, 'total': self.progress_total}
+                         if self.progress_total is not None else None),
+            'result': json.loads(self.result) if self.result else None,
+            'error': self.error, 'request_id': self.request_id,
+            'args': json.loads(self.args),
+        }
+
+
+class ConsumerHeartbeat(BaseModel):
+    """One row per worker process; `last_seen` moves while it lives."""
+    id = pw.CharField(primary_key=True, max_length=100)  # host:pid of the worker
+    host = pw.CharField(max_length=100)
+    pid = pw.IntegerField()
+    consumer_pid = pw.IntegerField()
+    started_at = pw.DateTimeField(default=utcnow)
+    last_seen = pw.DateTimeField(default=utcnow, index=True)
+
+
+def iso(value):
+    return value.isoformat(timespec='milliseconds') + 'Z' if value else None
+
+
+MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat)
+
+
+# ---------------------------------------------------------------- ledger writes
+
+def with_reconnect(operation):
+    """Run a one-statement write; after a lost connection, once more on a fresh one."""
+    try:
+        return operation()
+    except (pw.OperationalError, pw.InterfaceError):
+        if database.in_transaction():
+            raise
+        database.close()  # a server restart leaves the pooled socket dead
+        return operation()
+
+
+def ledger_insert(task_id, **fields):
+    """Record a newly accepted task; a second insert of the same id is ignored."""
+    with all_tenants():
+        with_reconnect(TaskRecord.insert(id=task_id, **fields).on_conflict_ignore().execute)
+
+
+def ledger_update(task_id, only_states=None, **fields):
+    """Change one ledger row; with only_states, only from those states. Returns rows changed."""
+    with all_tenants():
+        query = TaskRecord.update(**fields).where(TaskRecord.id == task_id)
+        if only_states:
+            query = query.where(TaskRecord.state.in_(only_states))
+        return with_reconnect(query.execute)
+
+
+# ---------------------------------------------------------------- migrations
+#
+# A fresh database gets today's tables and the newest version at once; an
+# existing one runs, in order, every migration above its stored version, each
+# in its own transaction. A migration never edits an earlier one: a change of
+# schema is a new function appended below.
+
+class SchemaVersion(BaseModel):
+    version = pw.IntegerField()
+
+
+MIGRATIONS = []
+
+
+def migration(version):
+    def register(fn):
+        assert version == len(MIGRATIONS) + 1, 'migrations are numbered 1, 2, 3, ... in order'
+        MIGRATIONS.append(fn)
+        return fn
+    return register
+
+
+@migration(1)
+def initial_schema(migrator):
+    """Version 1 was created whole; nothing to upgrade to it."""
+
+
+@migration(2)
+def ledger_retry_and_key_use(migrator):
+    """Version 2: the ledger shows the next retry, keys show their last use."""
+    return [
+        migrator.add_column('task_record', 'next_retry_at', TaskRecord.next_retry_at),
+        migrator.add_column('task_record', 'retries_left', TaskRecord.retries_left),
+        migrator.add_column('api_key', 'last_used_at', ApiKey.last_used_at),
+    ]
+
+
+LATEST = len(MIGRATIONS)
+
+
+def schema_version():
+    if not database.table_exists('schema_version'):
+        return 0
+    row = SchemaVersion.select().order_by(SchemaVersion.version.desc()).first()
+    return row.version if row else 0
+
+
+def migrate():
+    """Bring the database to the newest schema; returns (old, new) versions."""
+    with database.connection_context():
+        old = schema_version()
+        if old == 0 and not database.table_exists('tenant'):
+            with database.atomic():
+                database.create_tables(MODELS + (SchemaVersion,))
+                SchemaVersion.create(version=LATEST)
+            return 0, LATEST
+        migrator = pw_migrate.SchemaMigrator.from_database(database.obj)
+        for version in range(old + 1, LATEST + 1):
+            with database.atomic():
+                operations = MIGRATIONS[version - 1](migrator) or []
+                pw_migrate.migrate(*operations)
+                SchemaVersion.delete().execute()
+                SchemaVersion.create(version=version)
+        return old, LATEST

@@ -1,0 +1,61 @@
+"""Tasks that misbehave on purpose, registered beside the real ones.
+
+The test consumer runs `huey_consumer tests.probe_tasks.huey`: the service's
+own Huey instance, ledger and signals, plus these probes.
+"""
+import time
+
+import models
+from huey.exceptions import TaskTimeout
+from mailkit import logs
+from mailkit.errors import FailNow
+from tasks import huey, report_progress, service_task  # noqa: F401  (huey is the consumer's import path)
+
+
+def current_attempt(task_id):
+    with models.all_tenants():
+        return models.TaskRecord.get_by_id(task_id).attempts
+
+
+@service_task(priority=3, retries=3)
+def flaky(failures, tenant_id=None, user_id=None):
+    """Fail the first `failures` attempts, then succeed."""
+    attempt = current_attempt(logs.task_id.get())
+    if attempt <= failures:
+        raise RuntimeError(f'planned failure on attempt {attempt}')
+    return {'status': 'ok', 'attempt': attempt}
+
+
+@service_task(priority=3, retries=2)
+def always_fails(tenant_id=None, user_id=None):
+    raise RuntimeError('always fails')
+
+
+@service_task(priority=3, retries=3)
+def refuses(tenant_id=None, user_id=None):
+    raise FailNow('retrying cannot fix this')
+
+
+@service_task(priority=3, retries=0)
+def sleeps(seconds, tenant_id=None, user_id=None):
+    time.sleep(seconds)
+    return {'status': 'ok', 'slept': seconds}
+
+
+@service_task(priority=3, retries=0)
+def ignores_soft_limit(seconds, tenant_id=None, user_id=None):
+    """Swallow the soft limit, as badly written code would: only the hard limit stops it."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(deadline - time.monotonic())
+        except TaskTimeout:
+            continue
+    return {'status': 'ok'}
+
+
+@service_task(priority=3, retries=0)
+def reports_progress(total, tenant_id=None, user_id=None):
+    for done in range(1, total + 1):
+        report_progress(done, total)
+    return {'status': 'ok'}

@@ -1,0 +1,170 @@
+"""The task ledger, written from Huey's signals in a real consumer."""
+import datetime
+import json
+import pickle
+
+import pytest
+
+import models
+import tasks
+from tests import probe_tasks
+from tests.conftest import record, wait_for, wait_for_state
+
+
+def test_success_is_recorded_with_result_worker_and_times(consumer):
+    task = tasks.noop(tenant_id=None)
+    row = wait_for_state(task.id, 'succeeded')
+    assert row.attempts == 1
+    assert json.loads(row.result) == {'status': 'ok'}
+    assert row.worker and row.worker.split(':')[1].isdigit()
+    assert row.enqueued_at <= row.started_at <= row.finished_at
+    assert row.error is None
+
+
+def test_record_exists_before_the_broker_sees_the_task():
+    task = probe_tasks.sleeps.s(0, tenant_id=7, user_id=3, delay=3600)
+    tasks.huey.enqueue(task)
+    row = record(task.id)
+    assert (row.state, row.tenant_id, row.user_id, row.name) == ('pending', 7, 3, 'sleeps')
+    assert json.loads(row.args) == {'seconds': 0, 'tenant_id': 7, 'user_id': 3}
+    tasks.huey.revoke_by_id(task.id)
+
+
+def test_retry_with_growing_delays_then_success(consumer):
+    task = probe_tasks.flaky(3)
+    delays = {}
+
+    def watch():
+        row = record(task.id)
+        if row.state == 'retrying' and row.next_retry_at and row.started_at:
+            delays[row.attempts] = (row.next_retry_at - row.started_at).total_seconds()
+        return row.state == 'succeeded' and row
+    row = wait_for(watch, timeout=30, interval=0.01, message='flaky task to succeed')
+    assert row.attempts == 4 and json.loads(row.result)['attempt'] == 4
+    assert sorted(delays) == [1, 2, 3], delays
+    base, jitter = 0.4, 0.2
+    for attempt, delay in delays.items():
+        expected = base * 2 ** (attempt - 1)
+        assert expected * (1 - jitter) - 0.05 <= delay <= expected + 0.05, delays
+    assert delays[1] < delays[2] < delays[3]
+
+
+def test_exhausted_retries_are_dead(consumer):
+    task = probe_tasks.always_fails()
+    row = wait_for_state(task.id, 'dead', timeout=20)
+    assert row.attempts == 3  # the first run and its 2 retries
+    assert 'always fails' in row.error and 'Traceback' in row.traceback
+    assert row.finished_at is not None
+
+
+def test_error_retrying_cannot_fix_fails_at_once(consumer):
+    task = probe_tasks.refuses()
+    row = wait_for_state(task.id, 'failed')
+    assert row.attempts == 1
+    assert row.error == 'FailNow: retrying cannot fix this'
+
+
+def test_unbuilt_task_bodies_fail_clearly_not_succeed(consumer):
+    task = tasks.check_spam(1, tenant_id=1, user_id=1)
+    row = wait_for_state(task.id, 'failed')
+    assert 'not available yet' in row.error and row.attempts == 1
+
+
+def test_soft_time_limit_stops_the_task(consumer):
+    task = probe_tasks.sleeps(30)
+    row = wait_for_state(task.id, 'failed', timeout=15)
+    assert 'soft time limit of 2s exceeded' in row.error
+    assert (row.finished_at - row.started_at).total_seconds() < 5
+
+
+def test_hard_time_limit_kills_the_worker_and_the_consumer_replaces_it(consumer):
+    workers_before = set(consumer.worker_pids())
+    task = probe_tasks.ignores_soft_limit(30)
+    row = wait_for_state(task.id, 'failed', timeout=15)
+    assert 'hard time limit of 4s exceeded' in row.error
+    killed = int(row.worker.split(':')[1])
+    assert killed in workers_before
+    wait_for(lambda: len(set(consumer.worker_pids()) - workers_before) >= 1 and consumer.alive_workers() >= 2,
+             timeout=20, message='a replacement worker')
+    follow_up = tasks.noop()
+    assert wait_for_state(follow_up.id, 'succeeded').attempts == 1
+
+
+def test_progress_is_on_the_record(consumer):
+    task = probe_tasks.reports_progress(5)
+    row = wait_for_state(task.id, 'succeeded')
+    assert row.to_dict()['progress'] == {'done': 5, 'total': 5}
+
+
+def test_revoked_before_it_runs_never_runs(consumer):
+    task = probe_tasks.sleeps.s(0, delay=1)
+    tasks.huey.enqueue(task)
+    assert models.ledger_update(task.id, only_states=('pending',), state='revoked') == 1
+    tasks.huey.revoke_by_id(task.id)
+    # The scheduler hands it to a worker after its eta; Huey skips it and says so.
+    skipped = f'{task.id} @'
+    wait_for(lambda: any(skipped in line and 'was revoked, not executing' in line
+                         for line in consumer.log.read_text().splitlines()), timeout=10,
+             message='the consumer to skip the revoked task')
+    row = record(task.id)
+    assert row.state == 'revoked'
+    assert row.started_at is None and row.attempts == 0
+
+
+def test_higher_priority_task_enqueued_later_runs_first(consumer):
+    consumer.stop()
+    try:
+        low = [probe_tasks.sleeps.s(0, priority=1) for _ in range(3)]
+        high = probe_tasks.sleeps.s(0, priority=10)
+        for task in low + [high]:
+            tasks.huey.enqueue(task)
+        consumer.start(workers=1)
+        rows = [wait_for_state(t.id, 'succeeded') for t in low + [high]]
+        first = min(rows, key=lambda r: r.started_at)
+        assert first.id == high.id
+    finally:
+        consumer.stop()
+
+
+def test_tampered_or_pickled_payload_is_refused_and_consumer_keeps_running(consumer):
+    honest = tasks.huey.serialize_task(tasks.noop.s())
+    tampered = honest.replace(b'noop', b'nope')
+    forged = pickle.dumps({'m': 'anything'})
+    for payload in (tampered, forged, b'esv1:deadbeef:{}'):
+        with pytest.raises(ValueError, match='refused queue payload'):
+            tasks.huey.deserialize_task(payload)
+        tasks.huey.storage.enqueue(payload, 10)
+    wait_for(lambda: tasks.huey.pending_count() == 0, message='the bad payloads to be dropped')
+    after = tasks.noop()
+    assert wait_for_state(after.id, 'succeeded').attempts == 1
+    assert 'refused queue payload' in consumer.log.read_text()
+
+
+def test_serializer_round_trips_a_message_with_eta():
+    task = probe_tasks.sleeps.s(1, tenant_id=2, delay=60)
+    task.request_id = 'req-123'
+    copy = tasks.huey.deserialize_task(tasks.huey.serialize_task(task))
+    assert (copy.id, copy.args, copy.kwargs, copy.priority) == (task.id, task.args, task.kwargs, task.priority)
+    assert copy.eta == task.eta and isinstance(copy.args, tuple)
+    assert copy.request_id == 'req-123'
+
+
+def test_backoff_is_capped_and_jittered():
+    assert tasks.jittered_delay(10_000, rand=lambda: 0.0) == 600
+    assert tasks.jittered_delay(10_000, rand=lambda: 1.0) == pytest.approx(600 * 0.8)
+    assert tasks.jittered_delay(5, rand=lambda: 0.5) == pytest.approx(5 * 0.9)
+
+
+def test_cleanup_clears_old_results_and_prunes_old_history():
+    now = models.utcnow()
+    old, ancient, fresh = 'cleanup-old', 'cleanup-ancient', 'cleanup-fresh'
+    for task_id, age in ((old, datetime.timedelta(hours=2)), (ancient, datetime.timedelta(days=40)),
+                         (fresh, datetime.timedelta(minutes=5))):
+        models.ledger_insert(task_id, name='noop', state='succeeded', result='{"status": "ok"}',
+                             finished_at=now - age)
+    with models.all_tenants():
+        counts = tasks.cleanup_stale_results.task_class.func(now=now)
+    assert counts['results_removed'] >= 1 and counts['history_removed'] >= 1
+    assert record(old).result is None
+    assert record(ancient) is None
+    assert record(fresh).result == '{"status": "ok"}'
