@@ -486,11 +486,13 @@ def rerun(record):
     if not changed:
         raise ApiError(409, 'not_retryable', f'task {record.id} is {record.state}; only failed, dead or '
                                              'revoked tasks can be re-run.')
-    tasks.huey.restore_by_id(record.id)
-    arguments = json.loads(record.args)
-    task = wrapper.s(**arguments, id=record.id)
-    task.request_id = logs.request_id.get()
-    return tasks.huey.enqueue(task)
+    task = wrapper.s(**json.loads(record.args), id=record.id)
+    try:
+        tasks.huey.restore_by_id(record.id)
+        return tasks.huey.enqueue(task)
+    except UNAVAILABLE:
+        models.ledger_update(record.id, state=record.state, finished_at=record.finished_at)
+        raise
 
 
 # ================================================================ health
@@ -535,7 +537,12 @@ def live_consumers(now=None):
 def serve_web(args):
     import waitress
     logs.configure(SETTINGS['log.level'])
-    models.migrate()
+    try:
+        models.migrate()
+    except UNAVAILABLE as exc:
+        # Containers start in any order: serve 503s until the database is back.
+        logger.warning('database unreachable at start-up (%s); answering 503 until it is back',
+                       type(exc).__name__)
     host, port = SETTINGS['server.host'], SETTINGS['server.port']
     # A shell starts background jobs with SIGINT ignored; stop on it (and
     # SIGTERM) all the same, so ./run.sh's Ctrl-C ends the web server too.

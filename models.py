@@ -295,9 +295,15 @@ def with_reconnect(operation):
 
 
 def ledger_insert(task_id, **fields):
-    """Record a newly accepted task; a second insert of the same id is ignored."""
+    """Record a newly accepted task; a second insert of the same id is ignored. True if inserted."""
     with all_tenants():
-        with_reconnect(TaskRecord.insert(id=task_id, **fields).on_conflict_ignore().execute)
+        query = TaskRecord.insert(id=task_id, **fields).on_conflict_ignore().as_rowcount()
+        return with_reconnect(query.execute) == 1
+
+
+def ledger_delete(task_id):
+    with all_tenants():
+        with_reconnect(TaskRecord.delete().where(TaskRecord.id == task_id).execute)
 
 
 def ledger_update(task_id, only_states=None, **fields):

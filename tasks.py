@@ -22,6 +22,7 @@ import socket
 import threading
 import traceback
 
+import redis
 from huey import Huey, crontab
 from huey import signals as S
 from huey.exceptions import TaskTimeout
@@ -32,7 +33,7 @@ from mailkit import logs
 from mailkit import settings as settings_mod
 from mailkit.credentials import Vault
 from mailkit.errors import FailNow, NotAvailableYet, PermanentMailError
-from mailkit.queue import SignedJsonSerializer, WakingSqliteStorage
+from mailkit.queue import SignedJsonSerializer, WakingSqliteStorage, depth_by_priority
 
 try:
     SETTINGS = settings_mod.load()
@@ -58,8 +59,13 @@ class LedgerHuey(Huey):
 
     def enqueue(self, task):
         """Queue `task` and return it; its id is the ledger id."""
-        record_enqueued(task)
-        super().enqueue(task)
+        recorded_now = record_enqueued(task)
+        try:
+            super().enqueue(task)
+        except Exception:
+            if recorded_now:  # the caller gets the error: leave no phantom pending task behind
+                models.ledger_delete(task.id)
+            raise
         return task
 
     def serialize_task(self, task):
@@ -87,8 +93,10 @@ def make_huey(cfg):
     if url.startswith(('redis:', 'rediss:', 'unix:')):
         # Redis wakes blocked workers by itself (BZPOPMIN); health_check_interval
         # notices a restarted server instead of hanging on a dead socket.
-        return LedgerHuey(storage_class=PriorityRedisStorage, url=url, blocking=True, read_timeout=1,
-                          health_check_interval=10, socket_timeout=10, socket_connect_timeout=5, **common)
+        pool = redis.ConnectionPool.from_url(url, health_check_interval=10, socket_timeout=10,
+                                             socket_connect_timeout=5)
+        return LedgerHuey(storage_class=PriorityRedisStorage, connection_pool=pool, blocking=True,
+                          read_timeout=1, **common)
     raise SystemExit(f'emailsvc: {settings_mod.config_path()}: [queue] url must start with sqlite:/// or '
                      f'redis://, got {url.split(":", 1)[0]!r}; fix it there or in EMAILSVC_QUEUE_URL')
 
@@ -115,8 +123,9 @@ def redact(arguments):
 
 
 def record_enqueued(task):
+    """Insert the task's ledger row; True if it is new (not a retry or a re-run)."""
     arguments = call_arguments(task)
-    models.ledger_insert(
+    return models.ledger_insert(
         task.id, name=task.name, tenant_id=arguments.get('tenant_id'), user_id=arguments.get('user_id'),
         priority=task.priority or 0, retries_left=task.retries,
         request_id=getattr(task, 'request_id', None) or logs.request_id.get(),
@@ -372,10 +381,6 @@ def noop(tenant_id=None, user_id=None):
 def queue_depth():
     """Tasks waiting in the broker, by priority."""
     counts = {str(p): 0 for p in PRIORITIES}
-    for data in huey.storage.enqueued_items():
-        try:
-            priority = huey.deserialize_task(data).priority or 0
-        except ValueError:
-            continue  # a refused payload is logged by the serializer and never runs
-        counts[str(priority)] = counts.get(str(priority), 0) + 1
+    for priority, count in depth_by_priority(huey.storage, PRIORITIES).items():
+        counts[str(priority)] = counts.get(str(priority), 0) + count
     return {'depth': sum(counts.values()), 'by_priority': counts}

@@ -24,7 +24,7 @@ import stat
 
 from huey.registry import Message
 from huey.serializer import Serializer
-from huey.storage import SqliteStorage
+from huey.storage import RedisPriorityQueue, SqliteStorage
 from huey.utils import Error
 
 logger = logging.getLogger('emailsvc.queue')
@@ -175,3 +175,23 @@ def make_fifo(path):
     except FileExistsError:
         if not stat.S_ISFIFO(os.stat(path).st_mode):
             raise RuntimeError(f'{path} exists and is not a FIFO; remove it') from None
+
+
+def depth_by_priority(storage, priorities):
+    """{priority: waiting tasks}, counted in the broker without reading payloads."""
+    if isinstance(storage, SqliteStorage):
+        rows = storage.sql('select priority, count(*) from task where queue = ? group by priority',
+                           (storage.name,), results=True)
+        return {int(priority): count for priority, count in rows}
+    if isinstance(storage, RedisPriorityQueue):
+        # The sorted set's score is the negated priority (huey.storage.RedisPriorityQueue).
+        with storage.conn.pipeline(transaction=False) as pipe:
+            for priority in priorities:
+                pipe.zcount(storage.queue_key, -priority, -priority)
+            pipe.zcard(storage.queue_key)
+            *counts, total = pipe.execute()
+        depth = dict(zip(priorities, counts))
+        if total > sum(counts):
+            depth[0] = total - sum(counts)  # priorities outside the service's own
+        return depth
+    raise TypeError(f'no queue depth for {type(storage).__name__}')

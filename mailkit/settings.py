@@ -109,6 +109,10 @@ def pick_source(key, path, file_values, environ):
     return f'{path}: [{section}] {name}', None
 
 
+def how_to_fix(key, source):
+    return 'fix that variable' if source == env_name(key) else f'fix it there or in {env_name(key)}'
+
+
 def convert(key, kind, raw, source):
     raw = raw.strip()
     if kind is str:
@@ -117,14 +121,14 @@ def convert(key, kind, raw, source):
         return kind(raw)
     except ValueError:
         raise ConfigError(f'{source} must be {"an integer" if kind is int else "a number"}, '
-                          f'got {raw!r}; fix it there or in {env_name(key)}') from None
+                          f'got {raw!r}; {how_to_fix(key, source)}') from None
 
 
 def check_choice(key, value, source):
     choices = CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '
-                          f'fix it there or in {env_name(key)}')
+                          f'{how_to_fix(key, source)}')
 
 
 def is_embedded(url):

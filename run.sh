@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# emailsvc: one entry point for running, administering and testing the service.
+#
+#   ./run.sh                  web server + consumer on the embedded default (Ctrl-C stops both)
+#   ./run.sh web | consumer   one of them, in the foreground
+#   ./run.sh admin ...        tenants, users, API keys, key rotation
+#   ./run.sh tasks ...        inspect and manage tasks
+#   ./run.sh test [args]      the whole suite, embedded and Redis + PostgreSQL modes
+#   ./run.sh bench SCRIPT     a benchmark under bench/
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+# Create the venv and install a requirements file when it changed since the last install.
+ensure_venv() {
+    local requirements=$1 stamp
+    if [ ! -x "$PY" ]; then
+        python3 -m venv "$VENV"
+    fi
+    stamp="$VENV/.installed-$(basename "$requirements")"
+    if [ ! -f "$stamp" ] || ! cmp -s "$requirements" "$stamp"; then
+        "$PY" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        cp "$requirements" "$stamp"
+    fi
+}
+
+# Debian packages the tests start as real servers.
+TEST_PACKAGES=(redis-server postgresql dovecot-imapd dovecot-pop3d)
+
+ensure_test_packages() {
+    local missing=() package
+    for package in "${TEST_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q 'install ok installed' || missing+=("$package")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "run.sh: the tests need ${missing[*]}; install them as root: apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "run.sh: installing ${missing[*]}" >&2
+    apt-get update -qq || true
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+# pytest's exit 5 (nothing collected) is a failure here, not a pass.
+run_pytest() {
+    local mode=$1 status=0
+    shift
+    echo "== tests, $mode mode" >&2
+    EMAILSVC_TEST_MODE=$mode "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
+    if [ "$status" -eq 5 ]; then
+        echo "run.sh: no tests were collected in $mode mode" >&2
+        return 1
+    fi
+    return "$status"
+}
+
+serve_both() {
+    ensure_venv requirements.txt
+    "$PY" emailsvc.py migrate
+    "$PY" emailsvc.py consumer &
+    local consumer=$!
+    "$PY" emailsvc.py web &
+    local web=$!
+    # Ctrl-C reaches both children too; SIGINT lets the consumer finish its running tasks.
+    trap 'kill -INT "$consumer" "$web" 2>/dev/null; wait "$consumer" "$web"; exit 0' INT TERM
+    local port="${EMAILSVC_SERVER_PORT:-8080}"
+    cat <<EOF
+emailsvc is starting on http://127.0.0.1:$port/  (embedded mode: SQLite under var/)
+  first key:  ./run.sh admin create-tenant acme && ./run.sh admin create-key --tenant acme --user alice
+  try:        curl -H "Authorization: Bearer <key>" http://127.0.0.1:$port/api/v1/accounts
+Ctrl-C stops both the web server and the consumer.
+EOF
+    # Either child ending stops the other: a half-running service is worse than none.
+    wait -n "$consumer" "$web" || true
+    kill -INT "$consumer" "$web" 2>/dev/null || true
+    wait "$consumer" "$web" 2>/dev/null || true
+}
+
+command=${1:-}
+[ $# -gt 0 ] && shift
+case "$command" in
+    "")
+        serve_both ;;
+    web|consumer|admin|tasks|migrate)
+        ensure_venv requirements.txt
+        exec "$PY" emailsvc.py "$command" "$@" ;;
+    test)
+        ensure_test_packages
+        ensure_venv requirements-test.txt
+        status=0
+        run_pytest embedded "$@" || status=1
+        run_pytest scaleout "$@" || status=1
+        exit "$status" ;;
+    bench)
+        ensure_venv requirements-test.txt
+        ensure_venv bench/requirements.txt
+        script=${1:?usage: ./run.sh bench SCRIPT [args]}
+        shift
+        exec "$PY" "bench/${script%.py}.py" "$@" ;;
+    *)
+        echo "usage: ./run.sh [web|consumer|admin|tasks|migrate|test|bench] ..." >&2
+        exit 2 ;;
+esac

@@ -1,0 +1,94 @@
+"""Tenant scope and schema migrations."""
+import peewee as pw
+import pytest
+
+import models
+from tests import schema_v1
+from tests.conftest import MODE, STATE
+
+
+@pytest.fixture
+def two_tenants(unique):
+    ids = []
+    for suffix in ('a', 'b'):
+        tenant = models.Tenant.create(name=unique + suffix)
+        with models.tenant_scope(tenant.id):
+            models.EmailClient.create(user_id=1, email=f'{suffix}@example.com', incoming_protocol='imap',
+                                      incoming_host='h', incoming_port=993, incoming_security='tls',
+                                      incoming_username='u')
+        ids.append(tenant.id)
+    return ids
+
+
+def test_tenant_data_outside_any_scope_is_refused():
+    with pytest.raises(models.ScopeError):
+        models.EmailClient.select().count()
+    with pytest.raises(models.ScopeError):
+        models.EmailClient.update(sync_interval=1).execute()
+    with pytest.raises(models.ScopeError):
+        models.EmailClient.delete().execute()
+
+
+def test_scoped_queries_carry_the_tenant_predicate(two_tenants):
+    a, b = two_tenants
+    with models.tenant_scope(a):
+        sql, params = models.EmailClient.select().sql()
+        assert '"tenant_id" = ' in sql and a in params
+        assert [c.email for c in models.EmailClient.select()] == ['a@example.com']
+        assert models.EmailClient.get_or_none(models.EmailClient.tenant_id == b) is None
+
+
+def test_update_and_delete_cannot_reach_another_tenant(two_tenants):
+    a, b = two_tenants
+    with models.tenant_scope(a):
+        models.EmailClient.update(sync_interval=999).execute()
+        models.EmailClient.delete().where(models.EmailClient.email == 'b@example.com').execute()
+    with models.tenant_scope(b):
+        client = models.EmailClient.get()
+        assert (client.email, client.sync_interval) == ('b@example.com', 300)
+
+
+def test_saving_another_tenants_row_is_refused(two_tenants):
+    a, b = two_tenants
+    with models.tenant_scope(b):
+        client = models.EmailClient.get()
+    with models.tenant_scope(a), pytest.raises(models.ScopeError):
+        client.save()
+
+
+def test_all_tenants_sees_everything(two_tenants):
+    with models.all_tenants():
+        emails = {c.email for c in models.EmailClient.select().where(models.EmailClient.tenant_id.in_(two_tenants))}
+    assert emails == {'a@example.com', 'b@example.com'}
+
+
+def fresh_database(name):
+    if MODE == 'scaleout':
+        return models.open_database(STATE['postgres'].create_database(name))
+    return models.open_database(f'sqlite:///{STATE["workdir"]}/{name}.db')
+
+
+def columns(db):
+    return {table: sorted(c.name for c in db.get_columns(table)) for table in db.get_tables()}
+
+
+def test_a_version_1_database_upgrades_in_place(unique):
+    old_db, new_db = fresh_database(f'v1_{unique}'), fresh_database(f'new_{unique}')
+    schema_v1.create_v1(old_db)
+    original = models.database.obj
+    try:
+        models.database.initialize(old_db)
+        assert models.migrate() == (1, models.LATEST)
+        assert models.migrate() == (models.LATEST, models.LATEST)  # a second run changes nothing
+        models.database.initialize(new_db)
+        assert models.migrate() == (0, models.LATEST)
+        assert columns(old_db) == columns(new_db)
+        models.database.initialize(old_db)
+        with models.all_tenants():
+            old_task = models.TaskRecord.get_by_id('old-task')
+        assert (old_task.state, old_task.retries_left, old_task.next_retry_at) == ('succeeded', 0, None)
+        assert models.Tenant.get(models.Tenant.name == 'old-tenant')
+    finally:
+        models.database.initialize(original)
+        old_db.close()
+        new_db.close()
