@@ -482,7 +482,8 @@ def rerun(record):
     if wrapper is None:
         raise ApiError(409, 'not_retryable', f'task {record.id} ({record.name}) cannot be re-run.')
     changed = models.ledger_update(record.id, only_states=('failed', 'dead', 'revoked'),
-                                   state='pending', finished_at=None, next_retry_at=None)
+                                   state='pending', finished_at=None, next_retry_at=None,
+                                   request_id=logs.request_id.get())
     if not changed:
         raise ApiError(409, 'not_retryable', f'task {record.id} is {record.state}; only failed, dead or '
                                              'revoked tasks can be re-run.')

@@ -142,9 +142,18 @@ def worker_name():
 
 @huey.signal(S.SIGNAL_EXECUTING)
 def ledger_running(signal_name, task):
+    # Every log line from here to the end of the run carries the task's ids.
+    logs.task_id.set(task.id)
+    logs.request_id.set(getattr(task, 'request_id', None))
     models.ledger_update(task.id, state='running', started_at=models.utcnow(), worker=worker_name(),
                          attempts=models.INCREMENT, retries_left=task.retries,
                          next_retry_at=None, finished_at=None)
+
+
+@huey.post_execute()
+def forget_task_ids(task, value, exc):
+    logs.task_id.set(None)
+    logs.request_id.set(None)
 
 
 @huey.signal(S.SIGNAL_COMPLETE)
@@ -231,7 +240,7 @@ def service_task(priority, retries, periodic=None):
         def run(*args, task=None, **kwargs):
             tenant_id = signature(func).bind(*args, **kwargs).arguments.get('tenant_id')
             scope = models.tenant_scope(tenant_id) if tenant_id is not None else models.all_tenants()
-            with scope, logs.task_context(task.id, getattr(task, 'request_id', None)), watchdog.limit(task, hard):
+            with scope, watchdog.limit(task, hard):
                 try:
                     result = func(*args, **kwargs)
                 except NO_RETRY:

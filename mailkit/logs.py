@@ -4,7 +4,6 @@ A `request_id` is set when an HTTP request arrives, travels inside the task
 payload, and is set again in the worker that runs the task, so every line a
 request causes, in any process, can be found by one id.
 """
-import contextlib
 import contextvars
 import json
 import logging
@@ -55,13 +54,3 @@ def configure(level='INFO', stream=None):
 def new_request_id():
     return uuid.uuid4().hex[:16]
 
-
-@contextlib.contextmanager
-def task_context(current_task_id, current_request_id):
-    """Tag the log lines of one task run with its id and its request's id."""
-    tokens = task_id.set(current_task_id), request_id.set(current_request_id)
-    try:
-        yield
-    finally:
-        task_id.reset(tokens[0])
-        request_id.reset(tokens[1])
