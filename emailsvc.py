@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 import traceback
+import urllib.parse
 import uuid
 
 import bottle
@@ -396,6 +397,159 @@ def delete_account(client_id):
         client.delete_instance()
     bottle.response.status = 204
     return ''
+
+
+# ================================================================ sync, folders and messages
+
+@api('POST', '/api/v1/accounts/<client_id:int>/sync')
+def start_sync(client_id):
+    client = one(EmailClient, client_id, 'account')
+    body = json_body()
+    fields = Fields()
+    for extra in sorted(set(body) - {'folder_id', 'force_full_sync'}):
+        fields.fail(extra, 'is not a known field')
+    folder_id = body.get('folder_id')
+    if folder_id is not None and (isinstance(folder_id, bool) or not isinstance(folder_id, int)):
+        fields.fail('folder_id', 'must be a folder id or null')
+    force = body.get('force_full_sync', False)
+    if not isinstance(force, bool):
+        fields.fail('force_full_sync', 'must be true or false')
+    fields.check()
+    if folder_id is not None and not models.EmailFolder.get_or_none(
+            models.EmailFolder.id == folder_id, models.EmailFolder.client == client.id):
+        raise not_found('folder', folder_id)
+    task_id, state, _ = tasks.queue_sync(client, client.user_id, folder_id, force)
+    bottle.response.status = 202
+    return {'task_id': task_id, 'status': state}
+
+
+def own_clients():
+    """The ids of the accounts the caller may read, as a subquery."""
+    return own(EmailClient.select(EmailClient.id), EmailClient)
+
+
+@api('GET', '/api/v1/accounts/<client_id:int>/folders')
+def list_folders(client_id):
+    client = one(EmailClient, client_id, 'account')
+    Message = models.EmailMessage
+    counts = {folder_id: (total, unread or 0) for folder_id, total, unread in Message.select(
+        Message.folder, pw.fn.COUNT(Message.id), pw.fn.SUM(pw.Case(None, [(Message.is_read == False, 1)], 0)))  # noqa: E712
+        .where(Message.client == client.id, Message.is_deleted == False)  # noqa: E712
+        .group_by(Message.folder).tuples()}
+    folders = models.EmailFolder.select().where(models.EmailFolder.client == client.id).order_by(models.EmailFolder.name)
+    return {'items': [{'id': f.id, 'name': f.name, 'role': f.role, 'total': counts.get(f.id, (0, 0))[0],
+                       'unread': counts.get(f.id, (0, 0))[1]} for f in folders]}
+
+
+def query_flag(name):
+    raw = bottle.request.query.get(name)
+    if raw is None:
+        return None
+    if raw not in ('true', 'false'):
+        raise ApiError(422, 'invalid_filter', f'{name} must be true or false.')
+    return raw == 'true'
+
+
+def message_summary(m):
+    return {'id': m.id, 'account_id': m.client_id, 'folder_id': m.folder_id, 'uid': m.uid,
+            'subject': m.subject, 'from': {'name': m.from_name, 'address': m.from_addr},
+            'to': addresses(m.to_addrs), 'date': models.iso(m.date), 'flags': m.flags.split(),
+            'is_read': m.is_read, 'is_flagged': m.is_flagged, 'size': m.size, 'snippet': m.snippet,
+            'message_id': m.message_id}
+
+
+def addresses(text):
+    return [{'name': name, 'address': address} for name, address in json.loads(text)]
+
+
+@api('GET', '/api/v1/messages')
+def list_messages():
+    """Newest first (by id); `cursor` is the last id of the previous page."""
+    Message = models.EmailMessage
+    params = bottle.request.query
+    query = Message.select().where(Message.client.in_(own_clients()), Message.is_deleted == False)  # noqa: E712
+    for name, field in (('account_id', Message.client), ('folder_id', Message.folder)):
+        if params.get(name):
+            query = query.where(field == query_int(name, None, 1, 2 ** 62))
+    for name, field in (('unread', Message.is_read), ('flagged', Message.is_flagged)):
+        wanted = query_flag(name)
+        if wanted is not None:
+            query = query.where(field == (not wanted if name == 'unread' else wanted))
+    if params.get('from'):
+        query = query.where(Message.from_addr.contains(params['from']) | Message.from_name.contains(params['from']))
+    if params.get('q'):
+        text = params['q']
+        query = query.where(Message.subject.contains(text) | Message.from_addr.contains(text) |
+                            Message.from_name.contains(text))
+    if params.get('since'):
+        query = query.where(Message.date >= parse_since(params['since']))
+    if params.get('until'):
+        query = query.where(Message.date < parse_since(params['until']))
+    if params.get('cursor'):
+        query = query.where(Message.id < query_int('cursor', None, 1, 2 ** 62))
+    limit = query_int('limit', 50, 1, 500)
+    rows = list(query.order_by(Message.id.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {'items': [message_summary(m) for m in rows], 'next_cursor': str(rows[-1].id) if more else None}
+
+
+def one_message(message_id):
+    Message = models.EmailMessage
+    message = Message.select().where(Message.id == message_id, Message.client.in_(own_clients())).first()
+    if message is None:
+        raise not_found('message', message_id)
+    return message
+
+
+@api('GET', '/api/v1/messages/<message_id:int>')
+def get_message(message_id):
+    m = one_message(message_id)
+    body = message_summary(m)
+    body.update(cc=addresses(m.cc_addrs), reply_to=addresses(m.reply_to), in_reply_to=m.in_reply_to,
+                references=json.loads(m.references), headers=[list(h) for h in json.loads(m.headers)],
+                text=m.text, html=m.html, parse_error=m.parse_error,
+                attachments=[{'id': a.id, 'filename': a.filename, 'content_type': a.content_type,
+                              'size': a.size, 'content_id': a.content_id, 'disposition': a.disposition}
+                             for a in m.attachments.order_by(models.Attachment.id)])
+    return body
+
+
+@api('GET', '/api/v1/messages/<message_id:int>/raw')
+def get_raw_message(message_id):
+    message = one_message(message_id)
+    return download(models.Blob.content(message.blob), 'message/rfc822', f'message-{message.id}.eml')
+
+
+@api('GET', '/api/v1/messages/<message_id:int>/attachments/<attachment_id:int>')
+def get_attachment(message_id, attachment_id):
+    message = one_message(message_id)
+    attachment = models.Attachment.get_or_none(models.Attachment.id == attachment_id,
+                                               models.Attachment.message == message.id)
+    if attachment is None:
+        raise not_found('attachment', attachment_id)
+    return download(models.Blob.content(attachment.blob), attachment.content_type,
+                    attachment.filename or f'attachment-{attachment.id}')
+
+
+SAFE_TYPE = re.compile(r'^[a-z0-9][a-z0-9!#$&^_.+-]*/[a-z0-9][a-z0-9!#$&^_.+-]*$')
+
+
+def download(data, content_type, filename):
+    """Bytes as a download: a sane content type and a file name that cannot escape or inject."""
+    bottle.response.content_type = content_type if SAFE_TYPE.match(content_type or '') else 'application/octet-stream'
+    bottle.response.set_header('Content-Disposition', content_disposition(filename))
+    bottle.response.set_header('X-Content-Type-Options', 'nosniff')
+    return data
+
+
+def content_disposition(filename):
+    # Names come from senders: keep the last path segment, drop control and
+    # quote characters, and give non-ASCII names as RFC 5987 filename*.
+    name = re.split(r'[\\/]', filename)[-1]
+    name = ''.join(ch for ch in name if ch.isprintable() and ch not in '"\\;').strip(' .') or 'download'
+    fallback = name.encode('ascii', 'replace').decode().replace('?', '_')
+    return f'attachment; filename="{fallback}"; filename*=UTF-8\'\'{urllib.parse.quote(name, safe="")}'
 
 
 # ================================================================ tasks

@@ -202,6 +202,7 @@ class EmailClient(TenantModel):
     sync_enabled = pw.BooleanField(default=True)
     sync_interval = pw.IntegerField(default=300)
     sync_state = pw.CharField(max_length=16, default='idle')  # idle | syncing | error | auth_error
+    sync_task_id = pw.CharField(max_length=64, null=True)  # the sync queued or running, if any
     last_sync_at = pw.DateTimeField(null=True)
     last_error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -275,11 +276,84 @@ class ConsumerHeartbeat(BaseModel):
     last_seen = pw.DateTimeField(default=utcnow, index=True)
 
 
+class Blob(BaseModel):
+    """Content-addressed bytes (raw messages, attachments), stored once whatever refers to them.
+
+    Not tenant-scoped: a blob is reached only through a tenant's message or
+    attachment row, and its id is the SHA-256 of its content.
+    """
+    id = pw.CharField(primary_key=True, max_length=64)
+    data = pw.BlobField()
+    size = pw.IntegerField()
+
+    @classmethod
+    def content(cls, blob_id):
+        return bytes(cls.get_by_id(blob_id).data)  # PostgreSQL hands back a memoryview
+
+
+class EmailFolder(TenantModel):
+    """A mailbox folder and the IMAP state that makes the next sync incremental."""
+    client = pw.ForeignKeyField(EmailClient, backref='folders', on_delete='CASCADE')
+    name = pw.CharField(max_length=1000)         # decoded for people
+    raw_name = pw.CharField(max_length=1000)     # as the server names it (modified UTF-7)
+    role = pw.CharField(max_length=10, null=True)
+    uidvalidity = pw.BigIntegerField(null=True)
+    uidnext = pw.BigIntegerField(null=True)      # every UID below this is stored (or was skipped)
+    highestmodseq = pw.BigIntegerField(null=True)
+    last_synced_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((('client', 'raw_name'), True),)
+
+
+class EmailMessage(TenantModel):
+    client = pw.ForeignKeyField(EmailClient, backref='messages', on_delete='CASCADE')
+    folder = pw.ForeignKeyField(EmailFolder, backref='messages', on_delete='CASCADE')
+    uid = pw.BigIntegerField(null=True)          # IMAP UID within the folder's UIDVALIDITY
+    pop3_uid = pw.CharField(max_length=255, null=True)  # POP3 UIDL
+    message_id = pw.CharField(max_length=1000, null=True, index=True)
+    subject = pw.TextField(default='')
+    from_name = pw.TextField(default='')
+    from_addr = pw.CharField(max_length=320, default='', index=True)
+    to_addrs = pw.TextField(default='[]')        # JSON [[name, address], ...]
+    cc_addrs = pw.TextField(default='[]')
+    reply_to = pw.TextField(default='[]')
+    date = pw.DateTimeField(null=True, index=True)
+    in_reply_to = pw.TextField(null=True)
+    references = pw.TextField(default='[]')
+    flags = pw.TextField(default='')             # space-separated IMAP flags
+    is_read = pw.BooleanField(default=False)
+    is_flagged = pw.BooleanField(default=False)
+    size = pw.IntegerField(default=0)
+    snippet = pw.TextField(default='')
+    text = pw.TextField(null=True)
+    html = pw.TextField(null=True)
+    headers = pw.TextField(default='[]')         # JSON [[name, value], ...]
+    blob = pw.CharField(max_length=64)           # Blob id of the raw RFC 822 bytes
+    parse_error = pw.TextField(null=True)
+    is_deleted = pw.BooleanField(default=False)
+    created_at = pw.DateTimeField(default=utcnow)
+
+    class Meta:
+        indexes = ((('folder', 'uid'), True), (('folder', 'pop3_uid'), True), (('client', 'date'), False))
+
+
+class Attachment(TenantModel):
+    message = pw.ForeignKeyField(EmailMessage, backref='attachments', on_delete='CASCADE')
+    filename = pw.TextField(null=True)
+    content_type = pw.CharField(max_length=255)
+    content_id = pw.TextField(null=True)
+    disposition = pw.CharField(max_length=20, null=True)
+    size = pw.IntegerField()
+    blob = pw.CharField(max_length=64)
+
+
 def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
-MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat)
+MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
+          Blob, EmailFolder, EmailMessage, Attachment)
 
 
 # ---------------------------------------------------------------- ledger writes
@@ -349,6 +423,158 @@ def ledger_delete(task_id):
         with_reconnect(TaskRecord.delete().where(TaskRecord.id == task_id).execute)
 
 
+# ---------------------------------------------------------------- mail storage
+#
+# Sync writes a batch of messages in one transaction, together with the
+# folder's new uidnext, so a sync killed midway resumes after the last
+# committed batch; (folder, uid) is unique, so a batch written twice stores
+# each message once.
+
+def blob_id(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def store_blobs(datas):
+    """Store each distinct content once; returns their ids in order."""
+    ids = [blob_id(d) for d in datas]
+    rows = {i: {'id': i, 'data': d, 'size': len(d)} for i, d in zip(ids, datas)}
+    existing = set()
+    for chunk in chunks(list(rows), 500):
+        existing |= {b.id for b in Blob.select(Blob.id).where(Blob.id.in_(chunk))}
+    fresh = [row for i, row in rows.items() if i not in existing]
+    for chunk in chunks(fresh, 100):
+        Blob.insert_many(chunk).on_conflict_ignore().execute()
+    return ids
+
+
+def chunks(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def store_messages(folder, items, key='uid', uidnext=None):
+    """Insert new messages of one folder with their attachments; returns how many were new.
+
+    `items` are dicts of EmailMessage fields plus 'raw' (bytes) and
+    'attachments' (mime.Attachment list); `key` is 'uid' (IMAP) or 'pop3_uid'.
+    """
+    field = getattr(EmailMessage, key)
+    with database.atomic():
+        keys = [item[key] for item in items]
+        present = {getattr(m, key) for m in EmailMessage.select(field)
+                   .where(EmailMessage.folder == folder.id, field.in_(keys))}
+        fresh = [item for item in items if item[key] not in present]
+        if fresh:
+            raw_ids = store_blobs([item.pop('raw') for item in fresh])
+            attachments = [item.pop('attachments') for item in fresh]
+            for item, raw_id in zip(fresh, raw_ids):
+                item.update(blob=raw_id, folder=folder.id, client=folder.client_id, tenant_id=folder.tenant_id)
+            for chunk in chunks(fresh, 100):
+                EmailMessage.insert_many(chunk).execute()
+            store_attachments(folder, field, fresh, attachments)
+        if uidnext is not None:
+            EmailFolder.update(uidnext=uidnext).where(EmailFolder.id == folder.id).execute()
+    return len(fresh)
+
+
+def store_attachments(folder, field, messages, attachments):
+    if not any(attachments):
+        return
+    ids = dict(EmailMessage.select(field, EmailMessage.id)
+               .where(EmailMessage.folder == folder.id, field.in_([m[field.name] for m in messages])).tuples())
+    blob_ids = iter(store_blobs([a.data for parts in attachments for a in parts]))
+    rows = [{'message': ids[message[field.name]], 'filename': a.filename, 'content_type': a.content_type,
+             'content_id': a.content_id, 'disposition': a.disposition, 'size': len(a.data),
+             'blob': next(blob_ids), 'tenant_id': folder.tenant_id}
+            for message, parts in zip(messages, attachments) for a in parts]
+    for chunk in chunks(rows, 200):
+        Attachment.insert_many(chunk).execute()
+
+
+def delete_messages(query):
+    """Delete the messages `query` selects, with their attachments; returns how many."""
+    ids = [m.id for m in query.select(EmailMessage.id)]
+    for chunk in chunks(ids, 500):
+        Attachment.delete().where(Attachment.message.in_(chunk)).execute()
+        EmailMessage.delete().where(EmailMessage.id.in_(chunk)).execute()
+    return len(ids)
+
+
+def update_flags(folder, flags_by_uid):
+    """Apply the server's flags to stored messages; returns how many changed."""
+    changed = 0
+    for chunk in chunks(list(flags_by_uid), 500):
+        stored = EmailMessage.select(EmailMessage.id, EmailMessage.uid, EmailMessage.flags) \
+            .where(EmailMessage.folder == folder.id, EmailMessage.uid.in_(chunk))
+        for message in stored:
+            flags = ' '.join(sorted(flags_by_uid[message.uid]))
+            if flags != message.flags:
+                EmailMessage.update(**flag_fields(flags_by_uid[message.uid])) \
+                    .where(EmailMessage.id == message.id).execute()
+                changed += 1
+    return changed
+
+
+def folder_uids(folder):
+    return {uid for (uid,) in EmailMessage.select(EmailMessage.uid)
+            .where(EmailMessage.folder == folder.id).tuples()}
+
+
+def folder_pop3_uids(folder):
+    return {uid for (uid,) in EmailMessage.select(EmailMessage.pop3_uid)
+            .where(EmailMessage.folder == folder.id).tuples()}
+
+
+ACTIVE_STATES = ('pending', 'running', 'retrying')
+
+
+def claim_sync(client_id, task_id, record):
+    """Make task_id the account's one sync, unless another is queued or running.
+
+    Returns (True, None), or (False, (holder task id, its state)). `record`
+    writes the new task's ledger row inside the same transaction, so a second
+    request can never see a claim without its task.
+    """
+    with locked(EmailClient, client_id) as client:
+        holder = TaskRecord.get_or_none(TaskRecord.id == client.sync_task_id) if client.sync_task_id else None
+        if holder is not None and holder.state in ACTIVE_STATES:
+            return False, (holder.id, holder.state)
+        record()
+        EmailClient.update(sync_task_id=task_id).where(EmailClient.id == client_id).execute()
+        return True, None
+
+
+def release_sync(client_id, task_id):
+    """Undo a claim whose task never reached the broker."""
+    with all_tenants():
+        TaskRecord.delete().where(TaskRecord.id == task_id).execute()
+        EmailClient.update(sync_task_id=None).where(EmailClient.id == client_id,
+                                                    EmailClient.sync_task_id == task_id).execute()
+
+
+@contextlib.contextmanager
+def locked(model, row_id):
+    """A transaction holding the row's write lock (SQLite: the database's)."""
+    if isinstance(database.obj, pw.SqliteDatabase):
+        with database.atomic('IMMEDIATE'):
+            yield model.get_by_id(row_id)
+    else:
+        with database.atomic():
+            yield model.select().where(model.id == row_id).for_update().get()
+
+
+def due_for_sync(now):
+    """Accounts with sync on whose last sync is older than their interval."""
+    with all_tenants():
+        clients = list(EmailClient.select().where(EmailClient.sync_enabled == True))  # noqa: E712
+    return [c for c in clients
+            if c.last_sync_at is None or c.last_sync_at + datetime.timedelta(seconds=c.sync_interval) <= now]
+
+
+def flag_fields(flags):
+    return {'flags': ' '.join(sorted(flags)), 'is_read': '\\Seen' in flags, 'is_flagged': '\\Flagged' in flags}
+
+
 # ---------------------------------------------------------------- migrations
 #
 # A fresh database gets today's tables and the newest version at once; an
@@ -384,6 +610,13 @@ def ledger_retry_and_key_use(migrator):
         migrator.add_column('task_record', 'retries_left', TaskRecord.retries_left),
         migrator.add_column('api_key', 'last_used_at', ApiKey.last_used_at),
     ]
+
+
+@migration(3)
+def mail_storage(migrator):
+    """Version 3: folders, messages, attachments and blobs for sync; the account's running sync."""
+    database.create_tables([Blob, EmailFolder, EmailMessage, Attachment])
+    return [migrator.add_column('email_client', 'sync_task_id', EmailClient.sync_task_id)]
 
 
 LATEST = len(MIGRATIONS)

@@ -20,6 +20,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import threading
 import time
 import traceback
@@ -31,10 +32,12 @@ from huey.exceptions import TaskTimeout
 from huey.storage import PriorityRedisStorage
 
 import models
-from mailkit import logs
+from mailkit import logs, mime
 from mailkit import settings as settings_mod
 from mailkit.credentials import Vault
-from mailkit.errors import FailNow, NotAvailableYet, PermanentMailError
+from mailkit.errors import AuthenticationFailed, FailNow, NotAvailableYet, PermanentMailError
+from mailkit.imap import FolderGone, ImapSession
+from mailkit.pop3 import Pop3Session
 from mailkit.queue import SignedJsonSerializer, WakingSqliteStorage, depth_by_priority
 
 try:
@@ -371,7 +374,252 @@ def stop_worker():
 @service_task(priority=10, retries=5)
 def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_sync=False):
     """Sync an account's mail from its IMAP or POP3 server into the database."""
-    raise NotAvailableYet('sync_emails is not available yet (issue #3)')
+    client = account_of(email_client_id, user_id)
+    started = time.monotonic()
+    counts = {'messages_synced': 0, 'messages_updated': 0, 'messages_deleted': 0}
+    models.EmailClient.update(sync_state='syncing').where(models.EmailClient.id == client.id).execute()
+    try:
+        with open_incoming(client) as session:
+            if client.incoming_protocol == 'imap':
+                sync_imap(session, client, counts, folder_id, force_full_sync)
+            else:
+                sync_pop3(session, client, counts, force_full_sync)
+    except AuthenticationFailed as exc:
+        end_sync(client, 'auth_error', str(exc))
+        raise
+    except Exception as exc:
+        end_sync(client, 'error', f'{type(exc).__name__}: {exc}')
+        raise
+    end_sync(client, 'idle', None)
+    return dict(counts, status='success', sync_duration_seconds=round(time.monotonic() - started, 3),
+                timestamp=int(time.time() * 1000))
+
+
+def account_of(client_id, user_id):
+    """The tenant's (scoped) account of this user, or fail at once."""
+    client = models.EmailClient.get_or_none(models.EmailClient.id == client_id,
+                                            models.EmailClient.user_id == user_id)
+    if client is None:
+        raise FailNow(f'no account {client_id} for this user')
+    return client
+
+
+def password_of(client, kind):
+    row = models.Credential.get_or_none(models.Credential.client == client.id, models.Credential.kind == kind)
+    if row is None:
+        raise FailNow(f'account {client.id} has no {kind} password')
+    return vault.decrypt(row.secret)
+
+
+def mail_ssl_context():
+    context = ssl.create_default_context()
+    for path in filter(None, (p.strip() for p in SETTINGS['mail.ca_files'].split(','))):
+        context.load_verify_locations(path)
+    return context
+
+
+def open_incoming(client):
+    session_class = ImapSession if client.incoming_protocol == 'imap' else Pop3Session
+    return session_class(client.incoming_host, client.incoming_port, client.incoming_security,
+                         client.incoming_username, password_of(client, 'incoming'),
+                         timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+
+
+def end_sync(client, state, error):
+    """Record how the sync ended (the claim lapses with the task's ledger state)."""
+    fields = {'sync_state': state, 'last_error': error}
+    if state == 'idle':
+        fields['last_sync_at'] = models.utcnow()
+    models.EmailClient.update(**fields).where(models.EmailClient.id == client.id).execute()
+
+
+# ---------------------------------------------------------------- sync
+#
+# IMAP (RFC 3501, 7162): a folder's UIDs mean something only under its
+# UIDVALIDITY; we store UIDVALIDITY, the next UID still to fetch (uidnext,
+# committed with each batch, so a killed sync resumes there) and
+# HIGHESTMODSEQ. Next time: a changed UIDVALIDITY drops the folder's rows and
+# starts over; an unchanged UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ means
+# nothing happened (no further command); otherwise new UIDs are fetched, flags
+# changed since our modseq are applied (CONDSTORE), and expunged UIDs come from
+# QRESYNC's VANISHED or, without it, from comparing UID sets.
+#
+# POP3 (RFC 1939): only INBOX, keyed by UIDL; what the server no longer lists
+# was deleted elsewhere.
+
+def sync_imap(session, client, counts, folder_id, force_full_sync):
+    folders = refresh_folders(session, client, counts)
+    if folder_id is not None:
+        folders = [f for f in folders if f.id == folder_id]
+        if not folders:
+            raise FailNow(f'no folder {folder_id} in account {client.id}')
+    plans = []
+    for folder in folders:
+        try:
+            state = session.select(folder.raw_name, readonly=True,
+                                   qresync=qresync_of(session, folder, force_full_sync))
+        except FolderGone:  # deleted on the server since LIST: the next sync drops it
+            continue
+        plans.append((folder, state, plan_folder(session, folder, state, counts, force_full_sync)))
+    progress = Progress(sum(len(uids) for _, _, uids in plans))
+    for folder, state, uids in plans:
+        if uids:
+            session.select(folder.raw_name, readonly=True)
+            fetch_new(session, folder, uids, counts, progress)
+        models.EmailFolder.update(uidvalidity=state.uidvalidity, highestmodseq=state.highestmodseq,
+                                  uidnext=max(state.uidnext or 1, folder.uidnext or 1),
+                                  last_synced_at=models.utcnow()).where(models.EmailFolder.id == folder.id).execute()
+
+
+def refresh_folders(session, client, counts):
+    """Match the server's folders: new ones added, vanished ones dropped with their messages."""
+    remote = [f for f in session.folders() if f.selectable]
+    local = {f.raw_name: f for f in models.EmailFolder.select().where(models.EmailFolder.client == client.id)}
+    for gone in set(local) - {f.raw_name for f in remote}:
+        counts['messages_deleted'] += models.delete_messages(
+            models.EmailMessage.select().where(models.EmailMessage.folder == local[gone].id))
+        local.pop(gone).delete_instance()
+    for folder in remote:
+        row = local.get(folder.raw_name)
+        if row is None:
+            local[folder.raw_name] = models.EmailFolder.create(client=client.id, name=folder.name,
+                                                               raw_name=folder.raw_name, role=folder.role)
+        elif (row.name, row.role) != (folder.name, folder.role):
+            row.name, row.role = folder.name, folder.role
+            row.save()
+    return [local[f.raw_name] for f in remote]
+
+
+def qresync_of(session, folder, force_full_sync):
+    if force_full_sync or not (folder.uidvalidity and folder.highestmodseq) or 'QRESYNC' not in session.capabilities:
+        return None
+    return folder.uidvalidity, folder.highestmodseq
+
+
+def plan_folder(session, folder, state, counts, force_full_sync):
+    """Apply flag changes and deletions; return the UIDs still to fetch."""
+    if force_full_sync or folder.uidvalidity != state.uidvalidity:
+        # A UID means nothing without its UIDVALIDITY (RFC 3501, 2.3.1.1): if
+        # the server changed it, every UID stored for this folder is stale.
+        counts['messages_deleted'] += models.delete_messages(
+            models.EmailMessage.select().where(models.EmailMessage.folder == folder.id))
+        folder.uidnext = 1
+        models.EmailFolder.update(uidvalidity=state.uidvalidity, uidnext=1, highestmodseq=None) \
+            .where(models.EmailFolder.id == folder.id).execute()
+        return session.uids_since(1) if state.exists else []
+    if state.highestmodseq and state.highestmodseq == folder.highestmodseq and state.uidnext == folder.uidnext:
+        return []  # CONDSTORE: nothing was added, changed or expunged since we last looked
+    stored = models.folder_uids(folder)
+    if state.highestmodseq and folder.highestmodseq and 'QRESYNC' in session.enabled:
+        gone, changed = set(state.vanished), state.changed
+    else:
+        gone = stored - set(session.uids())
+        changed = (session.changed_flags(folder.highestmodseq) if state.highestmodseq and folder.highestmodseq
+                   else session.all_flags())
+    counts['messages_deleted'] += models.delete_messages(
+        models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
+                                           models.EmailMessage.uid.in_(list(gone & stored))))
+    counts['messages_updated'] += models.update_flags(folder, {u: f for u, f in changed.items() if u in stored})
+    start = folder.uidnext or 1
+    return [uid for uid in session.uids_since(start) if uid >= start] if state.exists else []
+
+
+class Progress:
+    def __init__(self, total):
+        self.total, self.done = total, 0
+        report_progress(0, total)
+
+    def add(self, count):
+        self.done += count
+        report_progress(self.done, self.total)
+
+
+def fetch_new(session, folder, uids, counts, progress):
+    """Fetch and store in batches; each batch commits with the folder's new uidnext."""
+    batch = []
+    for message in session.fetch(uids, batch=SETTINGS['mail.sync_batch']):
+        batch.append(message)
+        if len(batch) == SETTINGS['mail.sync_batch']:
+            store_imap_batch(folder, batch, counts, progress)
+            batch = []
+    if batch:
+        store_imap_batch(folder, batch, counts, progress)
+
+
+def store_imap_batch(folder, batch, counts, progress):
+    items = [dict(message_fields(m.raw), uid=m.uid, **models.flag_fields(m.flags)) for m in batch]
+    folder.uidnext = batch[-1].uid + 1
+    counts['messages_synced'] += models.store_messages(folder, items, 'uid', uidnext=folder.uidnext)
+    progress.add(len(batch))
+
+
+def message_fields(raw):
+    """The stored fields of one raw message; a message that cannot be parsed is kept raw with the reason."""
+    try:
+        parsed = mime.parse(raw)
+    except mime.ParseError as exc:
+        logger.warning('message of %d bytes stored unparsed: %s', len(raw), exc)
+        return {'raw': raw, 'attachments': [], 'size': len(raw), 'parse_error': str(exc)}
+    sender = parsed.from_[0] if parsed.from_ else ('', '')
+    for attachment in parsed.attachments:
+        attachment.filename, attachment.content_id = no_nul(attachment.filename), no_nul(attachment.content_id)
+        attachment.content_type = no_nul(attachment.content_type)[:255]
+    fields = {
+        'raw': raw, 'attachments': parsed.attachments, 'size': len(raw),
+        'subject': parsed.subject, 'from_name': sender[0], 'from_addr': sender[1][:320],
+        'to_addrs': json.dumps(parsed.to), 'cc_addrs': json.dumps(parsed.cc),
+        'reply_to': json.dumps(parsed.reply_to),
+        'date': parsed.date.astimezone(datetime.timezone.utc).replace(tzinfo=None) if parsed.date else None,
+        'message_id': (parsed.message_id or '')[:1000] or None, 'in_reply_to': parsed.in_reply_to,
+        'references': json.dumps(parsed.references), 'snippet': parsed.snippet,
+        'text': parsed.text, 'html': parsed.html, 'headers': json.dumps(parsed.headers),
+        'parse_error': '; '.join(parsed.defects)[:2000] or None,
+    }
+    return {k: no_nul(v) if isinstance(v, str) else v for k, v in fields.items()}
+
+
+def no_nul(text):
+    # PostgreSQL text cannot hold NUL; mail sometimes does. The raw bytes keep it.
+    return text.replace('\x00', '\ufffd') if text else text
+
+
+def sync_pop3(session, client, counts, force_full_sync):
+    folder = pop3_inbox(client)
+    if force_full_sync:
+        counts['messages_deleted'] += models.delete_messages(
+            models.EmailMessage.select().where(models.EmailMessage.folder == folder.id))
+    listed = session.uidl()
+    stored = models.folder_pop3_uids(folder)
+    counts['messages_deleted'] += models.delete_messages(
+        models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
+                                           models.EmailMessage.pop3_uid.in_(list(stored - set(listed)))))
+    new = [uid for uid in listed if uid not in stored]
+    progress = Progress(len(new))
+    for chunk in models.chunks(new, 100):
+        items = [dict(message_fields(session.fetch(listed[uid])), pop3_uid=uid) for uid in chunk]
+        counts['messages_synced'] += models.store_messages(folder, items, 'pop3_uid')
+        progress.add(len(chunk))
+
+
+def pop3_inbox(client):
+    folder = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id,
+                                            models.EmailFolder.raw_name == 'INBOX')
+    return folder or models.EmailFolder.create(client=client.id, name='INBOX', raw_name='INBOX', role='inbox')
+
+
+def queue_sync(client, user_id, folder_id=None, force_full_sync=False):
+    """Queue a sync unless one is queued or running; returns (task id, state, queued now)."""
+    task = sync_emails.s(client.id, client.tenant_id, user_id, folder_id=folder_id,
+                         force_full_sync=force_full_sync)
+    claimed, holder = models.claim_sync(client.id, task.id, lambda: record_enqueued(task))
+    if not claimed:
+        return (*holder, False)
+    try:
+        huey.enqueue(task)
+    except Exception:
+        models.release_sync(client.id, task.id)
+        raise
+    return task.id, 'pending', True
 
 
 @service_task(priority=8, retries=3)
@@ -393,10 +641,16 @@ def check_spam(email_id, tenant_id, user_id):
     raise NotAvailableYet('check_spam is not available yet (issue #6)')
 
 
-@service_task(priority=10, retries=0)
-def periodic_sync():
-    """Queue sync_emails for every account that is due (periodic once sync exists)."""
-    raise NotAvailableYet('periodic_sync is not available yet (issue #3)')
+@service_task(priority=10, retries=0, periodic=crontab(minute='*/5'))
+def periodic_sync(now=None):
+    """Queue sync_emails for every account with sync on whose interval has passed."""
+    now = now or models.utcnow()
+    queued = []
+    for client in models.due_for_sync(now):
+        task_id, _, queued_now = queue_sync(client, client.user_id)
+        if queued_now:
+            queued.append(task_id)
+    return {'status': 'ok', 'task_ids': queued}
 
 
 @service_task(priority=10, retries=0, periodic=crontab(minute='0'))

@@ -47,6 +47,9 @@ SETTINGS = (  # key, type, default, meaning
     ('limits.default_soft', int, 300, 'soft limit of every other task'),
     ('limits.default_hard', int, 330, 'hard limit of every other task'),
     ('security.credential_keys', str, GENERATED, 'Fernet keys, comma-separated, newest first; the first encrypts'),
+    ('mail.timeout', float, 30.0, 'seconds a mail server may take to answer before the attempt is retried'),
+    ('mail.ca_files', str, '', 'extra CA certificates (PEM files, comma-separated) trusted for mail servers'),
+    ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
     ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
 )
 CHOICES = {

@@ -35,6 +35,7 @@ TEST_SETTINGS = {
     'EMAILSVC_CONSUMER_HEARTBEAT_SECONDS': '0.5',
     'EMAILSVC_CONSUMER_ALIVE_SECONDS': '3',
     'EMAILSVC_LOG_LEVEL': 'INFO',
+    'EMAILSVC_MAIL_SYNC_BATCH': '50',
 }
 
 
@@ -48,6 +49,10 @@ def pytest_configure(config):
                EMAILSVC_VAR=str(workdir / 'var'),
                EMAILSVC_SERVER_SECRET='test-secret-' + os.urandom(16).hex(),
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode())
+    # Every test session shares one private Dovecot; the consumer trusts its certificate.
+    STATE['dovecot'] = services.start_dovecot(workdir / 'dovecot')
+    env['EMAILSVC_MAIL_CA_FILES'] = str(STATE['dovecot'].cert_path)
+    env['EMAILSVC_MAIL_TIMEOUT'] = '5'
     if MODE == 'scaleout':
         STATE['redis'] = services.start_redis(workdir / 'redis')
         STATE['postgres'] = services.start_postgres(workdir / 'postgres')
@@ -60,7 +65,7 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    for name in ('redis', 'postgres'):
+    for name in ('redis', 'postgres', 'dovecot'):
         if name in STATE:
             STATE[name].stop()
     if 'workdir' in STATE:
