@@ -494,6 +494,32 @@ def list_messages():
     return {'items': [message_summary(m) for m in rows], 'next_cursor': str(rows[-1].id) if more else None}
 
 
+@api('POST', '/api/v1/messages/delete')
+def delete_messages():
+    body = json_body()
+    fields = Fields()
+    for extra in sorted(set(body) - {'email_ids', 'permanent'}):
+        fields.fail(extra, 'is not a known field')
+    ids = body.get('email_ids')
+    if not isinstance(ids, list) or not ids or len(ids) > 5000 or \
+            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        fields.fail('email_ids', 'must be a list of 1 to 5000 message ids')
+    permanent = body.get('permanent', False)
+    if not isinstance(permanent, bool):
+        fields.fail('permanent', 'must be true or false')
+    fields.check()
+    ids = sorted(set(ids))
+    Message = models.EmailMessage
+    found = {m.id for m in Message.select(Message.id).where(Message.id.in_(ids), Message.client.in_(own_clients()))}
+    missing = [i for i in ids if i not in found]
+    if missing:  # the whole batch is refused: nothing is deleted
+        raise ApiError(404, 'not_found', f'no message {", ".join(map(str, missing[:20]))}'
+                                         f'{" ..." if len(missing) > 20 else ""}', missing_ids=missing[:100])
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Deleting mail needs the owning user\'s key.')
+    return accepted(tasks.delete_emails(ids, caller().tenant_id, caller().user_id, permanent=permanent))
+
+
 def one_message(message_id):
     Message = models.EmailMessage
     message = Message.select().where(Message.id == message_id, Message.client.in_(own_clients())).first()

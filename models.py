@@ -500,6 +500,29 @@ def delete_messages(query):
     return len(ids)
 
 
+def forget_messages(messages, permanent):
+    """After a delete on the server: permanent drops the rows (and unreferenced blobs),
+    soft marks them deleted until the next sync sees them in Trash. Returns how many."""
+    ids = [m.id for m in messages]
+    if not permanent:
+        return sum(EmailMessage.update(is_deleted=True).where(EmailMessage.id.in_(chunk),
+                                                               EmailMessage.is_deleted == False)  # noqa: E712
+                   .execute() for chunk in chunks(ids, 500))
+    blobs = {m.blob for m in messages} | {a.blob for a in Attachment.select(Attachment.blob)
+                                           .where(Attachment.message.in_(ids))}
+    count = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(ids)))
+    drop_unreferenced_blobs(blobs)
+    return count
+
+
+def drop_unreferenced_blobs(blob_ids):
+    with all_tenants():
+        for chunk in chunks(list(blob_ids), 500):
+            used = {m.blob for m in EmailMessage.select(EmailMessage.blob).where(EmailMessage.blob.in_(chunk))}
+            used |= {a.blob for a in Attachment.select(Attachment.blob).where(Attachment.blob.in_(chunk))}
+            Blob.delete().where(Blob.id.in_([b for b in chunk if b not in used])).execute()
+
+
 def update_flags(folder, flags_by_uid):
     """Apply the server's flags to stored messages; returns how many changed."""
     changed = 0

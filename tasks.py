@@ -631,8 +631,55 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
 
 @service_task(priority=5, retries=5)
 def delete_emails(email_ids, tenant_id, user_id, permanent=False):
-    """Move messages to Trash, or expunge them for good."""
-    raise NotAvailableYet('delete_emails is not available yet (issue #4)')
+    """Move messages to Trash (soft), or expunge them for good (permanent), on the server and here.
+
+    Ids already deleted (or gone) are skipped, so running the same delete
+    twice deletes nothing more and `deleted_count` counts each message once.
+    """
+    Message = models.EmailMessage
+    query = Message.select().where(Message.id.in_(list(email_ids)),
+                                   Message.client.in_(models.EmailClient.select(models.EmailClient.id)
+                                                      .where(models.EmailClient.user_id == user_id)))
+    if not permanent:
+        query = query.where(Message.is_deleted == False)  # noqa: E712
+    by_client = {}
+    for message in query:
+        by_client.setdefault(message.client_id, []).append(message)
+    deleted = 0
+    for client_id, batch in by_client.items():
+        client = models.EmailClient.get_by_id(client_id)
+        with open_incoming(client) as session:
+            if client.incoming_protocol == 'imap':
+                delete_on_imap(session, client, batch, permanent)
+            elif permanent:
+                session.delete(pop3_numbers(session, batch))
+        deleted += models.forget_messages(batch, permanent)
+    return {'status': 'success', 'deleted_count': deleted}
+
+
+def delete_on_imap(session, client, messages, permanent):
+    """One MOVE (or STORE + EXPUNGE) per folder, a UID set per command (RFC 6851, 4315)."""
+    trash = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id,
+                                           models.EmailFolder.role == 'trash')
+    by_folder = {}
+    for message in messages:
+        if message.uid is not None:
+            by_folder.setdefault(message.folder_id, []).append(message.uid)
+    for folder_id, uids in by_folder.items():
+        folder = models.EmailFolder.get_by_id(folder_id)
+        try:
+            session.select(folder.raw_name, readonly=False)
+        except FolderGone:
+            continue  # the folder and its messages are gone on the server already
+        if permanent or trash is None or folder.id == trash.id:
+            session.expunge_uids(uids)
+        else:
+            session.move(uids, trash.raw_name)
+
+
+def pop3_numbers(session, messages):
+    listed = session.uidl()
+    return [listed[m.pop3_uid] for m in messages if m.pop3_uid in listed]
 
 
 @service_task(priority=3, retries=3)
