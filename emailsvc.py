@@ -23,7 +23,7 @@ import redis
 
 import models
 import tasks
-from mailkit import logs
+from mailkit import logs, smtp
 from mailkit import settings as settings_mod
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
 
@@ -234,7 +234,7 @@ def want_object(fields, name, value, allowed):
 
 INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
 SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
-ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval')
+ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent')
 
 
 def validate_server(fields, prefix, given, current, allowed):
@@ -274,6 +274,10 @@ def validate_account(body, client=None):
         clean['sync_enabled'] = body['sync_enabled']
     if 'sync_interval' in body:
         clean['sync_interval'] = want_int(fields, 'sync_interval', body['sync_interval'], 60, 86400)
+    if 'copy_sent' in body:
+        if not isinstance(body['copy_sent'], bool):
+            fields.fail('copy_sent', 'must be true or false')
+        clean['copy_sent'] = body['copy_sent']
     fields.check()
     return clean
 
@@ -299,7 +303,7 @@ def account_dict(client, kinds_with_password):
         'id': client.id, 'email': client.email, 'user_id': client.user_id,
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
-        'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
+        'copy_sent': client.copy_sent, 'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
@@ -332,7 +336,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords
@@ -576,6 +580,134 @@ def content_disposition(filename):
     name = ''.join(ch for ch in name if ch.isprintable() and ch not in '"\\;').strip(' .') or 'download'
     fallback = name.encode('ascii', 'replace').decode().replace('?', '_')
     return f'attachment; filename="{fallback}"; filename*=UTF-8\'\'{urllib.parse.quote(name, safe="")}'
+
+
+# ================================================================ sending
+
+@api('POST', '/api/v1/attachments')
+def upload_attachment():
+    """A file for sending: multipart form field `file`, or the raw body with ?filename=."""
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Uploads belong to a user; use that user\'s key.')
+    limit = SETTINGS['mail.max_attachment_mb'] * 1024 * 1024
+    if (bottle.request.content_length or 0) > limit:
+        raise ApiError(413, 'too_large', f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
+    filename, content_type, data = uploaded_file(limit)
+    if len(data) > limit:
+        raise ApiError(413, 'too_large', f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
+    blob_id = models.store_blobs([data])[0]
+    upload = models.Upload.create(user_id=caller().user_id, filename=filename, content_type=content_type,
+                                  size=len(data), blob=blob_id)
+    bottle.response.status = 201
+    return {'id': upload.id, 'filename': filename, 'content_type': content_type, 'size': len(data)}
+
+
+def uploaded_file(limit):
+    ctype = (bottle.request.content_type or '').split(';')[0].strip().lower()
+    if ctype == 'multipart/form-data':
+        try:
+            upload = bottle.request.files.get('file')
+        except (bottle.MultipartError, ValueError) as exc:
+            raise ApiError(400, 'invalid_multipart', f'The multipart body cannot be read: {exc}') from None
+        if upload is None:
+            raise ApiError(422, 'validation_failed', 'file: is required', fields={'file': 'is required'})
+        return clean_filename(upload.raw_filename), upload.content_type or 'application/octet-stream', \
+            upload.file.read(limit + 1)
+    filename = bottle.request.query.getunicode('filename') or bottle.request.get_header('X-Filename')
+    if not filename:
+        raise ApiError(422, 'validation_failed', 'filename: give ?filename= with a raw body',
+                       fields={'filename': 'is required with a raw body'})
+    # urllib and curl label a bare body as a form; it is not one.
+    known = SAFE_TYPE.match(ctype) and ctype != 'application/x-www-form-urlencoded'
+    content_type = ctype if known else 'application/octet-stream'
+    return clean_filename(filename), content_type, bottle.request.body.read(limit + 1)
+
+
+def clean_filename(name):
+    name = re.split(r'[\\/]', name or '')[-1]
+    return ''.join(ch for ch in name if ch.isprintable()).strip()[:255] or 'attachment'
+
+
+SEND_FIELDS = ('to', 'cc', 'bcc', 'subject', 'body_text', 'body_html', 'attachment_ids')
+
+
+def want_addresses(fields, name, value):
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > 500:
+        fields.fail(name, 'must be a list of at most 500 email addresses')
+        return []
+    clean = []
+    for index, text in enumerate(value):
+        try:
+            smtp.parse_address(text)
+            clean.append(text.strip())
+        except (ValueError, TypeError, AttributeError) as exc:
+            fields.fail(f'{name}[{index}]', str(exc))
+    return clean
+
+
+def validate_send(body):
+    fields = Fields()
+    for extra in sorted(set(body) - set(SEND_FIELDS)):
+        fields.fail(extra, 'is not a known field')
+    clean = {name: want_addresses(fields, name, body.get(name)) for name in ('to', 'cc', 'bcc')}
+    if not (clean['to'] or clean['cc'] or clean['bcc']) and not fields.errors:
+        fields.fail('to', 'give at least one recipient in to, cc or bcc')
+    for name, limit in (('subject', 998), ('body_text', None), ('body_html', None)):
+        value = body.get(name)
+        if value is not None and not isinstance(value, str):
+            fields.fail(name, 'must be a string')
+        elif limit and value and (len(value) > limit or '\n' in value or '\r' in value):
+            fields.fail(name, f'must be one line of at most {limit} characters')
+        else:
+            clean[name] = value
+    ids = body.get('attachment_ids') or []
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        fields.fail('attachment_ids', 'must be a list of attachment ids')
+        ids = []
+    clean['attachment_ids'] = sorted(set(ids))
+    fields.check()
+    return clean
+
+
+def check_attachments_and_size(clean):
+    uploads = {u.id: u for u in models.Upload.select().where(models.Upload.id.in_(clean['attachment_ids']),
+                                                             models.Upload.user_id == caller().user_id)}
+    unknown = [i for i in clean['attachment_ids'] if i not in uploads]
+    if unknown:
+        raise ApiError(422, 'unknown_attachments', f'no attachment {", ".join(map(str, unknown))}; upload files '
+                       'with POST /api/v1/attachments first', fields={'attachment_ids': unknown})
+    size = sum(u.size for u in uploads.values()) + sum(len((clean.get(k) or '').encode()) for k in
+                                                       ('body_text', 'body_html'))
+    if size > SETTINGS['mail.max_message_mb'] * 1024 * 1024:
+        raise ApiError(422, 'validation_failed', f'the message would be over {SETTINGS["mail.max_message_mb"]} MB',
+                       fields={'body_text': 'bodies and attachments together are too large'})
+
+
+@api('POST', '/api/v1/accounts/<client_id:int>/send')
+def send_message(client_id):
+    client = one(EmailClient, client_id, 'account')
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Sending needs the owning user\'s key.')
+    if not client.smtp_host:
+        raise ApiError(422, 'no_smtp', f'account {client.id} has no SMTP server; add one with PATCH')
+    key = bottle.request.get_header('Idempotency-Key')
+    if key is not None and not 0 < len(key) <= 255:
+        raise ApiError(422, 'invalid_idempotency_key', 'Idempotency-Key must be 1 to 255 characters.')
+    if key and (replay := tasks.find_send(caller().user_id, key)):
+        return accepted_replay(replay)
+    clean = validate_send(json_body())
+    check_attachments_and_size(clean)
+    task, state = tasks.queue_send(client, caller().user_id, clean, key)
+    bottle.response.status = 202
+    return {'task_id': task, 'status': state}
+
+
+def accepted_replay(task_id):
+    record = TaskRecord.get_or_none(TaskRecord.id == task_id)
+    bottle.response.status = 202
+    return {'task_id': task_id, 'status': record.state if record else 'pending'}
 
 
 # ================================================================ tasks

@@ -203,6 +203,7 @@ class EmailClient(TenantModel):
     sync_interval = pw.IntegerField(default=300)
     sync_state = pw.CharField(max_length=16, default='idle')  # idle | syncing | error | auth_error
     sync_task_id = pw.CharField(max_length=64, null=True)  # the sync queued or running, if any
+    copy_sent = pw.BooleanField(default=True)  # append sent mail to the IMAP Sent folder
     last_sync_at = pw.DateTimeField(null=True)
     last_error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -348,12 +349,46 @@ class Attachment(TenantModel):
     blob = pw.CharField(max_length=64)
 
 
+class Upload(TenantModel):
+    """A file uploaded for sending, referenced by send_email's attachment_ids."""
+    user_id = pw.IntegerField(index=True)
+    filename = pw.TextField()
+    content_type = pw.CharField(max_length=255)
+    size = pw.IntegerField()
+    blob = pw.CharField(max_length=64)
+    created_at = pw.DateTimeField(default=utcnow)
+
+
+class Outbox(TenantModel):
+    """One row per accepted send: its Message-ID and how far delivery got.
+
+    queued -> sending (the SMTP transaction has begun) -> sent | failed.
+    A retry that finds `sent` returns the stored result; one that finds
+    `sending` cannot know whether the server took the message, and refuses
+    to send it again (state `unknown`) rather than risk a duplicate.
+    """
+    client = pw.ForeignKeyField(EmailClient, on_delete='CASCADE')
+    user_id = pw.IntegerField()
+    task_id = pw.CharField(max_length=64, unique=True)
+    idempotency_key = pw.CharField(max_length=255, null=True)
+    message_id = pw.CharField(max_length=255)
+    state = pw.CharField(max_length=10, default='queued')
+    recipients = pw.TextField(default='[]')
+    refused = pw.TextField(default='{}')
+    error = pw.TextField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    sent_at = pw.DateTimeField(null=True)
+
+    class Meta:
+        indexes = ((('tenant_id', 'user_id', 'idempotency_key'), True),)
+
+
 def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
 MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
-          Blob, EmailFolder, EmailMessage, Attachment)
+          Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox)
 
 
 # ---------------------------------------------------------------- ledger writes
@@ -600,6 +635,10 @@ def flag_fields(flags):
 
 # ---------------------------------------------------------------- migrations
 #
+# A migration that creates tables from today's models must stay the last to
+# touch them: a later change to those tables is a new migration that alters
+# them, and that first migration is then rewritten to create them as they were.
+#
 # A fresh database gets today's tables and the newest version at once; an
 # existing one runs, in order, every migration above its stored version, each
 # in its own transaction. A migration never edits an earlier one: a change of
@@ -640,6 +679,13 @@ def mail_storage(migrator):
     """Version 3: folders, messages, attachments and blobs for sync; the account's running sync."""
     database.create_tables([Blob, EmailFolder, EmailMessage, Attachment])
     return [migrator.add_column('email_client', 'sync_task_id', EmailClient.sync_task_id)]
+
+
+@migration(4)
+def outbox_and_uploads(migrator):
+    """Version 4: the send outbox and uploaded attachments; per-account Sent copies."""
+    database.create_tables([Upload, Outbox])
+    return [migrator.add_column('email_client', 'copy_sent', EmailClient.copy_sent)]
 
 
 LATEST = len(MIGRATIONS)

@@ -32,10 +32,11 @@ from huey.exceptions import TaskTimeout
 from huey.storage import PriorityRedisStorage
 
 import models
-from mailkit import logs, mime
+from mailkit import logs, mime, smtp
 from mailkit import settings as settings_mod
 from mailkit.credentials import Vault
-from mailkit.errors import AuthenticationFailed, FailNow, NotAvailableYet, PermanentMailError
+from mailkit.errors import (AuthenticationFailed, FailNow, MailError, NotAvailableYet, PermanentMailError,
+                            TemporaryMailError)
 from mailkit.imap import FolderGone, ImapSession
 from mailkit.pop3 import Pop3Session
 from mailkit.queue import SignedJsonSerializer, WakingSqliteStorage, depth_by_priority
@@ -625,8 +626,129 @@ def queue_sync(client, user_id, folder_id=None, force_full_sync=False):
 @service_task(priority=8, retries=3)
 def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subject='',
                body_text='', body_html=None, attachment_ids=None):
-    """Send one message over the account's SMTP server."""
-    raise NotAvailableYet('send_email is not available yet (issue #4)')
+    """Send one message over the account's SMTP server; the outbox row makes it happen at most once."""
+    client = account_of(email_client_id, user_id)
+    outbox = outbox_of(client, user_id, to, cc, bcc)
+    if outbox.state == 'sent':
+        return sent_result(outbox)  # a re-run of a finished send: nothing goes out again
+    if outbox.state in ('sending', 'unknown'):
+        models.Outbox.update(state='unknown').where(models.Outbox.id == outbox.id).execute()
+        raise FailNow(f'delivery of {outbox.message_id} is unknown: an earlier attempt stopped during the SMTP '
+                      'transaction; not sent again, to avoid a duplicate')
+    raw = smtp.compose(sender=('', client.email), to=to, cc=cc or [], bcc=bcc or [], subject=subject,
+                       body_text=body_text, body_html=body_html, attachments=uploads_of(attachment_ids or []),
+                       message_id=outbox.message_id, date=outbox.created_at.replace(tzinfo=datetime.timezone.utc))
+    mark_outbox(outbox, 'sending')
+    try:
+        result = smtp.send(client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username,
+                           password_of(client, 'smtp') if client.smtp_username else None,
+                           client.email, json.loads(outbox.recipients), raw,
+                           timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+    except smtp.DeliveryUnknown as exc:
+        mark_outbox(outbox, 'unknown', error=str(exc))
+        raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc
+    except TemporaryMailError as exc:
+        mark_outbox(outbox, 'queued', error=str(exc))  # the transaction never completed: a retry is safe
+        raise
+    except Exception as exc:
+        mark_outbox(outbox, 'failed', error=f'{type(exc).__name__}: {exc}')
+        raise
+    mark_outbox(outbox, 'sent', sent_at=models.utcnow(), refused=json.dumps(result.refused))
+    copy_to_sent(client, raw)
+    return sent_result(models.Outbox.get_by_id(outbox.id))
+
+
+def outbox_of(client, user_id, to, cc, bcc):
+    """The send's outbox row: made by the API with the task; made here for a task queued directly."""
+    task_id = logs.task_id.get()
+    outbox = models.Outbox.get_or_none(models.Outbox.task_id == task_id)
+    if outbox is None:
+        outbox = models.Outbox.create(client=client.id, user_id=user_id, task_id=task_id,
+                                      message_id=smtp.make_message_id(domain_of(client)),
+                                      recipients=json.dumps(smtp.envelope_recipients(to, cc or [], bcc or [])))
+    return outbox
+
+
+def domain_of(client):
+    return client.email.rpartition('@')[2] or 'localhost'
+
+
+def mark_outbox(outbox, state, **fields):
+    models.Outbox.update(state=state, **fields).where(models.Outbox.id == outbox.id).execute()
+
+
+def sent_result(outbox):
+    refused = json.loads(outbox.refused)
+    recipients = [r for r in json.loads(outbox.recipients) if r not in refused]
+    return {'status': 'success', 'message_id': outbox.message_id, 'sent_timestamp': int(outbox.sent_at.replace(
+        tzinfo=datetime.timezone.utc).timestamp() * 1000), 'recipients_sent': recipients,
+        'recipients_refused': refused}
+
+
+def uploads_of(ids):
+    uploads = list(models.Upload.select().where(models.Upload.id.in_(ids)))
+    if len(uploads) != len(set(ids)):
+        raise FailNow(f'attachments {sorted(set(ids) - {u.id for u in uploads})} no longer exist')
+    return [(u.filename, u.content_type, models.Blob.content(u.blob)) for u in uploads]
+
+
+def copy_to_sent(client, raw):
+    """Keep the sent message in the Sent folder, here and (when asked) on the IMAP server.
+
+    A failure here never fails the send: the message is out, and sending it
+    again to get a copy would be the duplicate we promise never to make.
+    """
+    uid = None
+    sent = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id, models.EmailFolder.role == 'sent')
+    try:
+        if client.incoming_protocol == 'imap' and client.copy_sent:
+            with open_incoming(client) as session:
+                if sent is None:
+                    sent = refresh_sent_folder(session, client)
+                if sent is not None:
+                    uid = session.append(sent.raw_name, raw, flags=('\\Seen',))
+    except MailError as exc:
+        logger.warning('sent copy of account %s not appended: %s', client.id, exc)
+    if sent is None:
+        sent = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id,
+                                              models.EmailFolder.role == 'sent') or models.EmailFolder.create(
+            client=client.id, name='Sent', raw_name='Sent', role='sent')
+    item = dict(message_fields(raw), uid=uid, **models.flag_fields(('\\Seen',)))
+    models.store_messages(sent, [item], 'uid')
+
+
+def refresh_sent_folder(session, client):
+    refresh_folders(session, client, {'messages_deleted': 0})
+    return models.EmailFolder.get_or_none(models.EmailFolder.client == client.id, models.EmailFolder.role == 'sent')
+
+
+def find_send(user_id, key):
+    """The task id of this user's earlier send with the same Idempotency-Key, if any."""
+    row = models.Outbox.get_or_none(models.Outbox.user_id == user_id, models.Outbox.idempotency_key == key)
+    return row.task_id if row else None
+
+
+def queue_send(client, user_id, clean, key):
+    """Record the outbox row with the task, then queue it; returns (task id, state)."""
+    task = send_email.s(client.id, client.tenant_id, user_id, clean['to'], cc=clean['cc'], bcc=clean['bcc'],
+                        subject=clean.get('subject') or '', body_text=clean.get('body_text') or '',
+                        body_html=clean.get('body_html'), attachment_ids=clean['attachment_ids'])
+    recipients = smtp.envelope_recipients(clean['to'], clean['cc'], clean['bcc'])
+    try:
+        with models.database.atomic():
+            record_enqueued(task)
+            models.Outbox.create(client=client.id, user_id=user_id, task_id=task.id, idempotency_key=key,
+                                 message_id=smtp.make_message_id(domain_of(client)),
+                                 recipients=json.dumps(recipients))
+    except models.pw.IntegrityError:
+        return find_send(user_id, key), 'pending'  # the same key won a moment earlier
+    try:
+        huey.enqueue(task)
+    except Exception:
+        models.Outbox.delete().where(models.Outbox.task_id == task.id).execute()
+        models.ledger_delete(task.id)
+        raise
+    return task.id, 'pending'
 
 
 @service_task(priority=5, retries=5)

@@ -22,7 +22,7 @@ SETTINGS = (  # key, type, default, meaning
     ('server.host', str, '127.0.0.1', 'address the web server listens on'),
     ('server.port', int, 8080, 'port the web server listens on'),
     ('server.threads', int, 8, 'waitress worker threads'),
-    ('server.max_body_kb', int, 1024, 'largest JSON request body accepted (413 beyond)'),
+    ('server.max_body_kb', int, 10240, 'largest JSON request body accepted (413 beyond)'),
     ('server.secret', str, GENERATED, 'signs task payloads; 32+ random characters, the same on every host'),
     ('database.url', str, 'sqlite:///var/emailsvc.db', 'peewee db_url; postgresql://user:pw@host/db when scaled out'),
     ('queue.url', str, 'sqlite:///var/queue.db', 'huey storage; redis://host:6379/0 when scaled out'),
@@ -50,6 +50,8 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.timeout', float, 30.0, 'seconds a mail server may take to answer before the attempt is retried'),
     ('mail.ca_files', str, '', 'extra CA certificates (PEM files, comma-separated) trusted for mail servers'),
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
+    ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
+    ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
     ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
 )
 CHOICES = {

@@ -36,6 +36,7 @@ TEST_SETTINGS = {
     'EMAILSVC_CONSUMER_ALIVE_SECONDS': '3',
     'EMAILSVC_LOG_LEVEL': 'INFO',
     'EMAILSVC_MAIL_SYNC_BATCH': '50',
+    'EMAILSVC_MAIL_MAX_ATTACHMENT_MB': '1',
 }
 
 
@@ -51,7 +52,8 @@ def pytest_configure(config):
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode())
     # Every test session shares one private Dovecot; the consumer trusts its certificate.
     STATE['dovecot'] = services.start_dovecot(workdir / 'dovecot')
-    env['EMAILSVC_MAIL_CA_FILES'] = str(STATE['dovecot'].cert_path)
+    STATE['smtp'] = services.start_smtp(workdir / 'smtp')
+    env['EMAILSVC_MAIL_CA_FILES'] = f'{STATE["dovecot"].cert_path},{STATE["smtp"].cert_path}'
     env['EMAILSVC_MAIL_TIMEOUT'] = '5'
     if MODE == 'scaleout':
         STATE['redis'] = services.start_redis(workdir / 'redis')
@@ -65,10 +67,10 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-    for name in ('redis', 'postgres', 'dovecot'):
+    for name in ('redis', 'postgres', 'dovecot', 'smtp'):
         if name in STATE:
             STATE[name].stop()
-    if 'workdir' in STATE:
+    if 'workdir' in STATE and not os.environ.get('EMAILSVC_TEST_KEEP'):  # keep logs for a post-mortem
         shutil.rmtree(STATE['workdir'], ignore_errors=True)
 
 

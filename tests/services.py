@@ -125,7 +125,10 @@ def _answers(port: int, expect: bytes, send: bytes = b'') -> bool:
 def make_cert(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
     """A self-signed certificate for 127.0.0.1 and localhost; returns (cert_path, key_path)."""
     key = ec.generate_private_key(ec.SECP256R1())   # milliseconds, where RSA takes a noticeable fraction of a second
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    # A distinct subject per certificate: OpenSSL finds a trusted certificate by
+    # subject, so two test servers trusted at once must not share one.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST),
+                      x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, f'{directory.name}-{os.urandom(4).hex()}')])
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (x509.CertificateBuilder()
             .subject_name(name).issuer_name(name).public_key(key.public_key())
@@ -709,6 +712,10 @@ class SmtpServer(_Server):
     def reply_to_data(self, reply: str, times: int = 1) -> None:
         """Shorthand for script_replies(data=reply, times=times)."""
         self.script_replies(data=reply, times=times)
+
+    def freeze_after_data(self, pids) -> None:
+        """The next transaction is delivered, then `pids` get SIGSTOP before the 250 reply goes out."""
+        smtp_server.add_scripts(self.spool, [{'freeze': list(pids)}])
 
     def drop_after_data(self) -> None:
         """The next transaction receives the whole message, then the connection closes with no reply."""

@@ -25,6 +25,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import pathlib
 import ssl
 import warnings
@@ -134,6 +135,10 @@ class Handler:
         reply = script.get('data') or '250 OK'
         if reply.startswith('2'):
             self.spool_message(server, session, envelope)
+        for pid in script.get('freeze', ()):
+            # Stop the client before it can read our 250: from here on the
+            # message is delivered, and the client cannot have recorded it.
+            os.kill(pid, signal.SIGSTOP)
         return reply
 
     def spool_message(self, server, session, envelope) -> None:
