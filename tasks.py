@@ -638,12 +638,12 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
     raw = smtp.compose(sender=('', client.email), to=to, cc=cc or [], bcc=bcc or [], subject=subject,
                        body_text=body_text, body_html=body_html, attachments=uploads_of(attachment_ids or []),
                        message_id=outbox.message_id, date=outbox.created_at.replace(tzinfo=datetime.timezone.utc))
-    mark_outbox(outbox, 'sending')
     try:
         result = smtp.send(client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username,
                            password_of(client, 'smtp') if client.smtp_username else None,
                            client.email, json.loads(outbox.recipients), raw,
-                           timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+                           timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context(),
+                           before_commit=lambda: mark_outbox(outbox, 'sending'))
     except smtp.DeliveryUnknown as exc:
         mark_outbox(outbox, 'unknown', error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc

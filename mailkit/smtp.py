@@ -540,23 +540,31 @@ def _envelope(conn: smtplib.SMTP, where: str, mail_from: str, rcpt_to: list[str]
     return accepted, refused
 
 
+END_OF_DATA = b'.\r\n'
+
+
 def _for_data(data: bytes) -> bytes:
-    """data with CRLF line ends, leading dots doubled and the end-of-data mark (RFC 5321, 4.5.2)."""
+    """data with CRLF line ends and leading dots doubled, ready for the end-of-data mark (RFC 5321, 4.5.2)."""
     data = _LINE_ENDS.sub(b'\r\n', bytes(data))
     if not data.endswith(b'\r\n'):
         data += b'\r\n'
-    return _LEADING_DOT.sub(b'..', data) + b'.\r\n'
+    return _LEADING_DOT.sub(b'..', data)
 
 
-def _transfer(conn: smtplib.SMTP, where: str, data: bytes, verdict_timeout: float) -> str:
+def _transfer(conn: smtplib.SMTP, where: str, data: bytes, verdict_timeout: float, before_commit) -> str:
     """DATA, the message and the end-of-data mark; returns the server's 2xx reply to the mark."""
     with _step(where, 'DATA'):
         reply = conn.docmd('DATA')
     _expect(where, 'DATA', reply, 354)
-    # If this fails, sendall() did not hand over the last bytes, which hold the
-    # end-of-data mark: the server cannot deliver, and a retry is safe.
+    # Until the end-of-data mark goes out the server cannot deliver, and a
+    # retry is safe; `before_commit` lets the caller record the point after
+    # which it no longer is, as late as it can be.
     with _step(where, 'sending the message (before its end-of-data mark)'):
         conn.send(_for_data(data))
+    if before_commit is not None:
+        before_commit()
+    with _step(where, 'sending the end-of-data mark'):
+        conn.send(END_OF_DATA)
     return _verdict(conn, where, verdict_timeout)
 
 
@@ -609,8 +617,11 @@ def _envelope_addresses(mail_from: str, rcpt_to: list[str]) -> tuple[str, list[s
 def send(host: str, port: int, security: str, username: str | None, password: str | None, mail_from: str,
          rcpt_to: list[str], data: bytes, timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
          local_hostname: str | None = None, auth_mechanism: str | None = None,
-         verdict_timeout: float | None = None) -> SendResult:
-    """Send data to rcpt_to in one SMTP transaction; raises a MailError unless someone accepted it."""
+         verdict_timeout: float | None = None, before_commit=None) -> SendResult:
+    """Send data to rcpt_to in one SMTP transaction; raises a MailError unless someone accepted it.
+
+    `before_commit()` is called after the message and before its end-of-data
+    mark: if it raises, nothing is delivered."""
     _check_send_arguments(security, username, password, auth_mechanism)
     mail_from, rcpt_to = _envelope_addresses(mail_from, rcpt_to)
     where = f'{host}:{port}'
@@ -622,7 +633,8 @@ def send(host: str, port: int, security: str, username: str | None, password: st
         if username is not None:
             _authenticate(conn, where, username, password, auth_mechanism)
         accepted, refused = _envelope(conn, where, mail_from, rcpt_to, len(data), not data.isascii())
-        reply = _transfer(conn, where, data, verdict_timeout if verdict_timeout is not None else timeout)
+        reply = _transfer(conn, where, data, verdict_timeout if verdict_timeout is not None else timeout,
+                          before_commit)
         return SendResult(accepted, refused, reply)
     finally:
         _quit(conn)
