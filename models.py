@@ -495,9 +495,9 @@ def store_messages(folder, items, key='uid', uidnext=None):
     """
     field = getattr(EmailMessage, key)
     with database.atomic():
-        keys = [item[key] for item in items]
+        keys = [item[key] for item in items if item[key] is not None]  # no key: nothing to match (Sent copies)
         present = {getattr(m, key) for m in EmailMessage.select(field)
-                   .where(EmailMessage.folder == folder.id, field.in_(keys))}
+                   .where(EmailMessage.folder == folder.id, field.in_(keys))} if keys else set()
         fresh = [item for item in items if item[key] not in present]
         if fresh:
             raw_ids = store_blobs([item.pop('raw') for item in fresh])
