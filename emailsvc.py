@@ -767,8 +767,16 @@ def get_task(task_id):
 
 
 @api('DELETE', '/api/v1/tasks/<task_id>')
-def revoke_task(task_id):
+def revoke_or_purge_task(task_id):
+    """A waiting task is revoked (200); a finished one, a dead letter say, is purged from the ledger (204)."""
     record = one(TaskRecord, task_id, 'task')
+    if record.state in models.FINAL_STATES:
+        purged = TaskRecord.delete().where(TaskRecord.id == record.id,
+                                           TaskRecord.state.in_(models.FINAL_STATES)).execute()
+        if purged:
+            bottle.response.status = 204
+            return ''
+        record = TaskRecord.get_by_id(record.id)
     # Mark first, then tell Huey: a worker that dequeues it in between finds it
     # revoked in the ledger's eyes and Huey's, never run and recorded twice.
     changed = models.ledger_update(record.id, only_states=('pending', 'retrying'),
@@ -1005,6 +1013,42 @@ def tasks_revoke(args):
     print(f'task {args.task_id} revoked')
 
 
+def tasks_dead(args):
+    with models.all_tenants():
+        rows = TaskRecord.select().where(TaskRecord.state == 'dead').order_by(TaskRecord.finished_at.desc()) \
+            .limit(args.limit)
+        for row in rows:
+            print(f'{row.id}\t{row.name}\ttenant {row.tenant_id}\tattempts {row.attempts}\t'
+                  f'{models.iso(row.finished_at)}\t{(row.error or "").splitlines()[0][:120]}')
+
+
+def tasks_retry(args):
+    with models.all_tenants():
+        record = TaskRecord.get_or_none(TaskRecord.id == args.task_id)
+        if record is None:
+            fail(f'no task {args.task_id}')
+        try:
+            rerun(record)
+        except ApiError as err:
+            fail(err.body)
+    print(f'task {args.task_id} queued again')
+
+
+def tasks_purge(args):
+    with models.all_tenants():
+        query = TaskRecord.delete().where(TaskRecord.state.in_(models.FINAL_STATES))
+        if args.all_dead:
+            query = query.where(TaskRecord.state == 'dead')
+        elif args.task_id:
+            query = query.where(TaskRecord.id == args.task_id)
+        else:
+            fail('give a task id or --all-dead')
+        count = query.execute()
+    if args.task_id and not count:
+        fail(f'task {args.task_id} is unknown or not finished (./run.sh tasks status {args.task_id})')
+    print(f'purged {count} task(s)')
+
+
 def fail(message):
     print(f'emailsvc: {message}', file=sys.stderr)
     sys.exit(2)
@@ -1049,6 +1093,16 @@ def build_parser():
     p = inspect.add_parser('revoke')
     p.add_argument('task_id')
     p.set_defaults(run=tasks_revoke)
+    p = inspect.add_parser('dead', help='list dead letters (retries exhausted)')
+    p.add_argument('--limit', type=int, default=100)
+    p.set_defaults(run=tasks_dead)
+    p = inspect.add_parser('retry', help='run a failed, dead or revoked task again')
+    p.add_argument('task_id')
+    p.set_defaults(run=tasks_retry)
+    p = inspect.add_parser('purge', help='delete finished tasks from the ledger')
+    p.add_argument('task_id', nargs='?')
+    p.add_argument('--all-dead', action='store_true')
+    p.set_defaults(run=tasks_purge)
     return parser
 
 

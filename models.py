@@ -421,11 +421,13 @@ def _insert_sql(param, columns):
 
 
 @functools.lru_cache(maxsize=128)
-def _update_sql(param, columns, increments, state_count):
+def _update_sql(param, columns, increments, state_count, expected):
     sets = [f'"{c}" = "{c}" + 1' for c in increments] + [f'"{c}" = {param}' for c in columns]
     where = f'"id" = {param}'
     if state_count:
         where += f' AND "state" IN ({", ".join([param] * state_count)})'
+    for column in expected:
+        where += f' AND "{column}" = {param}'
     return f'UPDATE "task_record" SET {", ".join(sets)} WHERE {where}'
 
 
@@ -443,14 +445,31 @@ def ledger_insert(task_id, **fields):
     return with_reconnect(lambda: database.execute_sql(sql, tuple(values.values())).rowcount) == 1
 
 
-def ledger_update(task_id, only_states=(), **fields):
-    """Change one ledger row; with only_states, only from those states. Returns rows changed."""
+def ledger_update(task_id, only_states=(), expect=None, **fields):
+    """Change one ledger row; only from `only_states` and while its columns match `expect`, when given.
+    Returns rows changed."""
     values = _row_values(fields)
+    expected = _row_values(expect or {})
     increments = tuple(c for c, v in values.items() if v is INCREMENT)
     columns = tuple(c for c in values if c not in increments)
-    sql = _update_sql(database.param, columns, increments, len(only_states))
-    params = tuple(values[c] for c in columns) + (task_id,) + tuple(only_states)
+    sql = _update_sql(database.param, columns, increments, len(only_states), tuple(expected))
+    params = tuple(values[c] for c in columns) + (task_id,) + tuple(only_states) + tuple(expected.values())
     return with_reconnect(lambda: database.execute_sql(sql, params).rowcount)
+
+
+def orphaned_running(cutoff):
+    """Running records whose worker has not beaten since `cutoff` (or never did)."""
+    alive = ConsumerHeartbeat.select(ConsumerHeartbeat.id).where(ConsumerHeartbeat.last_seen >= cutoff)
+    return list(TaskRecord.select().where(TaskRecord.state == 'running', TaskRecord.started_at < cutoff,
+                                          TaskRecord.worker.not_in(alive)))
+
+
+def stale_waiting(cutoff, count=False):
+    """Pending records queued before `cutoff`, and retries due before it: each should be in the broker."""
+    query = TaskRecord.select().where(
+        ((TaskRecord.state == 'pending') & (TaskRecord.enqueued_at < cutoff)) |
+        ((TaskRecord.state == 'retrying') & (TaskRecord.next_retry_at < cutoff)))
+    return query.count() if count else list(query)
 
 
 def ledger_delete(task_id):

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -213,7 +214,8 @@ def ledger_revoked(signal_name, task):
 @huey.signal(S.SIGNAL_INTERRUPTED)
 def requeue_interrupted(signal_name, task):
     """SIGTERM stopped the task midway: put it back so it runs again, same id."""
-    models.ledger_update(task.id, state='pending', error='interrupted by consumer shutdown; re-queued')
+    models.ledger_update(task.id, state='pending', enqueued_at=models.utcnow(),
+                         error='interrupted by consumer shutdown; re-queued')
     huey.enqueue(task)
 
 
@@ -336,8 +338,9 @@ class Heartbeat:
         while True:
             try:
                 self.beat()
-            except Exception:  # a database outage must not end the thread
-                logger.exception('heartbeat write failed; retrying in %ss', self.interval)
+                recover_orphans()
+            except Exception:  # a database or broker outage must not end the thread
+                logger.exception('heartbeat or recovery failed; retrying in %ss', self.interval)
             if self.stop.wait(self.interval):
                 return
 
@@ -357,6 +360,101 @@ class Heartbeat:
 
 
 heartbeat = Heartbeat(SETTINGS['consumer.heartbeat_seconds'])
+
+
+# ---------------------------------------------------------------- recovery
+#
+# Huey is at-most-once: a task dequeued by a worker that dies is gone. The
+# ledger and the heartbeats make it at-least-once without adding a write to
+# the hot path: a task's record already says `running` and which worker
+# (host:pid) runs it, and every worker already refreshes its heartbeat every
+# few seconds. On each beat, each worker also looks for
+#
+#   - `running` records whose worker has not beaten for recovery_grace
+#     seconds (SIGKILL, OOM, a lost host);
+#   - `pending` or `retrying` records older than the grace that are in neither
+#     the broker's queue nor its schedule (a worker died between dequeue and
+#     its first signal; a scheduler died between taking a retry off the
+#     schedule and queueing it; a web process died after the ledger insert);
+#
+# and queues them again under the same id, its attempt count kept. Several
+# workers may find the same orphan: a conditional UPDATE on the record decides
+# which one requeues it. Running a task twice is safe because every task is
+# idempotent (sync stores by UID, send consults its outbox, delete skips what
+# is gone). SIGTERM needs none of this: the interrupted task is requeued at once
+# (requeue_interrupted). A sync's claim on its account lapses with its task's
+# ledger state, so no lock outlives a dead worker.
+
+def recover_orphans(now=None):
+    """Requeue the tasks of dead workers and the tasks the broker lost; returns their ids."""
+    now = now or models.utcnow()
+    cutoff = now - datetime.timedelta(seconds=SETTINGS['consumer.recovery_grace'])
+    recovered = []
+    with models.all_tenants():
+        for record in models.orphaned_running(cutoff):
+            if worker_alive_here(record.worker):
+                continue  # a busy worker on this host whose beat is late: alive all the same
+            # Only while that dead worker still holds it: another worker may have
+            # re-queued it already, and a new run may be under way.
+            if models.ledger_update(record.id, only_states=('running',), expect={'worker': record.worker},
+                                    enqueued_at=now, state='pending', error=f'worker {record.worker} died; re-queued'):
+                recovered.append(requeue(record))
+        # The broker is read before the ledger: a task a worker takes in between
+        # is then still 'pending' only for the instant before its first signal,
+        # and it must look lost on two checks in a row before it is re-queued.
+        lost = {}
+        if models.stale_waiting(cutoff, count=True):
+            in_broker = ids_in_broker()
+            lost = {r.id: r for r in models.stale_waiting(cutoff) if r.id not in in_broker}
+        for task_id in lost.keys() & SUSPECTS:
+            record = lost[task_id]
+            if models.ledger_update(record.id, only_states=(record.state,), expect={'enqueued_at': record.enqueued_at},
+                                    enqueued_at=now, state='pending', error='lost by the broker; re-queued'):
+                recovered.append(requeue(record))
+        SUSPECTS.clear()
+        SUSPECTS.update(lost.keys() - set(recovered))
+    if recovered:
+        logger.warning('re-queued %d orphaned tasks: %s', len(recovered), ', '.join(recovered))
+    return recovered
+
+
+def worker_alive_here(worker):
+    """True if `worker` (host:pid) is a live process on this host; a late heartbeat alone proves no death."""
+    host, _, pid = (worker or '').rpartition(':')
+    if host != HOST or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True
+
+
+SUSPECTS = set()  # ids that looked lost at the previous check
+
+
+def ids_in_broker():
+    """The ids of every task in the broker's queue and schedule."""
+    payloads = list(huey.storage.enqueued_items()) + list(huey.storage.scheduled_items())
+    return {match.group(1).decode() for data in payloads if (match := PAYLOAD_ID.search(bytes(data)))}
+
+
+PAYLOAD_ID = re.compile(rb'"\$msg":\["([^"]+)"')  # the first field of the signed envelope's message
+
+
+def requeue(record):
+    """Queue a ledger record's task again: same id, same arguments, the retries it had left."""
+    wrapper = TASKS.get(record.name)
+    if wrapper is None:  # a task this code base no longer has: say so instead of trying forever
+        models.ledger_update(record.id, state='failed', finished_at=models.utcnow(),
+                             error=f'cannot re-run {record.name}: no such task in this version')
+        return record.id
+    task = wrapper.s(**json.loads(record.args), id=record.id, retries=record.retries_left)
+    task.request_id = record.request_id
+    huey.enqueue(task)
+    return record.id
 
 
 @huey.on_startup()

@@ -33,6 +33,7 @@ SETTINGS = (  # key, type, default, meaning
     ('consumer.worker_type', str, 'process', 'process | thread'),
     ('consumer.heartbeat_seconds', float, 5.0, 'how often each worker reports it is alive'),
     ('consumer.alive_seconds', float, 20.0, 'a worker silent for longer counts as gone'),
+    ('consumer.recovery_grace', float, 30.0, 'seconds a dead worker\'s tasks wait before they run again elsewhere'),
     ('retry.base_delay', float, 5.0, 'seconds before the first retry; doubles each attempt'),
     ('retry.max_delay', float, 600.0, 'cap of the retry delay in seconds'),
     ('retry.jitter', float, 0.2, 'fraction of the delay drawn at random, so retries spread out'),

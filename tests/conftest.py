@@ -34,6 +34,7 @@ TEST_SETTINGS = {
     'EMAILSVC_LIMITS_DEFAULT_HARD': '4',
     'EMAILSVC_CONSUMER_HEARTBEAT_SECONDS': '0.5',
     'EMAILSVC_CONSUMER_ALIVE_SECONDS': '3',
+    'EMAILSVC_CONSUMER_RECOVERY_GRACE': '2',
     'EMAILSVC_LOG_LEVEL': 'INFO',
     'EMAILSVC_MAIL_SYNC_BATCH': '50',
     'EMAILSVC_MAIL_MAX_ATTACHMENT_MB': '1',
@@ -140,7 +141,8 @@ class Consumer:
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'huey.bin.huey_consumer', 'tests.probe_tasks.huey',
              '-w', str(workers), '-k', 'process', '-c', '1'],
-            cwd=ROOT, env=python_env(), stdout=self.log.open('ab'), stderr=subprocess.STDOUT)
+            cwd=ROOT, env=python_env(), stdout=self.log.open('ab'), stderr=subprocess.STDOUT,
+            start_new_session=True)  # its own process group, so kill() can end the whole tree
         wait_for(lambda: self.alive_workers() >= workers, timeout=20, message='consumer workers to heartbeat')
         return self
 
@@ -155,6 +157,12 @@ class Consumer:
         import models
         return [hb.pid for hb in models.ConsumerHeartbeat.select().where(
             models.ConsumerHeartbeat.consumer_pid == self.proc.pid)]
+
+    def kill(self):
+        """SIGKILL the consumer and its workers at once, as an OOM killer or a power cut would."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = None
 
     def stop(self, sig=signal.SIGINT, timeout=20):
         if self.proc and self.proc.poll() is None:

@@ -237,6 +237,14 @@ def test_revoke_pending_task(alice, alice_ids, consumer):
     tasks.huey.enqueue(task)
     resp = alice.delete(f'/api/v1/tasks/{task.id}')
     assert resp.status == 200 and resp.json['state'] == 'revoked', resp.text
+    assert alice.delete(f'/api/v1/tasks/{task.id}').status == 204  # a finished task is purged
+    assert_api_error(alice.get(f'/api/v1/tasks/{task.id}'), 404, 'not_found')
+
+
+def test_running_task_cannot_be_revoked(alice, alice_ids, consumer):
+    tenant_id, user_id = alice_ids
+    task = probe_tasks.sleeps(1, tenant_id=tenant_id, user_id=user_id)
+    wait_for_state(task.id, 'running')
     assert_api_error(alice.delete(f'/api/v1/tasks/{task.id}'), 409, 'not_revocable')
 
 
