@@ -1,0 +1,103 @@
+"""Fault tests with real processes: consumers SIGKILLed under load, servers restarted, SQLite contention."""
+import json
+import random
+import threading
+import time
+
+import pytest
+
+import models
+import tasks
+from tests.conftest import MODE, STATE, assert_api_error, wait_for
+from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
+from tests.test_sync import message, sync, user  # noqa: F401 (fixture)
+
+
+def final(ids):
+    with models.all_tenants():
+        rows = list(models.TaskRecord.select().where(models.TaskRecord.id.in_(list(ids))))
+    return {r.id: r for r in rows if r.state in models.FINAL_STATES}
+
+
+def test_mixed_load_survives_five_consumer_kills(sender, smtp_server, consumer):
+    sender.mailbox.append(*(message(n) for n in range(20)))
+    sync(sender, sender.account)
+    with models.all_tenants():
+        message_ids = [m.id for m in models.EmailMessage.select().where(
+            models.EmailMessage.client == sender.account)]
+    rng = random.Random(5)
+    accepted, sends = [], []
+    for n in range(200):
+        kind = n % 5
+        if kind == 0:
+            resp = sender.post(f'/api/v1/accounts/{sender.account}/send', dict(MAIL, subject=f'load {n}'))
+            sends.append(resp.json['task_id'])
+        elif kind == 1:
+            resp = sender.post(f'/api/v1/accounts/{sender.account}/sync')
+        elif kind == 2 and message_ids:
+            resp = sender.post('/api/v1/messages/delete', {'email_ids': [message_ids.pop()]})
+        else:
+            resp = None
+            accepted.append(tasks.noop(*sender.ids).id)
+        if resp is not None:
+            assert resp.status == 202, resp.text
+            accepted.append(resp.json['task_id'])
+        if n % 40 == 20:  # five kills at moments the load decides
+            time.sleep(rng.uniform(0, 0.2))
+            consumer.kill()
+            consumer.start()
+    accepted = set(accepted)
+    wait_for(lambda: len(final(accepted)) == len(accepted), timeout=120, interval=0.5,
+             message='every accepted task to reach a final state')
+    states = [r.state for r in final(accepted).values()]
+    assert states.count('succeeded') + states.count('failed') + states.count('dead') == len(accepted)
+    delivered = {json.loads(r.result)['message_id'] for r in final(sends).values() if r.state == 'succeeded'}
+    received = [m['data'] for m in smtp_server.received()]
+    assert len(received) == len({m.split(b'Message-ID: ', 1)[1].split(b'\r\n', 1)[0] for m in received}), \
+        'a message was delivered twice'
+    assert len(received) >= len(delivered)
+    with models.all_tenants():
+        unknown = models.Outbox.select().where(models.Outbox.task_id.in_(sends),
+                                               models.Outbox.state == 'unknown').count()
+    assert len(received) <= len(sends) and len(received) >= len(sends) - unknown
+
+
+@pytest.mark.skipif(MODE != 'scaleout', reason='Redis and PostgreSQL run only in the scale-out mode')
+def test_redis_and_postgres_restarts_lose_nothing(client, make_key, unique, consumer):
+    api = client.as_key(make_key(unique))
+    ids = [tasks.noop().id for _ in range(20)]
+    for server in (STATE['redis'], STATE['postgres']):
+        server.stop()
+        if server is STATE['postgres']:
+            assert_api_error(api.get('/api/v1/accounts'), 503, 'unavailable')
+        else:
+            assert client.get('/health/detailed').status == 503
+        server.restart()
+        wait_for(lambda: client.get('/health/detailed').status == 200, timeout=30,
+                 message='the service to see the dependency again')
+        ids += [tasks.noop().id for _ in range(20)]
+    wait_for(lambda: len(final(ids)) == len(ids), timeout=60, interval=0.5,
+             message='every task to finish after the restarts')
+
+
+@pytest.mark.skipif(MODE != 'embedded', reason='SQLite locking matters in the embedded mode')
+def test_concurrent_web_and_consumer_writes_never_fail(client, make_key, unique, consumer):
+    api = client.as_key(make_key(unique))
+    errors, created = [], []
+
+    def writer(n):
+        for i in range(25):
+            resp = api.post('/api/v1/accounts', {
+                'email': f'w{n}-{i}@example.com',
+                'incoming': {'protocol': 'imap', 'host': 'h.example.com', 'port': 993, 'security': 'tls',
+                             'username': 'u', 'password': 'p'}})
+            (created if resp.status == 201 else errors).append(resp.status)
+    load = [tasks.noop() for _ in range(300)]
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(created) == 100
+    assert len(api.get('/api/v1/accounts').json['items']) == 100
+    wait_for(lambda: len(final({t.id for t in load})) == 300, timeout=60, message='the load to finish')
