@@ -565,7 +565,10 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
     progress = Progress(sum(len(uids) for _, _, uids in plans))
     for folder, state, uids in plans:
         if uids:
-            session.select(folder.raw_name, readonly=True)
+            try:
+                session.select(folder.raw_name, readonly=True)
+            except FolderGone:  # deleted on the server a moment ago: the next sync drops it
+                continue
             fetch_new(session, folder, uids, counts, progress)
         models.EmailFolder.update(uidvalidity=state.uidvalidity, highestmodseq=state.highestmodseq,
                                   uidnext=max(state.uidnext or 1, folder.uidnext or 1),
@@ -660,7 +663,7 @@ def message_fields(raw):
         parsed = mime.parse(raw)
     except mime.ParseError as exc:
         logger.warning('message of %d bytes stored unparsed: %s', len(raw), exc)
-        return {'raw': raw, 'attachments': [], 'size': len(raw), 'parse_error': str(exc)}
+        return {'raw': raw, 'attachments': [], 'size': len(raw), 'parse_error': no_nul(str(exc))[:2000]}
     sender = parsed.from_[0] if parsed.from_ else ('', '')
     for attachment in parsed.attachments:
         attachment.filename, attachment.content_id = no_nul(attachment.filename), no_nul(attachment.content_id)

@@ -414,3 +414,27 @@ def test_every_corpus_message_is_stored(unique):
         assert all(isinstance(m.subject, str) for m in stored)
         raw = models.Blob.content(stored.order_by(models.EmailMessage.uid).first().blob)
         assert raw == files[0].read_bytes()
+
+
+def test_an_unparsed_message_does_not_blank_its_neighbours(unique, monkeypatch):
+    tenant = models.Tenant.create(name=unique)
+    raws = [message(n) for n in range(3)]
+    real_parse = tasks.mime.parse
+
+    def parse_failing_first(raw):
+        if raw is raws[0]:
+            raise tasks.mime.ParseError('cannot parse this one')
+        return real_parse(raw)
+    monkeypatch.setattr(tasks.mime, 'parse', parse_failing_first)
+    with models.tenant_scope(tenant.id):
+        client = models.EmailClient.create(user_id=1, email='c@example.com', incoming_protocol='imap',
+                                           incoming_host='h', incoming_port=1, incoming_security='none',
+                                           incoming_username='u')
+        folder = models.EmailFolder.create(client=client.id, name='F', raw_name='F')
+        items = [dict(tasks.message_fields(raw), uid=n + 1) for n, raw in enumerate(raws)]
+        assert models.store_messages(folder, items, 'uid') == 3
+        rows = list(models.EmailMessage.select().where(models.EmailMessage.folder == folder.id)
+                    .order_by(models.EmailMessage.uid))
+    assert rows[0].parse_error == 'cannot parse this one' and rows[0].subject == ''
+    assert [r.subject for r in rows[1:]] == ['message 1', 'message 2']
+    assert all(r.message_id and r.date and r.text for r in rows[1:])
