@@ -13,6 +13,7 @@ reaches the broker or the ledger's copy of the arguments.
 import contextlib
 import datetime
 import functools
+import imaplib
 import inspect
 import json
 import logging
@@ -22,6 +23,7 @@ import re
 import signal
 import socket
 import ssl
+import sys
 import threading
 import time
 import traceback
@@ -520,10 +522,71 @@ def mail_ssl_context():
 
 
 def open_incoming(client):
-    session_class = ImapSession if client.incoming_protocol == 'imap' else Pop3Session
-    return session_class(client.incoming_host, client.incoming_port, client.incoming_security,
-                         client.incoming_username, password_of(client, 'incoming'),
-                         timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+    """A session with the account's incoming server: IMAP ones are kept open between tasks."""
+    if client.incoming_protocol == 'imap':
+        return imap_sessions.session(client)
+    # POP3 holds the maildrop locked while connected and deletes only at QUIT: never kept.
+    return Pop3Session(client.incoming_host, client.incoming_port, client.incoming_security,
+                       client.incoming_username, password_of(client, 'incoming'),
+                       timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+
+
+class SessionCache:
+    """IMAP sessions a worker keeps open between tasks, so a resync does not pay connect and login.
+
+    Keyed by everything that reaching the account depends on, the stored
+    password's ciphertext included, so a changed setting opens a new session.
+    A session idle for long is checked with NOOP first; one that saw an error
+    is dropped, as its state on the server is unknown.
+    """
+
+    def __init__(self, size=8, check_after=30, expire_after=600):
+        self.size, self.check_after, self.expire_after = size, check_after, expire_after
+        self.pid, self.entries = None, {}
+
+    @contextlib.contextmanager
+    def session(self, client):
+        if self.pid != os.getpid():  # a forked worker must not share its parent's sockets
+            self.pid, self.entries = os.getpid(), {}
+        credential = models.Credential.get_or_none(models.Credential.client == client.id,
+                                                   models.Credential.kind == 'incoming')
+        key = (client.id, client.incoming_host, client.incoming_port, client.incoming_security,
+               client.incoming_username, credential.secret if credential else None)
+        session = self.checkout(key) or ImapSession(
+            client.incoming_host, client.incoming_port, client.incoming_security, client.incoming_username,
+            password_of(client, 'incoming'), timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+        try:
+            yield session
+        except BaseException:
+            session.__exit__(*sys.exc_info())
+            raise
+        self.checkin(key, session)
+
+    def checkout(self, key):
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return None
+        session, last_used = entry
+        idle = time.monotonic() - last_used
+        try:
+            if idle > self.expire_after:
+                session.close()
+                return None
+            if idle > self.check_after:
+                session.conn.noop()
+        except (MailError, OSError, imaplib.IMAP4.error):
+            session.__exit__(TemporaryMailError, None, None)
+            return None
+        return session
+
+    def checkin(self, key, session):
+        self.entries[key] = (session, time.monotonic())
+        while len(self.entries) > self.size:  # the least recently used goes
+            oldest = min(self.entries, key=lambda k: self.entries[k][1])
+            self.entries.pop(oldest)[0].close()
+
+
+imap_sessions = SessionCache()
 
 
 def end_sync(client, state, error):
