@@ -234,7 +234,7 @@ def want_object(fields, name, value, allowed):
 
 INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
 SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
-ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent')
+ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam')
 
 
 def validate_server(fields, prefix, given, current, allowed):
@@ -274,10 +274,11 @@ def validate_account(body, client=None):
         clean['sync_enabled'] = body['sync_enabled']
     if 'sync_interval' in body:
         clean['sync_interval'] = want_int(fields, 'sync_interval', body['sync_interval'], 60, 86400)
-    if 'copy_sent' in body:
-        if not isinstance(body['copy_sent'], bool):
-            fields.fail('copy_sent', 'must be true or false')
-        clean['copy_sent'] = body['copy_sent']
+    for flag in ('copy_sent', 'move_spam'):
+        if flag in body:
+            if not isinstance(body[flag], bool):
+                fields.fail(flag, 'must be true or false')
+            clean[flag] = body[flag]
     fields.check()
     return clean
 
@@ -303,7 +304,7 @@ def account_dict(client, kinds_with_password):
         'id': client.id, 'email': client.email, 'user_id': client.user_id,
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
-        'copy_sent': client.copy_sent, 'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
+        'copy_sent': client.copy_sent, 'move_spam': client.move_spam, 'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
@@ -336,7 +337,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval', 'copy_sent'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords
@@ -459,7 +460,10 @@ def message_summary(m):
             'subject': m.subject, 'from': {'name': m.from_name, 'address': m.from_addr},
             'to': addresses(m.to_addrs), 'date': models.iso(m.date), 'flags': m.flags.split(),
             'is_read': m.is_read, 'is_flagged': m.is_flagged, 'size': m.size, 'snippet': m.snippet,
-            'message_id': m.message_id}
+            'message_id': m.message_id,
+            'spam': None if m.is_spam is None else {
+                'is_spam': m.is_spam, 'score': m.spam_score,
+                'indicators': json.loads(m.spam_indicators) if m.spam_indicators else []}}
 
 
 def addresses(text):
@@ -543,6 +547,29 @@ def get_message(message_id):
                               'size': a.size, 'content_id': a.content_id, 'disposition': a.disposition}
                              for a in m.attachments.order_by(models.Attachment.id)])
     return body
+
+
+@api('POST', '/api/v1/messages/<message_id:int>/spam-check')
+def spam_check(message_id):
+    message = one_message(message_id)
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Spam checks run for the owning user; use that user\'s key.')
+    return accepted(tasks.check_spam(message.id, caller().tenant_id, caller().user_id))
+
+
+@api('POST', '/api/v1/messages/<message_id:int>/report')
+def report_message(message_id):
+    """The user says spam or ham: the tenant's model learns it; on IMAP the message moves."""
+    message = one_message(message_id)
+    if caller().operator:
+        raise ApiError(403, 'forbidden', 'Reports come from the owning user; use that user\'s key.')
+    body = json_body()
+    verdict = body.get('verdict')
+    if verdict not in ('spam', 'ham') or set(body) - {'verdict'}:
+        raise ApiError(422, 'validation_failed', 'verdict: must be "spam" or "ham"',
+                       fields={'verdict': 'must be "spam" or "ham"'})
+    tasks.learn_report(message, verdict)
+    return accepted(tasks.file_report(message.id, caller().tenant_id, caller().user_id, verdict))
 
 
 @api('GET', '/api/v1/messages/<message_id:int>/raw')

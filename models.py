@@ -205,6 +205,7 @@ class EmailClient(TenantModel):
     sync_state = pw.CharField(max_length=16, default='idle')  # idle | syncing | error | auth_error
     sync_task_id = pw.CharField(max_length=64, null=True)  # the sync queued or running, if any
     copy_sent = pw.BooleanField(default=True)  # append sent mail to the IMAP Sent folder
+    move_spam = pw.BooleanField(default=False)  # move mail scored as spam to Junk on the server
     last_sync_at = pw.DateTimeField(null=True)
     last_error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -335,6 +336,9 @@ class EmailMessage(TenantModel):
     parse_error = pw.TextField(null=True)
     is_deleted = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow)
+    is_spam = pw.BooleanField(null=True)          # None until scored
+    spam_score = pw.FloatField(null=True)
+    spam_indicators = pw.TextField(null=True)     # JSON list of indicator codes
 
     class Meta:
         indexes = ((('folder', 'uid'), True), (('folder', 'pop3_uid'), True), (('client', 'date'), False))
@@ -384,12 +388,19 @@ class Outbox(TenantModel):
         indexes = ((('tenant_id', 'user_id', 'idempotency_key'), True),)
 
 
+class SpamLearning(TenantModel):
+    """A tenant's spam reports, as the additive delta it scores with on top of the base model."""
+    tenant_id = pw.IntegerField(unique=True)
+    data = pw.TextField(default='{}')
+    updated_at = pw.DateTimeField(default=utcnow)
+
+
 def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
 MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
-          Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox)
+          Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
 
 
 # ---------------------------------------------------------------- ledger writes
@@ -622,6 +633,13 @@ def update_flags(folder, flags_by_uid):
     return changed
 
 
+def message_ids(folder, key, values):
+    """Ids of the folder's messages whose `key` (uid or pop3_uid) is in `values`."""
+    field = getattr(EmailMessage, key)
+    return [m.id for chunk in chunks(list(values), 500)
+            for m in EmailMessage.select(EmailMessage.id).where(EmailMessage.folder == folder.id, field.in_(chunk))]
+
+
 def folder_uids(folder):
     return {uid for (uid,) in EmailMessage.select(EmailMessage.uid)
             .where(EmailMessage.folder == folder.id).tuples()}
@@ -668,6 +686,15 @@ def locked(model, row_id):
     else:
         with database.atomic():
             yield model.select().where(model.id == row_id).for_update().get()
+
+
+@contextlib.contextmanager
+def locked_learning():
+    """The scoped tenant's learning row, created if new, locked against a concurrent report."""
+    SpamLearning.insert(tenant_id=current_tenant(), data='{}').on_conflict_ignore().execute()
+    row = SpamLearning.get()
+    with locked(SpamLearning, row.id) as locked_row:
+        yield locked_row
 
 
 def due_for_sync(now):
@@ -735,6 +762,16 @@ def outbox_and_uploads(migrator):
     """Version 4: the send outbox and uploaded attachments; per-account Sent copies."""
     database.create_tables([Upload, Outbox])
     return [migrator.add_column('email_client', 'copy_sent', EmailClient.copy_sent)]
+
+
+@migration(5)
+def spam_verdicts(migrator):
+    """Version 5: spam verdicts on messages, per-tenant learning, per-account Junk moves."""
+    database.create_tables([SpamLearning])
+    return [migrator.add_column('email_message', 'is_spam', EmailMessage.is_spam),
+            migrator.add_column('email_message', 'spam_score', EmailMessage.spam_score),
+            migrator.add_column('email_message', 'spam_indicators', EmailMessage.spam_indicators),
+            migrator.add_column('email_client', 'move_spam', EmailClient.move_spam)]
 
 
 LATEST = len(MIGRATIONS)

@@ -18,6 +18,7 @@ import inspect
 import json
 import logging
 import os
+import pathlib
 import random
 import re
 import signal
@@ -35,7 +36,7 @@ from huey.exceptions import TaskTimeout
 from huey.storage import PriorityRedisStorage
 
 import models
-from mailkit import logs, mime, smtp
+from mailkit import logs, mime, smtp, spam
 from mailkit import settings as settings_mod
 from mailkit.credentials import Vault
 from mailkit.errors import (AuthenticationFailed, FailNow, MailError, NotAvailableYet, PermanentMailError,
@@ -628,11 +629,14 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
     progress = Progress(sum(len(uids) for _, _, uids in plans))
     for folder, state, uids in plans:
         if uids:
+            initial = (folder.uidnext or 1) == 1
             try:
                 session.select(folder.raw_name, readonly=True)
             except FolderGone:  # deleted on the server a moment ago: the next sync drops it
                 continue
             fetch_new(session, folder, uids, counts, progress)
+            if folder.role == 'inbox' and not initial:  # new mail, not a mailbox's history
+                queue_spam_checks(client, models.message_ids(folder, 'uid', uids))
         models.EmailFolder.update(uidvalidity=state.uidvalidity, highestmodseq=state.highestmodseq,
                                   uidnext=max(state.uidnext or 1, folder.uidnext or 1),
                                   last_synced_at=models.utcnow()).where(models.EmailFolder.id == folder.id).execute()
@@ -766,6 +770,8 @@ def sync_pop3(session, client, counts, force_full_sync):
         items = [dict(message_fields(session.fetch(listed[uid])), pop3_uid=uid) for uid in chunk]
         counts['messages_synced'] += models.store_messages(folder, items, 'pop3_uid')
         progress.add(len(chunk))
+    if stored and new:  # new mail, not a mailbox's history
+        queue_spam_checks(client, models.message_ids(folder, 'pop3_uid', new))
 
 
 def pop3_inbox(client):
@@ -977,8 +983,91 @@ def pop3_numbers(session, messages):
 
 @service_task(priority=3, retries=3)
 def check_spam(email_id, tenant_id, user_id):
-    """Score one message for spam and phishing."""
-    raise NotAvailableYet('check_spam is not available yet (issue #6)')
+    """Score one message with the base model and the tenant's learning; store and return the verdict."""
+    message = message_of(email_id, user_id)
+    parsed = mime.parse(models.Blob.content(message.blob)[:SPAM_READ_LIMIT])
+    verdict = spam_model().score(parsed, delta=tenant_learning(), threshold=SETTINGS['spam.threshold'])
+    models.EmailMessage.update(is_spam=verdict.is_spam, spam_score=verdict.spam_score,
+                               spam_indicators=json.dumps(verdict.indicators)) \
+        .where(models.EmailMessage.id == message.id).execute()
+    client = models.EmailClient.get_by_id(message.client_id)
+    if verdict.is_spam and client.move_spam and client.incoming_protocol == 'imap':
+        move_to_role(client, message, 'junk')
+    return {'status': 'success', 'is_spam': verdict.is_spam, 'spam_score': round(verdict.spam_score, 4),
+            'indicators': verdict.indicators}
+
+
+# A 25 MB message scores on its first 2 MB: what decides spam is in the
+# headers and the first parts, and scoring time and memory stay bounded.
+SPAM_READ_LIMIT = 2 * 1024 * 1024
+
+
+@functools.cache
+def spam_model():
+    path = pathlib.Path(SETTINGS['spam.model_path'])
+    return spam.Model.load(path if path.is_absolute() else settings_mod.ROOT / path)
+
+
+def tenant_learning():
+    row = models.SpamLearning.get_or_none()
+    return spam.Delta.from_dict(json.loads(row.data)) if row else None
+
+
+def message_of(email_id, user_id):
+    message = models.EmailMessage.get_or_none(
+        models.EmailMessage.id == email_id,
+        models.EmailMessage.client.in_(models.EmailClient.select(models.EmailClient.id)
+                                       .where(models.EmailClient.user_id == user_id)))
+    if message is None:
+        raise FailNow(f'no message {email_id} for this user')
+    return message
+
+
+def learn_report(message, verdict):
+    """Add a user's spam or ham report to the tenant's learning (never another tenant's)."""
+    parsed = mime.parse(models.Blob.content(message.blob)[:SPAM_READ_LIMIT])
+    with models.locked_learning() as row:
+        delta = spam.Delta.from_dict(json.loads(row.data))
+        delta.learn(parsed, verdict, spam_model())
+        models.SpamLearning.update(data=json.dumps(delta.to_dict()), updated_at=models.utcnow()) \
+            .where(models.SpamLearning.id == row.id).execute()
+    models.EmailMessage.update(is_spam=verdict == 'spam').where(models.EmailMessage.id == message.id).execute()
+
+
+@service_task(priority=3, retries=3)
+def file_report(email_id, tenant_id, user_id, verdict):
+    """Move a reported message to Junk (spam) or back to the inbox (ham) on the IMAP server."""
+    message = message_of(email_id, user_id)
+    client = models.EmailClient.get_by_id(message.client_id)
+    moved = False
+    if client.incoming_protocol == 'imap':
+        moved = move_to_role(client, message, 'junk' if verdict == 'spam' else 'inbox')
+    return {'status': 'success', 'moved': moved}
+
+
+def move_to_role(client, message, role):
+    """Move one message to the account's folder with `role`; False if it is there already or has none."""
+    target = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id, models.EmailFolder.role == role)
+    folder = models.EmailFolder.get_by_id(message.folder_id)
+    if target is None or folder.id == target.id or message.uid is None:
+        return False
+    with open_incoming(client) as session:
+        session.select(folder.raw_name, readonly=False)
+        session.move([message.uid], target.raw_name)
+    # The next sync finds it in its new folder; until then it is hidden here.
+    models.EmailMessage.update(is_deleted=True).where(models.EmailMessage.id == message.id).execute()
+    return True
+
+
+def queue_spam_checks(client, message_ids):
+    """Score new inbox mail in the background (priority 3), a bounded number per sync."""
+    if SETTINGS['spam.auto_check'] != 'on':
+        return
+    for message_id in message_ids[:AUTO_CHECK_LIMIT]:
+        check_spam(message_id, client.tenant_id, client.user_id)
+
+
+AUTO_CHECK_LIMIT = 500
 
 
 @service_task(priority=10, retries=0, periodic=crontab(minute='*/5'))

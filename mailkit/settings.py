@@ -53,11 +53,15 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
     ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
     ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
+    ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam train makes it)'),
+    ('spam.threshold', float, 0.5, 'spam_score at or above which a message is spam'),
+    ('spam.auto_check', str, 'on', 'on | off: score newly synced inbox mail in the background'),
     ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
 )
 CHOICES = {
     'consumer.worker_type': ('process', 'thread'),
     'log.level': ('DEBUG', 'INFO', 'WARNING', 'ERROR'),
+    'spam.auto_check': ('on', 'off'),
 }
 
 
