@@ -711,10 +711,6 @@ def flag_fields(flags):
 
 # ---------------------------------------------------------------- migrations
 #
-# A migration that creates tables from today's models must stay the last to
-# touch them: a later change to those tables is a new migration that alters
-# them, and that first migration is then rewritten to create them as they were.
-#
 # A fresh database gets today's tables and the newest version at once; an
 # existing one runs, in order, every migration above its stored version, each
 # in its own transaction. A migration never edits an earlier one: a change of
@@ -733,6 +729,20 @@ def migration(version):
         MIGRATIONS.append(fn)
         return fn
     return register
+
+
+def missing_columns(migrator, *fields):
+    """add_column operations for the fields whose column is not there yet.
+
+    Migration 3 creates its tables from today's models, so a database that
+    passed through it already has the columns later versions add to them.
+    """
+    operations = []
+    for field in fields:
+        table = field.model._meta.table_name
+        if field.column_name not in {c.name for c in database.get_columns(table)}:
+            operations.append(migrator.add_column(table, field.column_name, field))
+    return operations
 
 
 @migration(1)
@@ -761,17 +771,15 @@ def mail_storage(migrator):
 def outbox_and_uploads(migrator):
     """Version 4: the send outbox and uploaded attachments; per-account Sent copies."""
     database.create_tables([Upload, Outbox])
-    return [migrator.add_column('email_client', 'copy_sent', EmailClient.copy_sent)]
+    return missing_columns(migrator, EmailClient.copy_sent)
 
 
 @migration(5)
 def spam_verdicts(migrator):
     """Version 5: spam verdicts on messages, per-tenant learning, per-account Junk moves."""
     database.create_tables([SpamLearning])
-    return [migrator.add_column('email_message', 'is_spam', EmailMessage.is_spam),
-            migrator.add_column('email_message', 'spam_score', EmailMessage.spam_score),
-            migrator.add_column('email_message', 'spam_indicators', EmailMessage.spam_indicators),
-            migrator.add_column('email_client', 'move_spam', EmailClient.move_spam)]
+    return missing_columns(migrator, EmailMessage.is_spam, EmailMessage.spam_score, EmailMessage.spam_indicators,
+                           EmailClient.move_spam)
 
 
 LATEST = len(MIGRATIONS)
