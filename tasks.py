@@ -39,8 +39,7 @@ import models
 from mailkit import logs, mime, smtp, spam
 from mailkit import settings as settings_mod
 from mailkit.credentials import Vault
-from mailkit.errors import (AuthenticationFailed, FailNow, MailError, NotAvailableYet, PermanentMailError,
-                            TemporaryMailError)
+from mailkit.errors import AuthenticationFailed, FailNow, MailError, PermanentMailError, TemporaryMailError
 from mailkit.imap import FolderGone, ImapSession
 from mailkit.pop3 import Pop3Session
 from mailkit.queue import SignedJsonSerializer, WakingSqliteStorage, depth_by_priority

@@ -19,7 +19,3 @@ class AuthenticationFailed(PermanentMailError):
 
 class FailNow(Exception):
     """A task error that retrying cannot fix (unknown account, tenant mismatch)."""
-
-
-class NotAvailableYet(FailNow):
-    """The task is registered for its contract, but its body has not been built."""
