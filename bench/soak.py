@@ -111,11 +111,13 @@ def main():
                 report(models, smtp, accepted, kills, time.monotonic() - start)
                 last_report = time.monotonic()
             time.sleep(1 / args.rate)
-        deadline = time.monotonic() + 120
+        # Long enough for the last retries: a sync's five back off 5 + 10 + 20 + 40 + 80 s.
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline and finished(models, accepted) < len(accepted):
             time.sleep(1)
         report(models, smtp, accepted, kills, time.monotonic() - start, final=True)
         print(f'  mix: {dict(kinds)}')
+        print(f'  final states: {final_states(models, accepted)}')
     finally:
         os.killpg(consumer.pid, signal.SIGKILL)
         consumer.wait()
@@ -127,6 +129,17 @@ def finished(models, accepted):
     with models.all_tenants():
         return models.TaskRecord.select().where(models.TaskRecord.id.in_(list(accepted)),
                                                 models.TaskRecord.state.in_(models.FINAL_STATES)).count()
+
+
+def final_states(models, accepted):
+    """How the accepted tasks ended, and the commonest error of each state that is not success."""
+    with models.all_tenants():
+        rows = list(models.TaskRecord.select(models.TaskRecord.state, models.TaskRecord.error)
+                    .where(models.TaskRecord.id.in_(list(accepted))))
+    states = collections.Counter(r.state for r in rows)
+    errors = {state: collections.Counter((r.error or '').splitlines()[0][:80] for r in rows if r.state == state)
+              .most_common(1) for state in states if state != 'succeeded'}
+    return {'counts': dict(states), 'commonest errors': errors, 'missing from the ledger': len(accepted) - len(rows)}
 
 
 def report(models, smtp, accepted, kills, elapsed, final=False):
