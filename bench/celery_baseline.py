@@ -22,6 +22,7 @@ tasks report through Redis themselves, with no result backend. Measures:
 
 Without --redis-url it starts its own redis-server (tests/services.py).
 """
+import contextlib
 import argparse
 import os
 import pathlib
@@ -201,10 +202,8 @@ def _stop_worker(worker: subprocess.Popen) -> None:
         if not left or time.monotonic() > deadline:
             break
         for pid in left:
-            try:
+            with contextlib.suppress(ProcessLookupError):   # it ended by itself meanwhile
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.05)
 
 

@@ -855,10 +855,8 @@ class ImapSession:
         """Close the socket without a word: after an error we do not know what state the server is in."""
         conn, self.conn = getattr(self, 'conn', None), None
         if conn is not None:
-            try:
+            with contextlib.suppress(OSError):   # already closed by the peer; closing was all we wanted
                 conn.shutdown()
-            except OSError:   # already closed by the peer; closing was all we wanted
-                pass
 
     def __enter__(self) -> 'ImapSession':
         return self

@@ -35,6 +35,7 @@ server will refuse again (RETR of a deleted message, an unknown command), so
 it is permanent.
 """
 
+import contextlib
 import poplib
 import re
 import ssl
@@ -85,10 +86,8 @@ def _response_code(text: str) -> str | None:
 
 
 def _close_socket(conn: poplib.POP3) -> None:
-    try:
+    with contextlib.suppress(OSError):   # the peer closed first; an error may be on its way out and must not be masked
         conn.close()
-    except OSError:   # the peer closed first; an error may be on its way out and must not be masked
-        pass
 
 
 class Pop3Session:

@@ -594,10 +594,9 @@ def _verdict(conn: smtplib.SMTP, where: str, timeout: float) -> str:
 def _quit(conn: smtplib.SMTP) -> None:
     """Say QUIT and close; a failure here cannot change what the server has already decided."""
     try:
-        if conn.sock is not None:
-            conn.quit()
-    except (smtplib.SMTPException, OSError):   # the server went first; the outcome is already known
-        pass
+        with contextlib.suppress(smtplib.SMTPException, OSError):   # the server went first; the outcome is known
+            if conn.sock is not None:
+                conn.quit()
     finally:
         conn.close()
 
