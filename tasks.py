@@ -985,7 +985,7 @@ def check_spam(email_id, tenant_id, user_id):
     """Score one message with the base model and the tenant's learning; store and return the verdict."""
     message = message_of(email_id, user_id)
     parsed = mime.parse(models.Blob.content(message.blob)[:SPAM_READ_LIMIT])
-    verdict = spam_model().score(parsed, delta=tenant_learning(), threshold=SETTINGS['spam.threshold'])
+    verdict = spam_model().score(parsed, delta=tenant_learning(), threshold=spam_threshold())
     models.EmailMessage.update(is_spam=verdict.is_spam, spam_score=verdict.spam_score,
                                spam_indicators=json.dumps(verdict.indicators)) \
         .where(models.EmailMessage.id == message.id).execute()
@@ -1005,6 +1005,11 @@ SPAM_READ_LIMIT = 2 * 1024 * 1024
 def spam_model():
     path = pathlib.Path(SETTINGS['spam.model_path'])
     return spam.Model.load(path if path.is_absolute() else settings_mod.ROOT / path)
+
+
+def spam_threshold():
+    setting = SETTINGS['spam.threshold']  # checked at start-up: 'model' or a number
+    return spam_model().strict_threshold if setting == 'model' else float(setting)
 
 
 def tenant_learning():

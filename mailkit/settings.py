@@ -54,7 +54,8 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
     ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
     ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam train makes it)'),
-    ('spam.threshold', float, 0.5, 'spam_score at or above which a message is spam'),
+    ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
+                                     "chosen for <= 0.5 % false positives"),
     ('spam.auto_check', str, 'on', 'on | off: score newly synced inbox mail in the background'),
     ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
 )
@@ -134,7 +135,17 @@ def convert(key, kind, raw, source):
                           f'got {raw!r}; {how_to_fix(key, source)}') from None
 
 
+def is_threshold(value):
+    try:
+        return value == 'model' or 0 <= float(value) <= 1
+    except ValueError:
+        return False
+
+
 def check_choice(key, value, source):
+    if key == 'spam.threshold' and not is_threshold(value):
+        raise ConfigError(f"{source} must be 'model' or a number from 0 to 1, got {value!r}; "
+                          f'{how_to_fix(key, source)}')
     choices = CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '

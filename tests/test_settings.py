@@ -44,6 +44,7 @@ def test_every_setting_is_documented_in_config_ini():
     ('', {'EMAILSVC_SERVER_PORT': 'x'}, "EMAILSVC_SERVER_PORT must be an integer, got 'x'"),
     ('[server]\nprot = 1\n', {}, '[server] prot is not a setting; remove it or fix the spelling'),
     ('[consumer]\nworker_type = fork\n', {}, '[consumer] worker_type must be one of process, thread'),
+    ('[spam]\nthreshold = high\n', {}, "[spam] threshold must be 'model' or a number from 0 to 1"),
     ('[server\n', {}, 'cannot be read'),
     ('', {'EMAILSVC_QUEUE_URL': 'redis://127.0.0.1:1/0'}, '[server] secret is missing'),
     ('', {'EMAILSVC_DATABASE_URL': 'postgresql://u@h/d'}, '[security] credential_keys is missing'),
