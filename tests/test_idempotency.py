@@ -12,12 +12,12 @@ def run_twice(wrapper, *args, **kwargs):
     """Run the same task (same id, same arguments) to the end, then once more."""
     task = wrapper.s(*args, **kwargs)
     tasks.huey.enqueue(task)
-    first = wait_for_state(task.id, 'succeeded', 'failed', 'dead', timeout=30)
+    first = wait_for_state(task.id, 'succeeded', 'failed', 'dead', timeout=90)
     again = wrapper.s(*args, **kwargs, id=task.id)
     tasks.huey.enqueue(again)
     # One ledger row for both runs: the second has ended when attempts moved on and the state is final.
     second = wait_for(lambda: (r := record(task.id)).attempts > first.attempts and
-                      r.state in models.FINAL_STATES and r, timeout=30, message='the second run to end')
+                      r.state in models.FINAL_STATES and r, timeout=90, message='the second run to end')
     return first, second
 
 
