@@ -21,6 +21,7 @@ import os
 import pathlib
 import random
 import re
+import select
 import signal
 import socket
 import ssl
@@ -572,7 +573,8 @@ class SessionCache:
             if idle > self.expire_after:
                 session.close()
                 return None
-            if idle > self.check_after:
+            # A server that restarted or said BYE left something to read: a used session never does.
+            if idle > self.check_after or select.select([session.conn.sock], [], [], 0)[0]:
                 session.conn.noop()
         except (MailError, OSError, imaplib.IMAP4.error):
             session.__exit__(TemporaryMailError, None, None)
@@ -628,7 +630,7 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
     progress = Progress(sum(len(uids) for _, _, uids in plans))
     for folder, state, uids in plans:
         if uids:
-            initial = (folder.uidnext or 1) == 1
+            initial = folder.last_synced_at is None  # a resumed first sync is history too
             try:
                 session.select(folder.raw_name, readonly=True)
             except FolderGone:  # deleted on the server a moment ago: the next sync drops it

@@ -76,7 +76,7 @@ def test_redis_and_postgres_restarts_lose_nothing(client, make_key, unique, cons
         wait_for(lambda: client.get('/health/detailed').status == 200, timeout=30,
                  message='the service to see the dependency again')
         ids += [tasks.noop().id for _ in range(20)]
-    wait_for(lambda: len(final(ids)) == len(ids), timeout=60, interval=0.5,
+    wait_for(lambda: len(final(ids)) == len(ids), timeout=120, interval=0.5,
              message='every task to finish after the restarts')
 
 
@@ -101,3 +101,4 @@ def test_concurrent_web_and_consumer_writes_never_fail(client, make_key, unique,
     assert errors == [] and len(created) == 100
     assert len(api.get('/api/v1/accounts').json['items']) == 100
     wait_for(lambda: len(final({t.id for t in load})) == 300, timeout=60, message='the load to finish')
+

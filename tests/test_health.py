@@ -24,11 +24,13 @@ def test_queue_depth_counts_waiting_tasks_by_priority(client, consumer, make_key
     from tests import probe_tasks
     consumer.stop()
     try:
+        before = client.get('/health/detailed').json['queue']
         for priority in (10, 10, 3):
             tasks.huey.enqueue(probe_tasks.sleeps.s(0, priority=priority))
-        body = client.get('/health/detailed').json
-        assert body['queue']['by_priority']['10'] == 2 and body['queue']['by_priority']['3'] == 1
-        assert body['queue']['depth'] == 3
+        after = client.get('/health/detailed').json['queue']
+        assert after['by_priority']['10'] - before['by_priority']['10'] == 2
+        assert after['by_priority']['3'] - before['by_priority']['3'] == 1
+        assert after['depth'] - before['depth'] == 3
     finally:
         consumer.start()
 
