@@ -184,7 +184,9 @@ def consumer_process():
 
 @pytest.fixture
 def consumer(consumer_process):
-    """The session's consumer, (re)started if a test stopped it."""
+    """The session's consumer, (re)started if a test stopped it or it died."""
+    if consumer_process.proc is not None and consumer_process.proc.poll() is not None:
+        consumer_process.proc = None
     if consumer_process.proc is None:
         consumer_process.start()
     return consumer_process

@@ -79,7 +79,7 @@ def add_account(api, mailbox, protocol='imap', security='none', port=None, passw
     return resp.json['id']
 
 
-def sync(api, account_id, state='succeeded', timeout=30, **body):
+def sync(api, account_id, state='succeeded', timeout=60, **body):
     resp = api.post(f'/api/v1/accounts/{account_id}/sync', body)
     assert resp.status == 202, resp.text
     row = wait_for_state(resp.json['task_id'], state, timeout=timeout)
