@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import sys
-import time
 import traceback
 import urllib.parse
 import uuid
@@ -143,7 +142,7 @@ def own(query, model):
 
 def one(model, ident, kind):
     """The caller's row of `model` by id; 404 for anyone else's (also another tenant's)."""
-    row = own(model.select(), model).where(model.id == ident).first()
+    row = model.find(id=ident, **({} if caller().operator else {'user_id': caller().user_id}))
     if row is None:
         raise not_found(kind, ident)
     return row
@@ -700,7 +699,8 @@ def validate_send(body):
 
 def check_attachments_and_size(clean):
     uploads = {u.id: u for u in models.Upload.select().where(models.Upload.id.in_(clean['attachment_ids']),
-                                                             models.Upload.user_id == caller().user_id)}
+                                                             models.Upload.user_id == caller().user_id)
+               } if clean['attachment_ids'] else {}
     unknown = [i for i in clean['attachment_ids'] if i not in uploads]
     if unknown:
         raise ApiError(422, 'unknown_attachments', f'no attachment {", ".join(map(str, unknown))}; upload files '

@@ -39,8 +39,11 @@ def open_database(url):
         path.parent.mkdir(parents=True, exist_ok=True)
         # WAL lets the web server read while a worker writes; busy_timeout
         # makes a writer wait for the lock instead of failing with "locked".
+        # Transactions begin IMMEDIATE: a deferred one that read first and
+        # then writes after another writer committed gets "database is locked"
+        # at once, as its snapshot is stale, and no busy timeout helps.
         return PooledSqliteDatabase(
-            str(path), max_connections=64, stale_timeout=600, timeout=15,
+            str(path), max_connections=64, stale_timeout=600, timeout=15, lock_type='IMMEDIATE',
             check_same_thread=False,  # the pool hands a connection to whichever thread asks next
             pragmas={'journal_mode': 'wal', 'synchronous': 'normal',
                      'busy_timeout': 15000, 'foreign_keys': 1,
@@ -114,9 +117,44 @@ class BaseModel(pw.Model):
         database = database
         legacy_table_names = False
 
+    # find() and change() serve the per-request and per-task lookups of the
+    # send path, where building each statement with the query builder cost
+    # more than running it (0.5 ms of 0.6 ms, cProfile): their SQL is built
+    # once per model and column set. On a TenantModel both narrow to the
+    # scoped tenant, as select() does.
+
+    @classmethod
+    def find(cls, **equals):
+        """The first row whose fields equal these values, or None: get_or_none() for equality only."""
+        tenant = cls._tenant()
+        sql = _find_sql(cls, database.param, tuple(equals), tenant is not None)
+        rows = list(cls.raw(sql, *cls._scoped_values(tenant, equals)))
+        return rows[0] if rows else None
+
+    @classmethod
+    def change(cls, row_id, **fields):
+        """UPDATE one row by id; returns the number of rows changed (0: not this tenant's, or gone)."""
+        tenant = cls._tenant()
+        sql = _change_sql(cls, database.param, tuple(fields), tenant is not None)
+        params = [cls._meta.fields[name].db_value(value) for name, value in fields.items()]
+        return database.execute_sql(sql, params + cls._scoped_values(tenant, {'id': row_id})).rowcount
+
+    @classmethod
+    def _scoped_values(cls, tenant, equals):
+        values = [cls._meta.fields[name].db_value(value) for name, value in equals.items()]
+        return values if tenant is None else [tenant, *values]
+
+    @classmethod
+    def _tenant(cls):
+        return None
+
 
 class TenantModel(BaseModel):
     tenant_id = pw.IntegerField(index=True)
+
+    @classmethod
+    def _tenant(cls):
+        return current_tenant()
 
     @classmethod
     def _narrow(cls, query):
@@ -142,6 +180,24 @@ class TenantModel(BaseModel):
         elif tenant is not None and self.tenant_id != tenant:
             raise ScopeError(f'refusing to write tenant {self.tenant_id} data inside tenant {tenant} scope')
         return super().save(*args, **kwargs)
+
+
+def _where(model, param, names, scoped):
+    columns = (['tenant_id'] if scoped else []) + [model._meta.fields[name].column_name for name in names]
+    return ' AND '.join(f'"{column}" = {param}' for column in columns)
+
+
+@functools.lru_cache(maxsize=256)
+def _find_sql(model, param, names, scoped):
+    columns = ', '.join(f'"{field.column_name}"' for field in model._meta.sorted_fields)
+    return (f'SELECT {columns} FROM "{model._meta.table_name}" '
+            f'WHERE {_where(model, param, names, scoped)} LIMIT 1')
+
+
+@functools.lru_cache(maxsize=256)
+def _change_sql(model, param, names, scoped):
+    sets = ', '.join(f'"{model._meta.fields[name].column_name}" = {param}' for name in names)
+    return f'UPDATE "{model._meta.table_name}" SET {sets} WHERE {_where(model, param, ("id",), scoped)}'
 
 
 # ---------------------------------------------------------------- models
@@ -187,7 +243,8 @@ class ApiKey(BaseModel):
     @classmethod
     def lookup(cls, key):
         """The live key row for `key`, or None."""
-        return cls.get_or_none((cls.key_hash == hash_key(key)) & cls.revoked_at.is_null())
+        row = cls.find(key_hash=hash_key(key))
+        return row if row is not None and row.revoked_at is None else None
 
 
 class EmailClient(TenantModel):
@@ -683,8 +740,8 @@ def release_sync(client_id, task_id):
 @contextlib.contextmanager
 def locked(model, row_id):
     """A transaction holding the row's write lock (SQLite: the database's)."""
-    if isinstance(database.obj, pw.SqliteDatabase):
-        with database.atomic('IMMEDIATE'):
+    if isinstance(database.obj, pw.SqliteDatabase):   # transactions there begin IMMEDIATE
+        with database.atomic():
             yield model.get_by_id(row_id)
     else:
         with database.atomic():

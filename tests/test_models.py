@@ -1,4 +1,6 @@
 """Tenant scope and schema migrations."""
+import threading
+
 import peewee as pw
 import pytest
 
@@ -60,6 +62,56 @@ def test_all_tenants_sees_everything(two_tenants):
     with models.all_tenants():
         emails = {c.email for c in models.EmailClient.select().where(models.EmailClient.tenant_id.in_(two_tenants))}
     assert emails == {'a@example.com', 'b@example.com'}
+
+
+def test_find_and_change_stay_inside_the_tenant(two_tenants):
+    a, b = two_tenants
+    with models.tenant_scope(b):
+        theirs = models.EmailClient.get()
+    with models.tenant_scope(a):
+        mine = models.EmailClient.find(email='a@example.com')
+        assert mine.email == 'a@example.com' and mine.created_at is not None   # typed, as get() gives
+        assert models.EmailClient.find(id=theirs.id) is None
+        assert models.EmailClient.change(theirs.id, sync_interval=1) == 0
+        assert models.EmailClient.change(mine.id, sync_interval=7) == 1
+    with models.tenant_scope(b):
+        assert models.EmailClient.get().sync_interval == 300
+    with models.all_tenants():
+        assert models.EmailClient.find(id=theirs.id).email == 'b@example.com'
+        assert models.EmailClient.get_by_id(mine.id).sync_interval == 7
+
+
+def test_a_transaction_that_read_first_still_writes_after_a_concurrent_commit(two_tenants):
+    """SQLite: a deferred transaction that read, then writes after another writer committed,
+    fails at once with "database is locked" (its snapshot is stale; no busy timeout helps).
+    Transactions there begin IMMEDIATE, so the other writer waits instead."""
+    a, b = two_tenants
+    read, other_committed, errors = threading.Event(), threading.Event(), []
+
+    def other_writer():
+        read.wait(10)
+        try:
+            with models.tenant_scope(b):
+                models.EmailClient.update(sync_interval=11).execute()
+            other_committed.set()
+        except Exception as exc:   # reported by the assertion below
+            errors.append(exc)
+        finally:
+            models.database.close()
+
+    thread = threading.Thread(target=other_writer)
+    thread.start()
+    with models.tenant_scope(a), models.database.atomic():
+        assert models.EmailClient.select().count() == 1
+        read.set()
+        # Deferred, the other write commits now; IMMEDIATE, it waits for us (and this times out).
+        other_committed.wait(1)
+        models.EmailClient.update(sync_interval=12).execute()
+    thread.join(20)
+    assert errors == [] and other_committed.is_set()
+    with models.all_tenants():
+        assert sorted(c.sync_interval for c in models.EmailClient.select().where(
+            models.EmailClient.tenant_id.in_(two_tenants))) == [11, 12]
 
 
 def fresh_database(name):
