@@ -13,7 +13,6 @@ reaches the broker or the ledger's copy of the arguments.
 import contextlib
 import datetime
 import functools
-import imaplib
 import inspect
 import json
 import logging
@@ -21,7 +20,6 @@ import os
 import pathlib
 import random
 import re
-import select
 import signal
 import socket
 import ssl
@@ -499,18 +497,22 @@ def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_
 
 def account_of(client_id, user_id):
     """The tenant's (scoped) account of this user, or fail at once."""
-    client = models.EmailClient.get_or_none(models.EmailClient.id == client_id,
-                                            models.EmailClient.user_id == user_id)
+    client = models.EmailClient.find(id=client_id, user_id=user_id)
     if client is None:
         raise FailNow(f'no account {client_id} for this user')
     return client
 
 
 def password_of(client, kind):
-    row = models.Credential.get_or_none(models.Credential.client == client.id, models.Credential.kind == kind)
+    return vault.decrypt(secret_of(client, kind))
+
+
+def secret_of(client, kind):
+    """The stored (encrypted) password: a session cache key, decrypted only to log in."""
+    row = models.Credential.find(client=client.id, kind=kind)
     if row is None:
         raise FailNow(f'account {client.id} has no {kind} password')
-    return vault.decrypt(row.secret)
+    return row.secret
 
 
 @functools.cache
@@ -525,20 +527,35 @@ def mail_ssl_context():
 def open_incoming(client):
     """A session with the account's incoming server: IMAP ones are kept open between tasks."""
     if client.incoming_protocol == 'imap':
-        return imap_sessions.session(client)
+        secret = secret_of(client, 'incoming')
+        key = (client.id, client.incoming_host, client.incoming_port, client.incoming_security,
+               client.incoming_username, secret)
+        return imap_sessions.session(key, lambda: ImapSession(
+            client.incoming_host, client.incoming_port, client.incoming_security, client.incoming_username,
+            vault.decrypt(secret), timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context()))
     # POP3 holds the maildrop locked while connected and deletes only at QUIT: never kept.
     return Pop3Session(client.incoming_host, client.incoming_port, client.incoming_security,
                        client.incoming_username, password_of(client, 'incoming'),
                        timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
 
 
+def open_smtp(client):
+    """A session with the account's SMTP server, kept open between sends of this worker."""
+    secret = secret_of(client, 'smtp') if client.smtp_username else None
+    key = (client.id, client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username, secret)
+    return smtp_sessions.session(key, lambda: smtp.SmtpConnection(
+        client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username,
+        vault.decrypt(secret) if secret else None, timeout=SETTINGS['mail.timeout'],
+        ssl_context=mail_ssl_context()))
+
+
 class SessionCache:
-    """IMAP sessions a worker keeps open between tasks, so a resync does not pay connect and login.
+    """Mail sessions a worker keeps open between tasks, so the next task does not pay connect and login.
 
     Keyed by everything that reaching the account depends on, the stored
     password's ciphertext included, so a changed setting opens a new session.
-    A session idle for long is checked with NOOP first; one that saw an error
-    is dropped, as its state on the server is unknown.
+    A session idle for long is probed (NOOP) first; one that saw an error is
+    dropped, as its state on the server is unknown.
     """
 
     def __init__(self, size=8, check_after=30, expire_after=600):
@@ -546,16 +563,10 @@ class SessionCache:
         self.pid, self.entries = None, {}
 
     @contextlib.contextmanager
-    def session(self, client):
+    def session(self, key, open_session):
         if self.pid != os.getpid():  # a forked worker must not share its parent's sockets
             self.pid, self.entries = os.getpid(), {}
-        credential = models.Credential.get_or_none(models.Credential.client == client.id,
-                                                   models.Credential.kind == 'incoming')
-        key = (client.id, client.incoming_host, client.incoming_port, client.incoming_security,
-               client.incoming_username, credential.secret if credential else None)
-        session = self.checkout(key) or ImapSession(
-            client.incoming_host, client.incoming_port, client.incoming_security, client.incoming_username,
-            password_of(client, 'incoming'), timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+        session = self.checkout(key) or open_session()
         try:
             yield session
         except BaseException:
@@ -569,14 +580,10 @@ class SessionCache:
             return None
         session, last_used = entry
         idle = time.monotonic() - last_used
-        try:
-            if idle > self.expire_after:
-                session.close()
-                return None
-            # A server that restarted or said BYE left something to read: a used session never does.
-            if idle > self.check_after or select.select([session.conn.sock], [], [], 0)[0]:
-                session.conn.noop()
-        except (MailError, OSError, imaplib.IMAP4.error):
+        if idle > self.expire_after:
+            session.close()
+            return None
+        if not session.usable(probe=idle > self.check_after):
             session.__exit__(TemporaryMailError, None, None)
             return None
         return session
@@ -589,6 +596,8 @@ class SessionCache:
 
 
 imap_sessions = SessionCache()
+# SMTP servers drop idle clients sooner than IMAP ones (RFC 5321, 4.5.3.2.7: 5 minutes; some 30 s).
+smtp_sessions = SessionCache(check_after=10, expire_after=120)
 
 
 def end_sync(client, state, error):
@@ -812,11 +821,9 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
                        body_text=body_text, body_html=body_html, attachments=uploads_of(attachment_ids or []),
                        message_id=outbox.message_id, date=outbox.created_at.replace(tzinfo=datetime.timezone.utc))
     try:
-        result = smtp.send(client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username,
-                           password_of(client, 'smtp') if client.smtp_username else None,
-                           client.email, json.loads(outbox.recipients), raw,
-                           timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context(),
-                           before_commit=lambda: mark_outbox(outbox, 'sending'))
+        with open_smtp(client) as session:
+            result = session.send(client.email, json.loads(outbox.recipients), raw,
+                                  before_commit=lambda: mark_outbox(outbox, 'sending'))
     except smtp.DeliveryUnknown as exc:
         mark_outbox(outbox, 'unknown', error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc
@@ -834,7 +841,7 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
 def outbox_of(client, user_id, to, cc, bcc):
     """The send's outbox row: made by the API with the task; made here for a task queued directly."""
     task_id = logs.task_id.get()
-    outbox = models.Outbox.get_or_none(models.Outbox.task_id == task_id)
+    outbox = models.Outbox.find(task_id=task_id)
     if outbox is None:
         outbox = models.Outbox.create(client=client.id, user_id=user_id, task_id=task_id,
                                       message_id=smtp.make_message_id(domain_of(client)),
@@ -847,7 +854,7 @@ def domain_of(client):
 
 
 def mark_outbox(outbox, state, **fields):
-    models.Outbox.update(state=state, **fields).where(models.Outbox.id == outbox.id).execute()
+    models.Outbox.change(outbox.id, state=state, **fields)
     outbox.state = state
     for name, value in fields.items():
         setattr(outbox, name, value)
@@ -877,7 +884,7 @@ def copy_to_sent(client, raw):
     again to get a copy would be the duplicate we promise never to make.
     """
     uid = None
-    sent = models.EmailFolder.get_or_none(models.EmailFolder.client == client.id, models.EmailFolder.role == 'sent')
+    sent = models.EmailFolder.find(client=client.id, role='sent')
     try:
         if client.incoming_protocol == 'imap' and client.copy_sent:
             with open_incoming(client) as session:

@@ -94,6 +94,7 @@ import dataclasses
 import datetime
 import imaplib
 import re
+import select
 import ssl
 from typing import Iterable, Iterator, NamedTuple
 
@@ -850,6 +851,20 @@ class ImapSession:
                 self.conn.logout()
         finally:
             self.conn = None
+
+    def usable(self, probe: bool) -> bool:
+        """Whether the session still answers; `probe` asks with NOOP even when nothing waits to be read."""
+        if self.conn is None:
+            return False
+        # A server that restarted or said BYE left something to read: an idle session never does.
+        if not (probe or select.select([self.conn.sock], [], [], 0)[0]):
+            return True
+        try:
+            self.conn.noop()
+        except (OSError, imaplib.IMAP4.error):   # the session is gone; a new one is the answer
+            self._drop()
+            return False
+        return True
 
     def _drop(self) -> None:
         """Close the socket without a word: after an error we do not know what state the server is in."""

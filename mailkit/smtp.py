@@ -75,6 +75,7 @@ import contextlib
 import email.policy
 import email.utils
 import re
+import select
 import smtplib
 import socket
 import ssl
@@ -619,27 +620,86 @@ def _envelope_addresses(mail_from: str, rcpt_to: list[str]) -> tuple[str, list[s
             [parse_address(address)[1] for address in rcpt_to])
 
 
+class SmtpConnection:
+    """A greeted (and logged-in) SMTP session that carries one transaction after another.
+
+    RFC 5321, 3.3: after the reply to the end-of-data mark the session is
+    ready for the next MAIL FROM, so a sender with many messages for one
+    server pays connect, TLS and AUTH once. A transaction that fails leaves
+    the session in a state we do not know: the caller drops it (``__exit__``
+    with an exception, or ``abort()``).
+    """
+
+    # Servers cap messages per connection (Exchange and Gmail near 100) and answer 4xx past it.
+    MAX_TRANSACTIONS = 100
+
+    def __init__(self, host: str, port: int, security: str, username: str | None, password: str | None,
+                 timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
+                 local_hostname: str | None = None, auth_mechanism: str | None = None) -> None:
+        _check_send_arguments(security, username, password, auth_mechanism)
+        self.where, self.timeout, self.transactions = f'{host}:{port}', timeout, 0
+        # smtplib's own default context verifies nothing: always pass ours.
+        context = ssl_context if ssl_context is not None else ssl.create_default_context()
+        self.conn = _connect(host, port, security, timeout, context, local_hostname)
+        try:
+            _greet(self.conn, self.where, security, context)
+            if username is not None:
+                _authenticate(self.conn, self.where, username, password, auth_mechanism)
+        except BaseException:
+            self.abort()
+            raise
+
+    def send(self, mail_from: str, rcpt_to: list[str], data: bytes, verdict_timeout: float | None = None,
+             before_commit=None) -> SendResult:
+        """One transaction; raises a MailError unless someone accepted the message.
+
+        `before_commit()` is called after the message and before its end-of-data
+        mark: if it raises, nothing is delivered."""
+        mail_from, rcpt_to = _envelope_addresses(mail_from, rcpt_to)
+        self.conn.sock.settimeout(self.timeout)   # the last verdict may have set its own
+        accepted, refused = _envelope(self.conn, self.where, mail_from, rcpt_to, len(data), not data.isascii())
+        reply = _transfer(self.conn, self.where, data, verdict_timeout if verdict_timeout is not None
+                          else self.timeout, before_commit)
+        self.transactions += 1
+        return SendResult(accepted, refused, reply)
+
+    def usable(self, probe: bool) -> bool:
+        """Whether another transaction may start here; `probe` asks the server with NOOP."""
+        if self.conn.sock is None or self.transactions >= self.MAX_TRANSACTIONS:
+            return False
+        # An idle session has nothing to read unless the server said 421 or hung up.
+        if select.select([self.conn.sock], [], [], 0)[0]:
+            return False
+        if probe:
+            with contextlib.suppress(smtplib.SMTPException, OSError):   # any failure: not usable
+                return self.conn.noop()[0] == 250
+            return False
+        return True
+
+    def close(self) -> None:
+        _quit(self.conn)
+
+    def abort(self) -> None:
+        """Close without QUIT: after a failure the server may not be listening for commands."""
+        self.conn.close()
+
+    def __enter__(self) -> 'SmtpConnection':
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        if exc_type is None:
+            self.close()
+        else:   # a QUIT to a server that stopped answering would wait out the timeout again
+            self.abort()
+
+
 def send(host: str, port: int, security: str, username: str | None, password: str | None, mail_from: str,
          rcpt_to: list[str], data: bytes, timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
          local_hostname: str | None = None, auth_mechanism: str | None = None,
          verdict_timeout: float | None = None, before_commit=None) -> SendResult:
-    """Send data to rcpt_to in one SMTP transaction; raises a MailError unless someone accepted it.
-
-    `before_commit()` is called after the message and before its end-of-data
-    mark: if it raises, nothing is delivered."""
+    """Send data to rcpt_to on a connection of its own; see SmtpConnection.send."""
     _check_send_arguments(security, username, password, auth_mechanism)
-    mail_from, rcpt_to = _envelope_addresses(mail_from, rcpt_to)
-    where = f'{host}:{port}'
-    # smtplib's own default context verifies nothing: always pass ours.
-    context = ssl_context if ssl_context is not None else ssl.create_default_context()
-    conn = _connect(host, port, security, timeout, context, local_hostname)
-    try:
-        _greet(conn, where, security, context)
-        if username is not None:
-            _authenticate(conn, where, username, password, auth_mechanism)
-        accepted, refused = _envelope(conn, where, mail_from, rcpt_to, len(data), not data.isascii())
-        reply = _transfer(conn, where, data, verdict_timeout if verdict_timeout is not None else timeout,
-                          before_commit)
-        return SendResult(accepted, refused, reply)
-    finally:
-        _quit(conn)
+    _envelope_addresses(mail_from, rcpt_to)   # bad arguments fail before connecting
+    with SmtpConnection(host, port, security, username, password, timeout, ssl_context, local_hostname,
+                        auth_mechanism) as conn:
+        return conn.send(mail_from, rcpt_to, data, verdict_timeout, before_commit)

@@ -717,6 +717,13 @@ class SmtpServer(_Server):
         """The next transaction is delivered, then `pids` get SIGSTOP before the 250 reply goes out."""
         smtp_server.add_scripts(self.spool, [{'freeze': list(pids)}])
 
+    def cut_during_data(self, where: str) -> None:
+        """The next transaction's connection is reset at DATA ('at_data': before the 354 reply) or after
+        the first line of the message ('in_message'): before its end, so the server delivers nothing."""
+        if where not in ('at_data', 'in_message'):
+            raise ValueError(f"where must be 'at_data' or 'in_message', got {where!r}")
+        smtp_server.add_scripts(self.spool, [{'cut': where}])
+
     def drop_after_data(self) -> None:
         """The next transaction receives the whole message, then the connection closes with no reply."""
         smtp_server.add_scripts(self.spool, [{'drop': True}])

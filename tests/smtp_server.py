@@ -13,7 +13,8 @@ survives a restart of this server:
   before the 250 reply to DATA goes out; a message that got an error reply
   is never written.
 - control.json: a list of scripts, one per coming transaction, taken at MAIL
-  FROM: {"data": "451 ...", "rcpt": {"bad@x.org": "550 ..."}, "drop": true}.
+  FROM: {"data": "451 ...", "rcpt": {"bad@x.org": "550 ..."}, "drop": true,
+  "cut": "at_data" | "in_message"}.
   Both processes change it under an flock on control.lock.
 """
 
@@ -155,8 +156,26 @@ class Handler:
         write_atomically(self.spool / f'msg-{self.sequence:08d}.json', json.dumps(message).encode())
 
 
-async def serve(args) -> None:
+def scripted_smtp():
+    """aiosmtpd's SMTP with the "cut" scripts, which act before the whole message is in."""
     from aiosmtpd.smtp import SMTP
+
+    class ScriptedSMTP(SMTP):
+        async def smtp_DATA(self, arg: str) -> None:
+            cut = getattr(self.envelope, 'script', {}).get('cut') if self.envelope else None
+            if cut is None or not self.envelope.rcpt_tos:
+                return await super().smtp_DATA(arg)
+            if cut == 'in_message':
+                await self.push('354 End data with <CR><LF>.<CR><LF>')
+                await self._reader.readuntil(b'\r\n')   # the first line of the message, then the wire is cut
+            # 'at_data': the client waits for 354 and gets a reset instead
+            self.transport.abort()
+
+    return ScriptedSMTP
+
+
+async def serve(args) -> None:
+    SMTP = scripted_smtp()
     handler = Handler(pathlib.Path(args.spool), pathlib.Path(args.users))
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(args.cert, args.key)

@@ -105,6 +105,32 @@ def test_451_reply_is_retried_then_delivered_once(sender, smtp_server, consumer)
     assert row.attempts == 2 and len(smtp_server.received()) == 1
 
 
+def test_a_connection_cut_at_data_is_retried_and_delivered_once(sender, smtp_server, consumer):
+    smtp_server.cut_during_data('at_data')
+    resp = sender.post(f'/api/v1/accounts/{sender.account}/send', MAIL)
+    retrying = wait_for_state(resp.json['task_id'], 'retrying')
+    assert 'connection failure' in retrying.error and 'DATA' in retrying.error
+    row = wait_for_state(resp.json['task_id'], 'succeeded', timeout=20)
+    assert row.attempts == 2 and len(smtp_server.received()) == 1
+
+
+def test_a_worker_keeps_its_smtp_session_between_sends(sender, smtp_server, consumer):
+    for n in range(4):
+        send(sender, dict(MAIL, subject=f'number {n}'))
+    received = smtp_server.received()
+    assert len(received) == 4
+    assert len({m['peer'] for m in received}) <= 2   # two workers: at most one connection each
+
+
+def test_sessions_the_server_closed_are_replaced_without_a_retry(sender, smtp_server, consumer):
+    for n in range(4):
+        send(sender, dict(MAIL, subject=f'before {n}'))
+    smtp_server.restart()   # every kept session is now closed
+    rows = [send(sender, dict(MAIL, subject=f'after {n}'))[1] for n in range(4)]
+    assert [row.attempts for row in rows] == [1, 1, 1, 1]
+    assert len(smtp_server.received()) == 8
+
+
 def test_550_reply_fails_at_once(sender, smtp_server, consumer):
     smtp_server.reply_to_data('550 5.7.1 Rejected')
     _, row = send(sender, MAIL, state='failed')

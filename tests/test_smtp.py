@@ -465,3 +465,51 @@ def test_send_refuses_bad_arguments_before_connecting(arguments, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         smtp.send(**{**call, **arguments})
 
+
+
+def test_a_connection_cut_at_data_is_a_temporary_failure_before_anything_was_sent(smtp_server):
+    smtp_server.cut_during_data('at_data')
+    committed = []
+    with pytest.raises(TemporaryMailError, match='connection failure.*DATA') as caught:
+        submit(smtp_server, simple_message(), before_commit=lambda: committed.append(True))
+    assert not isinstance(caught.value, smtp.DeliveryUnknown)
+    assert committed == [] and smtp_server.received() == []
+
+
+def test_a_connection_cut_inside_the_message_is_temporary_and_nothing_was_committed(smtp_server):
+    smtp_server.cut_during_data('in_message')
+    committed = []
+    # 25 MB, more than loopback's socket buffers take in (10 MB at most here): the
+    # reset reaches us while the message is still going out, before the end-of-data mark.
+    big = simple_message() + (b'y' * 76 + b'\r\n') * 320_000
+    with pytest.raises(TemporaryMailError, match='while sending the message .before its end-of-data mark') as caught:
+        submit(smtp_server, big, before_commit=lambda: committed.append(True))
+    assert not isinstance(caught.value, smtp.DeliveryUnknown)
+    assert committed == [] and smtp_server.received() == []
+
+
+def open_connection(server):
+    return smtp.SmtpConnection(server.host, server.port, 'starttls', USER, PASSWORD, timeout=5,
+                               ssl_context=server.ssl_context())
+
+
+def test_one_connection_carries_transactions_up_to_its_cap(smtp_server, monkeypatch):
+    monkeypatch.setattr(smtp.SmtpConnection, 'MAX_TRANSACTIONS', 3)
+    with open_connection(smtp_server) as conn:
+        for n in range(3):
+            assert conn.usable(probe=n == 1)   # the second time with a NOOP
+            conn.send('alice@example.org', ['bob@example.org'], simple_message(f'number {n}'))
+        assert not conn.usable(probe=False)
+    received = smtp_server.received()
+    assert [parsed(m['data'])['Subject'] for m in received] == ['number 0', 'number 1', 'number 2']
+    assert len({m['peer'] for m in received}) == 1   # one TCP connection
+
+
+def test_a_connection_the_server_closed_is_not_usable(server, smtp_server):
+    conn = open_connection(smtp_server)
+    try:
+        assert conn.usable(probe=True)
+        server.restart()   # its old process, and so the connection, is gone
+        assert not conn.usable(probe=False)   # seen without sending a command
+    finally:
+        conn.abort()
