@@ -10,6 +10,7 @@ on record before it reaches the broker; and from Huey's signals in the worker
 short UPDATE each. Task payloads hold ids and options only: no secret ever
 reaches the broker or the ledger's copy of the arguments.
 """
+import collections
 import contextlib
 import datetime
 import functools
@@ -75,6 +76,17 @@ class LedgerHuey(Huey):
                 models.ledger_delete(task.id)
             raise
         return task
+
+    def delete(self, key):
+        """Huey drops a task's revoke key after the run and before the task's end
+        signals: a broker outage there would skip them, and the ledger would say
+        `running` for good under a live worker. A key left behind only matters
+        if the task was revoked, and then it is still right."""
+        try:
+            return super().delete(key)
+        except Exception as exc:   # redis.ConnectionError, sqlite3 "locked": logged, the run goes on
+            logger.warning('could not drop %s from the broker: %s', key, exc)
+            return False
 
     def serialize_task(self, task):
         message = self._registry.create_message(task)
@@ -146,12 +158,50 @@ def worker_name():
     return f'{HOST}:{os.getpid()}'
 
 
+class DeferredLedger:
+    """Ledger writes of this worker's signals, kept in order while the database is away.
+
+    A task that ends during a database outage would otherwise stay `running`
+    under a live worker, which recovery rightly leaves alone. Its writes wait
+    here and the heartbeat thread replays them once the database answers. If
+    the worker dies first, its records are a dead worker's, and recovery
+    re-queues them.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.waiting = collections.deque()
+
+    def write(self, task_id, **fields):
+        with self.lock:
+            if not self.waiting:   # behind earlier writes, a write would overtake them
+                try:
+                    models.ledger_update(task_id, **fields)
+                    return
+                except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
+                    logger.warning('ledger write for task %s deferred until the database answers: %s',
+                                   task_id, str(exc).strip())
+            self.waiting.append((task_id, fields))
+
+    def replay(self):
+        """Make the waiting writes, oldest first; stop at the first failure (the next beat tries again)."""
+        with self.lock:
+            while self.waiting:
+                task_id, fields = self.waiting[0]
+                models.ledger_update(task_id, **fields)
+                self.waiting.popleft()
+                logger.info('deferred ledger write for task %s made', task_id)
+
+
+ledger = DeferredLedger()
+
+
 @huey.signal(S.SIGNAL_EXECUTING)
 def ledger_running(signal_name, task):
     # Every log line from here to the end of the run carries the task's ids.
     logs.task_id.set(task.id)
     logs.request_id.set(getattr(task, 'request_id', None))
-    models.ledger_update(task.id, state='running', started_at=models.utcnow(), worker=worker_name(),
+    ledger.write(task.id, state='running', started_at=models.utcnow(), worker=worker_name(),
                          attempts=models.INCREMENT, retries_left=task.retries,
                          next_retry_at=None, finished_at=None)
 
@@ -165,7 +215,7 @@ def forget_task_ids(task, value, exc):
 @huey.signal(S.SIGNAL_COMPLETE)
 def ledger_succeeded(signal_name, task):
     result = getattr(task, 'ledger_result', None)
-    models.ledger_update(task.id, state='succeeded', finished_at=models.utcnow(),
+    ledger.write(task.id, state='succeeded', finished_at=models.utcnow(),
                          result=json.dumps(result, default=str), error=None, traceback=None)
 
 
@@ -179,7 +229,7 @@ def ledger_error(signal_name, task, exc=None):
         return  # SIGNAL_RETRYING follows and records the retry
     gave_up = isinstance(exc, NO_RETRY) or not type(task).default_retries
     error, tb = task.ledger_error
-    models.ledger_update(task.id, state='failed' if gave_up else 'dead', finished_at=models.utcnow(),
+    ledger.write(task.id, state='failed' if gave_up else 'dead', finished_at=models.utcnow(),
                          error=error, traceback=tb, retries_left=0)
 
 
@@ -188,7 +238,7 @@ def ledger_retrying(signal_name, task):
     delay = jittered_delay(nominal_delay(task))
     task.retry_delay = delay  # Huey schedules the retry with this
     error, tb = getattr(task, 'ledger_error', (None, None))
-    models.ledger_update(task.id, state='retrying', error=error, traceback=tb, retries_left=task.retries - 1,
+    ledger.write(task.id, state='retrying', error=error, traceback=tb, retries_left=task.retries - 1,
                          next_retry_at=models.utcnow() + datetime.timedelta(seconds=delay))
 
 
@@ -207,7 +257,7 @@ def jittered_delay(delay, rand=random.random):
 
 @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
 def ledger_revoked(signal_name, task):
-    models.ledger_update(task.id, state='revoked' if signal_name == S.SIGNAL_REVOKED else 'failed',
+    ledger.write(task.id, state='revoked' if signal_name == S.SIGNAL_REVOKED else 'failed',
                          finished_at=models.utcnow(),
                          error=None if signal_name == S.SIGNAL_REVOKED else 'expired before it ran')
 
@@ -338,6 +388,7 @@ class Heartbeat:
     def run(self):
         while True:
             try:
+                ledger.replay()
                 self.beat()
                 recover_orphans()
             except Exception:  # a database or broker outage must not end the thread
@@ -385,6 +436,12 @@ heartbeat = Heartbeat(SETTINGS['consumer.heartbeat_seconds'])
 # is gone). SIGTERM needs none of this: the interrupted task is requeued at once
 # (requeue_interrupted). A sync's claim on its account lapses with its task's
 # ledger state, so no lock outlives a dead worker.
+#
+# Recovery leaves live workers' records alone, so a live worker must never
+# leave a finished task `running`: its ledger writes wait, in order, while the
+# database is away and its heartbeat thread makes them when it is back
+# (DeferredLedger); a broker outage between a task's end and its end signals
+# is logged and passed over (LedgerHuey.delete).
 
 def recover_orphans(now=None):
     """Requeue the tasks of dead workers and the tasks the broker lost; returns their ids."""

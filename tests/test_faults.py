@@ -8,7 +8,8 @@ import pytest
 
 import models
 import tasks
-from tests.conftest import MODE, STATE, assert_api_error, wait_for
+from tests import probe_tasks
+from tests.conftest import MODE, STATE, assert_api_error, wait_for, wait_for_state
 from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
 from tests.test_sync import message, sync, user  # noqa: F401 (fixture)
 
@@ -78,6 +79,33 @@ def test_redis_and_postgres_restarts_lose_nothing(client, make_key, unique, cons
         ids += [tasks.noop().id for _ in range(20)]
     wait_for(lambda: len(final(ids)) == len(ids), timeout=120, interval=0.5,
              message='every task to finish after the restarts')
+
+
+@pytest.mark.skipif(MODE != 'scaleout', reason='Redis runs only in the scale-out mode')
+def test_a_task_that_ends_while_redis_is_down_is_recorded_at_once(consumer):
+    task = probe_tasks.sleeps(1.0)
+    wait_for_state(task.id, 'running', timeout=20)
+    STATE['redis'].stop()   # Huey drops the task's revoke key after the run: that fails now
+    try:
+        row = wait_for_state(task.id, 'succeeded', timeout=20)
+    finally:
+        STATE['redis'].restart()
+    assert row.attempts == 1
+
+
+@pytest.mark.skipif(MODE != 'scaleout', reason='PostgreSQL runs only in the scale-out mode')
+def test_a_task_that_ends_while_postgres_is_down_is_recorded_once_it_is_back(consumer):
+    task = probe_tasks.sleeps(1.5)
+    wait_for_state(task.id, 'running', timeout=20)
+    STATE['postgres'].stop()   # the task is still asleep: its end comes during the outage
+    try:
+        wait_for(lambda: f'ledger write for task {task.id} deferred' in consumer.log.read_text(errors='replace'),
+                 timeout=30, message='the worker to find the database gone when the task ended')
+    finally:
+        STATE['postgres'].restart()
+    models.database.close()   # our pooled connection died with the server
+    row = wait_for_state(task.id, 'succeeded', timeout=30)
+    assert row.attempts == 1 and json.loads(row.result)['slept'] == 1.5
 
 
 @pytest.mark.skipif(MODE != 'embedded', reason='SQLite locking matters in the embedded mode')
