@@ -8,10 +8,10 @@ import pytest
 
 import models
 import tasks
-from tests import probe_tasks
-from tests.conftest import MODE, STATE, assert_api_error, wait_for, wait_for_state
+from tests import probe_tasks, services
+from tests.conftest import MODE, STATE, assert_api_error, record, wait_for, wait_for_state
 from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
-from tests.test_sync import message, sync, user  # noqa: F401 (fixture)
+from tests.test_sync import Mailbox, add_account, message, sync, user  # noqa: F401 (fixture)
 
 
 def final(ids):
@@ -79,6 +79,36 @@ def test_redis_and_postgres_restarts_lose_nothing(client, make_key, unique, cons
         ids += [tasks.noop().id for _ in range(20)]
     wait_for(lambda: len(final(ids)) == len(ids), timeout=120, interval=0.5,
              message='every task to finish after the restarts')
+
+
+@pytest.fixture(scope='module')
+def own_dovecot(tmp_path_factory):
+    """A Dovecot for this module alone: stopping it mid-test must not disturb the session's."""
+    dovecot = services.start_dovecot(tmp_path_factory.mktemp('dovecot'))
+    yield dovecot
+    dovecot.stop()
+
+
+def test_imap_server_stopped_mid_sync_is_retried_and_stores_each_message_once(user, own_dovecot, unique, consumer):
+    mailbox = Mailbox(own_dovecot, unique)
+    with mailbox.session() as s:
+        for n in range(1500):
+            s.append('INBOX', message(n, body='x' * 8000))
+    account = add_account(user, mailbox)
+    task = tasks.sync_emails(account, *user.ids)
+    wait_for(lambda: (r := record(task.id)) and (r.progress_done or 0) >= 100, timeout=30, interval=0.005,
+             message='the sync to commit a few batches')
+    own_dovecot.stop()   # its imap processes first: the sync's connection goes with them
+    try:
+        retrying = wait_for_state(task.id, 'retrying', timeout=20)
+        assert 'connection' in retrying.error.lower() or 'closed' in retrying.error.lower(), retrying.error
+    finally:
+        own_dovecot.restart()
+    row = wait_for_state(task.id, 'succeeded', timeout=60)
+    assert row.attempts >= 2
+    with models.all_tenants():
+        uids = [m.uid for m in models.EmailMessage.select().where(models.EmailMessage.client == account)]
+    assert len(uids) == 1500 == len(set(uids))
 
 
 @pytest.mark.skipif(MODE != 'scaleout', reason='Redis runs only in the scale-out mode')
