@@ -82,14 +82,16 @@ def pytest_report_header(config):
 # ---------------------------------------------------------------- waiting
 
 def wait_for(condition, timeout=10.0, interval=0.02, message='condition'):
-    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds.
+    `message` may be a function, called at the timeout, to say how things stand then."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout}s waiting for {message}')
+            raise AssertionError(f'timed out after {timeout}s waiting for '
+                                 f'{message() if callable(message) else message}')
         time.sleep(interval)
 
 
@@ -104,7 +106,11 @@ def wait_for_state(task_id, *states, timeout=10.0):
     def reached():
         row = record(task_id)
         return row if row is not None and row.state in states else None
-    return wait_for(reached, timeout, message=f'task {task_id} to reach {states} (now {getattr(record(task_id), "state", None)})')
+    def how_it_stands():
+        row = record(task_id)
+        now = f'{row.state}, attempt {row.attempts}, error {row.error!r}' if row else 'no record'
+        return f'task {task_id} to reach {states} (at the timeout: {now})'
+    return wait_for(reached, timeout, message=how_it_stands)
 
 
 # ---------------------------------------------------------------- database
@@ -138,9 +144,13 @@ class Consumer:
         self.proc = None
 
     def start(self, workers=2):
+        # --no-periodic: at each five-minute mark periodic_sync would queue a sync of
+        # every account the suite has made so far (hundreds, many on hosts that do
+        # not exist), at the top priority, and a test's own tasks would wait behind
+        # them for minutes. Tests run periodic_sync themselves.
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'huey.bin.huey_consumer', 'tests.probe_tasks.huey',
-             '-w', str(workers), '-k', 'process', '-c', '1'],
+             '-w', str(workers), '-k', 'process', '-c', '1', '--no-periodic'],
             cwd=ROOT, env=python_env(), stdout=self.log.open('ab'), stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group, so kill() can end the whole tree
         wait_for(lambda: self.alive_workers() >= workers, timeout=20, message='consumer workers to heartbeat')

@@ -75,7 +75,7 @@ def test_dead_letters_listed_retried_and_purged(client, make_key, unique, consum
 
 
 def test_cli_retry_and_purge(consumer):
-    task = tasks.check_spam(1, tenant_id=1, user_id=1)
+    task = tasks.check_spam(10**9, tenant_id=1, user_id=1)   # no such message: fails at once
     wait_for_state(task.id, 'failed')
     run = subprocess.run([sys.executable, 'emailsvc.py', 'tasks', 'retry', task.id], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
