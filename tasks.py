@@ -202,8 +202,8 @@ def ledger_running(signal_name, task):
     logs.task_id.set(task.id)
     logs.request_id.set(getattr(task, 'request_id', None))
     ledger.write(task.id, state='running', started_at=models.utcnow(), worker=worker_name(),
-                         attempts=models.INCREMENT, retries_left=task.retries,
-                         next_retry_at=None, finished_at=None)
+                 attempts=models.INCREMENT, retries_left=task.retries,
+                 next_retry_at=None, finished_at=None)
 
 
 @huey.post_execute()
@@ -216,7 +216,7 @@ def forget_task_ids(task, value, exc):
 def ledger_succeeded(signal_name, task):
     result = getattr(task, 'ledger_result', None)
     ledger.write(task.id, state='succeeded', finished_at=models.utcnow(),
-                         result=json.dumps(result, default=str), error=None, traceback=None)
+                 result=json.dumps(result, default=str), error=None, traceback=None)
 
 
 @huey.signal(S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT)
@@ -230,7 +230,7 @@ def ledger_error(signal_name, task, exc=None):
     gave_up = isinstance(exc, NO_RETRY) or not type(task).default_retries
     error, tb = task.ledger_error
     ledger.write(task.id, state='failed' if gave_up else 'dead', finished_at=models.utcnow(),
-                         error=error, traceback=tb, retries_left=0)
+                 error=error, traceback=tb, retries_left=0)
 
 
 @huey.signal(S.SIGNAL_RETRYING)
@@ -239,7 +239,7 @@ def ledger_retrying(signal_name, task):
     task.retry_delay = delay  # Huey schedules the retry with this
     error, tb = getattr(task, 'ledger_error', (None, None))
     ledger.write(task.id, state='retrying', error=error, traceback=tb, retries_left=task.retries - 1,
-                         next_retry_at=models.utcnow() + datetime.timedelta(seconds=delay))
+                 next_retry_at=models.utcnow() + datetime.timedelta(seconds=delay))
 
 
 def nominal_delay(task):
@@ -258,8 +258,8 @@ def jittered_delay(delay, rand=random.random):
 @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
 def ledger_revoked(signal_name, task):
     ledger.write(task.id, state='revoked' if signal_name == S.SIGNAL_REVOKED else 'failed',
-                         finished_at=models.utcnow(),
-                         error=None if signal_name == S.SIGNAL_REVOKED else 'expired before it ran')
+                 finished_at=models.utcnow(),
+                 error=None if signal_name == S.SIGNAL_REVOKED else 'expired before it ran')
 
 
 @huey.signal(S.SIGNAL_INTERRUPTED)

@@ -698,8 +698,7 @@ def send(host: str, port: int, security: str, username: str | None, password: st
          local_hostname: str | None = None, auth_mechanism: str | None = None,
          verdict_timeout: float | None = None, before_commit=None) -> SendResult:
     """Send data to rcpt_to on a connection of its own; see SmtpConnection.send."""
-    _check_send_arguments(security, username, password, auth_mechanism)
-    _envelope_addresses(mail_from, rcpt_to)   # bad arguments fail before connecting
+    _envelope_addresses(mail_from, rcpt_to)   # bad addresses fail before connecting, as the rest do in __init__
     with SmtpConnection(host, port, security, username, password, timeout, ssl_context, local_hostname,
                         auth_mechanism) as conn:
         return conn.send(mail_from, rcpt_to, data, verdict_timeout, before_commit)
