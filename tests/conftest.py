@@ -95,6 +95,18 @@ def wait_for(condition, timeout=10.0, interval=0.02, message='condition'):
         time.sleep(interval)
 
 
+def every_page(api, path, key, pages=10):
+    """Follow next_cursor from `path` (which has a query string) and return every item's `key`, in order."""
+    seen, cursor = [], ''
+    for _ in range(pages):
+        page = api.get(f'{path}{cursor}').json
+        seen += [item[key] for item in page['items']]
+        if not page['next_cursor']:
+            break
+        cursor = f'&cursor={page["next_cursor"]}'
+    return seen
+
+
 def record(task_id):
     import models
     with models.all_tenants():

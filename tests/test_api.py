@@ -6,7 +6,7 @@ import pytest
 import models
 import tasks
 from tests import probe_tasks
-from tests.conftest import assert_api_error, wait_for_state
+from tests.conftest import assert_api_error, every_page, wait_for_state
 
 ACCOUNT = {
     'email': 'alice@example.com',
@@ -205,13 +205,7 @@ def test_task_list_pages_with_a_cursor(alice, alice_ids):
     ids = {probe_tasks.sleeps.s(0, tenant_id=tenant_id, user_id=user_id, delay=3600).id for _ in range(5)}
     for task_id in ids:
         models.ledger_insert(task_id, name='sleeps', tenant_id=tenant_id, user_id=user_id)
-    seen, cursor = [], ''
-    for _ in range(5):
-        page = alice.get(f'/api/v1/tasks?limit=2{cursor}').json
-        seen += [t['task_id'] for t in page['items']]
-        if not page['next_cursor']:
-            break
-        cursor = f'&cursor={page["next_cursor"]}'
+    seen = every_page(alice, '/api/v1/tasks?limit=2', 'task_id', pages=5)
     assert sorted(seen) == sorted(ids) and len(seen) == 5
 
 

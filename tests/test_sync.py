@@ -12,7 +12,7 @@ import pytest
 import models
 import tasks
 from mailkit import imap
-from tests.conftest import CORPUS, STATE, assert_api_error, record, wait_for, wait_for_state
+from tests.conftest import CORPUS, STATE, assert_api_error, every_page, record, wait_for, wait_for_state
 
 PASSWORD = 'dove-pw-1'
 
@@ -332,13 +332,7 @@ def test_message_filters_and_cursor_paging(user, mailbox, consumer):
     assert len(messages(user, account_id=account, **{'from': 's1@example.org'})) == 2
     assert messages(user, account_id=account, since='2999-01-01T00:00:00Z') == []
     assert len(messages(user, account_id=account, until='2999-01-01T00:00:00Z')) == 8
-    seen, cursor = [], ''
-    for _ in range(10):
-        page = user.get(f'/api/v1/messages?account_id={account}&limit=3{cursor}').json
-        seen += [m['id'] for m in page['items']]
-        if not page['next_cursor']:
-            break
-        cursor = f'&cursor={page["next_cursor"]}'
+    seen = every_page(user, f'/api/v1/messages?account_id={account}&limit=3', 'id')
     assert len(seen) == 8 == len(set(seen))
     assert_api_error(user.get('/api/v1/messages?unread=maybe'), 422, 'invalid_filter')
 
