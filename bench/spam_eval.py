@@ -5,10 +5,10 @@
     .venv/bin/python bench/spam_eval.py --cv FOLDER     # 5-fold CV on another labelled folder
 
 Cross-validation never scores a message with a model that saw it, nor one
-whose near-duplicate body (spam.near_duplicate_groups) it saw: folds keep
+whose near-duplicate body (spam_train.near_duplicate_groups) it saw: folds keep
 groups whole and each class evenly spread, and are the same on every run.
 Each training part fits its own calibration and strict threshold on its own
-out-of-fold scores, exactly as `python -m mailkit.spam train` does.
+out-of-fold scores, exactly as `python -m mailkit.spam_train` does.
 
 Printed: precision, recall, F1 and false-positive rate at the default
 THRESHOLD and at the strict threshold (the training folds' 0.5 % FPR
@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from mailkit import mime, spam  # noqa: E402  (the project root is not on sys.path for a plain script)
+from mailkit import mime, spam, spam_train  # noqa: E402  (the project root is not on sys.path for a plain script)
 
 DEV = ROOT.parent / 'shared' / 'corpus' / 'spam' / 'dev'
 FOLDS = 5
@@ -46,16 +46,16 @@ class Corpus:
     """A labelled folder parsed once, with everything the folds reuse."""
 
     def __init__(self, folder: Path):
-        examples = spam.read_labelled(folder)
+        examples = spam_train.read_labelled(folder)
         self.names = [name for name, _, _ in examples]
         self.labels = [label for _, label, _ in examples]
         self.raw = [raw for _, _, raw in examples]
         self.parsed = [mime.parse(raw) for raw in self.raw]
-        self.groups = spam.near_duplicate_groups(self.parsed)
+        self.groups = spam_train.near_duplicate_groups(self.parsed)
 
     def features(self):
         self.tokens = [spam.tokens(p) for p in self.parsed]
-        self.offsets = [spam.rule_log_odds(p) for p in self.parsed]
+        self.offsets = [spam_train.rule_log_odds(p) for p in self.parsed]
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -81,7 +81,7 @@ def figures(tp, fp, fn, tn) -> str:
 
 def recall_at_fpr(scores, labels, max_fpr) -> float:
     """Recall at the best threshold with FPR <= max_fpr, chosen on these scores (an upper bound)."""
-    threshold = spam.threshold_for_fpr(scores, labels, max_fpr)
+    threshold = spam_train.threshold_for_fpr(scores, labels, max_fpr)
     tp, _, fn, _ = confusion(scores, labels, threshold)
     return tp / (tp + fn)
 
@@ -164,7 +164,7 @@ def cross_validate(folder: Path) -> int:
     start = time.perf_counter()
     corpus = Corpus(folder)
     corpus.features()
-    folds = spam.group_folds(corpus.labels, corpus.groups, FOLDS)
+    folds = spam_train.group_folds(corpus.labels, corpus.groups, FOLDS)
     grouped = len(corpus) - len(set(corpus.groups))
     print(f'{folder}: {sum(corpus.labels)} spam, {len(corpus) - sum(corpus.labels)} ham; '
           f'{grouped} near-duplicate messages kept in their group\'s fold; {FOLDS} folds')
@@ -178,8 +178,8 @@ def cross_validate(folder: Path) -> int:
         inside = [i for i in range(len(corpus)) if folds[i] != fold]
         outside = [i for i in range(len(corpus)) if folds[i] == fold]
         began = time.perf_counter()
-        model = spam.fit([corpus.tokens[i] for i in inside], [corpus.labels[i] for i in inside],
-                         [corpus.groups[i] for i in inside], [corpus.offsets[i] for i in inside])
+        model = spam_train.fit([corpus.tokens[i] for i in inside], [corpus.labels[i] for i in inside],
+                               [corpus.groups[i] for i in inside], [corpus.offsets[i] for i in inside])
         fit_seconds += time.perf_counter() - began
         for i in outside:
             verdict = model.score(corpus.parsed[i])

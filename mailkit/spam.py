@@ -1,5 +1,11 @@
 """Score a parsed message for spam and phishing: explainable rules plus a learned token model.
 
+This module owns what runs in the service: the tokens, the rules, the model
+file (`Model`: load, save, score), the `Verdict`, a tenant's `Delta`, and
+`python -m mailkit.spam score FILE` to see one message's verdict. How the
+model file is made (folds, fitting, calibration, the strict threshold) is
+`mailkit.spam_train`: python -m mailkit.spam_train FOLDER OUT.
+
 How a message is scored
 -----------------------
 `Model.score(parsed, delta)` adds log-odds from three sources and turns the
@@ -22,18 +28,12 @@ sum into a probability:
    25 MB message costs about what a 200 KB one does.
 2. The token model: z = bias + sum of the weights of the message's tokens,
    times LENGTH_REF / ln(token count)^2 so long messages are not certain by
-   sheer length. The weights are NB-LR (Wang and Manning 2012): logistic
-   regression whose features are scaled by naive Bayes log-count ratios,
-   fitted by AdaGrad SGD, averaged over BAGS seeded orders. Pure Python:
-   scoring is one dict lookup per token (about 1,300 messages/s on one core,
-   rules included) and training the base model takes about 40 s, so no
-   dependency earns its place. Plain LR, SpamBayes chi-squared and
-   multinomial NB ranked 1-3 points of recall lower at 0.5 % false
-   positives on the corpus.
-3. Calibration: `a` and `b` are Platt scaling (Platt 1999, with his smoothed
-   targets), fitted on out-of-fold scores of the training data with the
-   rules' log-odds as a fixed offset; the folds keep near-duplicate bodies
-   together. A score of 0.9 means about 9 in 10 such messages are spam *at
+   sheer length. The weights are NB-LR (Wang and Manning 2012), fitted by
+   `mailkit.spam_train`. Pure Python: scoring is one dict lookup per token
+   (about 1,300 messages/s on one core, rules included).
+3. Calibration: `a` and `b` are Platt scaling (Platt 1999), fitted by
+   training on out-of-fold scores with the rules' log-odds as a fixed
+   offset. A score of 0.9 means about 9 in 10 such messages are spam *at
    the training corpus's spam rate* (31 %); in a mailbox with another spam
    rate the odds shift by the ratio of the two base rates.
    `Model.strict_threshold` is the out-of-fold point of 0.5 % false
@@ -72,11 +72,12 @@ so `tokens` never reads them:
 - Strings of the corpus's address obfuscation and collectors' names
   ('taint.org', 'zzzz', 'jmason'...) are dropped from tokens (CORPUS_ARTIFACTS).
 - The sender's address, domain and display-name words are tokens
-  ('sender:', 'from:'), but only tenant learning uses them
-  (BASE_EXCLUDED_PREFIXES): in the corpus they name the 2002 list regulars
-  (first names were the strongest ham tokens); in a tenant's own reports
-  they are real evidence. The base model keeps only their shape: no display
-  name, digits in the address, the top-level domain.
+  ('sender:', 'from:'), but only tenant learning uses them (training gives
+  them no weight: spam_train.BASE_EXCLUDED_PREFIXES): in the corpus they
+  name the 2002 list regulars (first names were the strongest ham tokens);
+  in a tenant's own reports they are real evidence. The base model keeps
+  only their shape: no display name, digits in the address, the top-level
+  domain.
 
 Limits: the rules' phrase lists are English; an HTML body's text is found
 with regular expressions, not a browser; URL domains are cut to a registrable
@@ -88,14 +89,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import html as html_lib
 import json
 import math
-import random
 import re
 import sys
-import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,10 +101,7 @@ from typing import Iterable, Sequence
 
 from mailkit import mime
 
-__all__ = [
-    'THRESHOLD', 'INDICATORS', 'Model', 'Verdict', 'Delta', 'tokens', 'train', 'fit', 'read_labelled',
-    'near_duplicate_groups', 'group_folds', 'rule_log_odds', 'threshold_for_fpr', 'main',
-]
+__all__ = ['THRESHOLD', 'INDICATORS', 'Model', 'Verdict', 'Delta', 'tokens', 'main']
 
 FORMAT = 'emailsvc-spam/1'
 THRESHOLD = 0.5
@@ -122,17 +117,6 @@ MAX_NAME_CHARS = 300          # of the sender's display name
 MAX_BIGRAMS = 2_000           # body words that also form word pairs
 MAX_SCAN_BYTES = 8 << 20      # of one attachment, searched for executable and macro markers
 
-# Training.
-MIN_DOC_FREQ = 2              # a token seen in one training message cannot generalise
-EPOCHS = 3
-BAGS = 2                      # SGD runs in different orders, averaged
-LEARNING_RATE = 0.2
-NB_ALPHA = 1.0                # Laplace smoothing of the naive Bayes ratios that scale each token's steps
-CALIBRATION_FOLDS = 10        # 5 picked a strict threshold too cautious: 96.6 % recall at 0.16 % FPR
-STRICT_FPR = 0.005            # Model.strict_threshold keeps out-of-fold false positives under this
-
-# Prefixes only tenant learning may use (see the module docstring).
-BASE_EXCLUDED_PREFIXES = ('sender:', 'from:')
 # Address obfuscation and collectors' names in the SpamAssassin corpus.
 CORPUS_ARTIFACTS = re.compile(r'taint\.org|zzzz|jmason|netnoteinc|slashnull|spamassassin\.lodder')
 
@@ -860,14 +844,14 @@ class Model:
         self.weights = weights
         self.bias = bias
         self.calibration = calibration
-        self.strict_threshold = strict_threshold     # out-of-fold false-positive rate <= STRICT_FPR
+        self.strict_threshold = strict_threshold     # out-of-fold false-positive rate <= spam_train.STRICT_FPR
         self.training = training or {}
 
     # -------------------------------------------------------------- files
 
     @classmethod
     def load(cls, path: str | Path) -> Model:
-        """Read a model file written by `save` (python -m mailkit.spam train)."""
+        """Read a model file written by `save` (python -m mailkit.spam_train)."""
         with open(path, encoding='utf-8') as fh:
             data = json.load(fh)
         return cls.from_dict(data, source=str(path))
@@ -878,7 +862,7 @@ class Model:
             raise ValueError(f'{source} is not a {FORMAT} model file')
         if data.get('tokenizer') != TOKENIZER_VERSION:
             raise ValueError(f'{source} was trained on tokenizer {data.get("tokenizer")}, this code makes '
-                             f'version {TOKENIZER_VERSION}: retrain it with python -m mailkit.spam train')
+                             f'version {TOKENIZER_VERSION}: retrain it with python -m mailkit.spam_train')
         calibration = data['calibration']
         return cls({token: float(w) for token, w in data['weights'].items()}, float(data['bias']),
                    (float(calibration['a']), float(calibration['b'])), float(data['strict_threshold']),
@@ -1038,290 +1022,23 @@ class Delta:
         self.weights = dict(ranked[:keep])
 
 
-# ------------------------------------------------------------ training
-
-SEED = 20020228               # the corpus's date; any fixed number makes training repeatable
-
-
-def read_labelled(folder: str | Path) -> list[tuple[str, int, bytes]]:
-    """(name, 1 for spam / 0 for ham, raw bytes) of folder/spam/* and folder/ham/*, sorted by name."""
-    root = Path(folder)
-    examples = []
-    for label, sub in ((1, 'spam'), (0, 'ham')):
-        directory = root / sub
-        if not directory.is_dir():
-            raise FileNotFoundError(f'{directory} is missing: a labelled folder holds spam/ and ham/')
-        for path in sorted(directory.iterdir()):
-            if path.is_file() and not path.name.startswith('.'):
-                examples.append((f'{sub}/{path.name}', label, path.read_bytes()))
-    return examples
-
-
-_NOT_BODY_TEXT = re.compile(r'\s+|\d+')
-
-
-def near_duplicate_groups(messages: Sequence[mime.ParsedMessage]) -> list[str]:
-    """A group key per message; messages whose bodies match but for whitespace and digits share one.
-
-    Spam campaigns and list digests send one body many times with other
-    headers and serial numbers. Keeping such copies in one fold makes
-    cross-validation measure generalisation rather than recall of bodies.
-    Bodies under 200 characters are too generic to group.
-    """
-    keys = []
-    for i, parsed in enumerate(messages):
-        body = (parsed.text or '') if (parsed.text or '').strip() else _html_text(parsed.html or '')
-        body = _NOT_BODY_TEXT.sub('', body[:MAX_PART_CHARS].lower())
-        if len(body) >= 200:
-            keys.append(hashlib.sha1(body.encode('utf-8', 'surrogatepass')).hexdigest())
-        else:
-            keys.append(f'single-{i}')
-    return keys
-
-
-def group_folds(labels: Sequence[int], groups: Sequence[str], k: int) -> list[int]:
-    """A fold number per message: groups kept whole, each class spread evenly, deterministic."""
-    members: dict[str, list[int]] = {}
-    for i, group in enumerate(groups):
-        members.setdefault(group, []).append(i)
-    fold = [0] * len(labels)
-    filled = [[0, 0] for _ in range(k)]
-    # Biggest groups first, then by a hash of the key: the order does not depend on file order.
-    order = sorted(members, key=lambda g: (-len(members[g]), hashlib.sha1(g.encode()).hexdigest()))
-    for group in order:
-        indices = members[group]
-        label = 1 if 2 * sum(labels[i] for i in indices) >= len(indices) else 0
-        target = min(range(k), key=lambda f: (filled[f][label], f))
-        for i in indices:
-            fold[i] = target
-        filled[target][label] += len(indices)
-    return fold
-
-
-def _fit_weights(token_lists: Sequence[Sequence[str]], labels: Sequence[int],
-                 indices: Sequence[int], seed: int) -> tuple[dict[str, float], float]:
-    """Logistic regression on binary token features of the messages at `indices`: (weights, bias).
-
-    NB-LR (Wang and Manning 2012, "NBSVM"): each token's feature value is its
-    naive Bayes log-count ratio r, so the regression starts from what the
-    counts say and corrects it. Fitted with AdaGrad SGD (Duchi et al. 2011),
-    for which a feature scaled by r is the same as a per-token step scaled by
-    |r|, so the weights come out as the effective ones (w * r). EPOCHS passes;
-    stopping early is the regularisation. The result averages BAGS runs in
-    different seeded orders: one order alone moved recall at 0.5 % false
-    positives by +-1 point between seeds.
-    """
-    vocabulary, steps = _vocabulary(token_lists, labels, indices)
-    index = {token: j for j, token in enumerate(vocabulary)}
-    rows = {i: [index[t] for t in token_lists[i] if t in index] for i in indices}
-    scales = {i: _length_scale(len(token_lists[i])) for i in indices}
-    total, total_bias = [0.0] * len(vocabulary), 0.0
-    for bag in range(BAGS):
-        weights, bias = _sgd(rows, scales, labels, steps, sorted(indices), seed * BAGS + bag)
-        total = [t + w / BAGS for t, w in zip(total, weights)]
-        total_bias += bias / BAGS
-    return dict(zip(vocabulary, total)), total_bias
-
-
-def _vocabulary(token_lists: Sequence[Sequence[str]], labels: Sequence[int],
-                indices: Sequence[int]) -> tuple[list[str], list[float]]:
-    """The tokens the base model may use, sorted, and each one's SGD step (LEARNING_RATE * |r|)."""
-    doc_freq: dict[str, int] = {}
-    spam_freq: dict[str, int] = {}
-    for i in indices:
-        is_spam = labels[i]
-        for token in token_lists[i]:
-            doc_freq[token] = doc_freq.get(token, 0) + 1
-            if is_spam:
-                spam_freq[token] = spam_freq.get(token, 0) + 1
-    spam_count = sum(labels[i] for i in indices)
-    ham_count = len(indices) - spam_count
-    vocabulary = sorted(token for token, count in doc_freq.items()
-                        if count >= MIN_DOC_FREQ and not token.startswith(BASE_EXCLUDED_PREFIXES))
-    steps = []
-    for token in vocabulary:
-        in_spam = spam_freq.get(token, 0)
-        ratio = (math.log((in_spam + NB_ALPHA) / (spam_count + 2 * NB_ALPHA))
-                 - math.log((doc_freq[token] - in_spam + NB_ALPHA) / (ham_count + 2 * NB_ALPHA)))
-        steps.append(LEARNING_RATE * abs(ratio))
-    return vocabulary, steps
-
-
-def _sgd(rows: dict[int, list[int]], scales: dict[int, float], labels: Sequence[int],
-         steps: list[float], order: list[int], seed: int) -> tuple[list[float], float]:
-    """EPOCHS of AdaGrad over the messages in `order`, shuffled by `seed`: (weights, bias)."""
-    weights = [0.0] * len(steps)
-    squares = [1e-8] * len(steps)
-    bias, bias_square = 0.0, 1e-8
-    rng = random.Random(seed)
-    exp, sqrt, weight_of = math.exp, math.sqrt, weights.__getitem__
-    for _ in range(EPOCHS):
-        rng.shuffle(order)
-        for i in order:
-            row, scale = rows[i], scales[i]
-            z = bias + scale * sum(map(weight_of, row))
-            z = 30.0 if z > 30.0 else -30.0 if z < -30.0 else z
-            error = 1.0 / (1.0 + exp(-z)) - labels[i]
-            gradient = error * scale          # the same for every token of this message
-            square = gradient * gradient
-            for j in row:
-                total = squares[j] + square
-                squares[j] = total
-                weights[j] -= steps[j] * gradient / sqrt(total)
-            bias_square += error * error
-            bias -= LEARNING_RATE * error / sqrt(bias_square)
-    return weights, bias
-
-
-def _fit_platt(scores: Sequence[float], labels: Sequence[int],
-               offsets: Sequence[float]) -> tuple[float, float]:
-    """(a, b) maximising the likelihood of sigmoid(a * score + b + offset) (Platt 1999).
-
-    Targets are Platt's smoothed (N+ + 1) / (N+ + 2) and 1 / (N- + 2), so a
-    separable training set cannot drive the slope to infinity. Newton's
-    method with step halving (Lin, Lin and Weng 2007).
-    """
-    positives = sum(labels)
-    negatives = len(labels) - positives
-    high, low = (positives + 1) / (positives + 2), 1 / (negatives + 2)
-    targets = [high if y else low for y in labels]
-
-    def loss(a: float, b: float) -> float:
-        total = 0.0
-        for s, t, o in zip(scores, targets, offsets):
-            z = a * s + b + o
-            # log(1 + e^z) - t z, written to stay finite for large |z|
-            total += (z if z > 0 else 0.0) + math.log1p(math.exp(-abs(z))) - t * z
-        return total
-
-    a, b = 1.0, 0.0
-    current = loss(a, b)
-    for _ in range(100):
-        g_a = g_b = h_aa = h_ab = h_bb = 0.0
-        for s, t, o in zip(scores, targets, offsets):
-            p = _sigmoid(a * s + b + o)
-            d, w = p - t, max(p * (1 - p), 1e-12)
-            g_a += d * s
-            g_b += d
-            h_aa += w * s * s
-            h_ab += w * s
-            h_bb += w
-        h_aa += 1e-9
-        h_bb += 1e-9
-        det = h_aa * h_bb - h_ab * h_ab
-        step_a = (h_bb * g_a - h_ab * g_b) / det
-        step_b = (h_aa * g_b - h_ab * g_a) / det
-        shrink = 1.0
-        while shrink > 1e-6:
-            new_a, new_b = a - shrink * step_a, b - shrink * step_b
-            new = loss(new_a, new_b)
-            if new < current + 1e-12:
-                break
-            shrink /= 2
-        else:
-            break
-        a, b, improvement, current = new_a, new_b, current - new, new
-        if improvement < 1e-10 * max(1.0, abs(current)):
-            break
-    return a, b
-
-
-def threshold_for_fpr(scores: Sequence[float], labels: Sequence[int], max_fpr: float) -> float:
-    """The lowest threshold at which at most max_fpr of the ham scores >= it."""
-    ham = sorted((s for s, y in zip(scores, labels) if not y), reverse=True)
-    allowed = int(max_fpr * len(ham))
-    if allowed >= len(ham):
-        return 0.0
-    # Just above the first ham score we may not let through.
-    return math.nextafter(ham[allowed], math.inf)
-
-
-def fit(token_lists: Sequence[Sequence[str]], labels: Sequence[int], groups: Sequence[str] | None = None,
-        offsets: Sequence[float] | None = None, *, calibration_folds: int = CALIBRATION_FOLDS,
-        seed: int = SEED) -> Model:
-    """A Model from token lists (from `tokens`), labels (1 spam, 0 ham) and near-duplicate groups.
-
-    `offsets` are the rules' log-odds per message: the calibration is fitted
-    on the total score, so rules and tokens are calibrated together. The
-    calibration and the strict threshold come from out-of-fold scores
-    (`calibration_folds` folds over `groups`); the weights from all messages.
-    """
-    count = len(token_lists)
-    if groups is None:
-        groups = [str(i) for i in range(count)]
-    if offsets is None:
-        offsets = [0.0] * count
-    folds = group_folds(labels, groups, calibration_folds)
-    held_out = [0.0] * count
-    for fold in range(calibration_folds):
-        inside = [i for i in range(count) if folds[i] != fold]
-        weights, bias = _fit_weights(token_lists, labels, inside, seed + fold)
-        probe = Model(weights, bias, (1.0, 0.0), 0.5)
-        for i in range(count):
-            if folds[i] == fold:
-                held_out[i] = probe.logit(token_lists[i])
-    a, b = _fit_platt(held_out, labels, offsets)
-    calibrated = [_sigmoid(a * z + b + o) for z, o in zip(held_out, offsets)]
-    strict = threshold_for_fpr(calibrated, labels, STRICT_FPR)
-    weights, bias = _fit_weights(token_lists, labels, range(count), seed)
-    # Rounded, and near-zero weights dropped: the file stays small and its bytes repeatable.
-    weights = {token: round(w, 4) for token, w in weights.items() if abs(w) >= 5e-4}
-    training = {'messages': count, 'spam': sum(labels), 'ham': count - sum(labels),
-                'epochs': EPOCHS, 'bags': BAGS, 'learning_rate': LEARNING_RATE, 'min_doc_freq': MIN_DOC_FREQ,
-                'calibration_folds': calibration_folds, 'seed': seed}
-    return Model(weights, bias, (a, b), strict, training)
-
-
-def rule_log_odds(parsed: mime.ParsedMessage) -> float:
-    """The summed log-odds of the rules that fire on a message (the `offsets` of `fit`)."""
-    return sum(RULE_WEIGHTS[code] for code in evaluate_rules(_prepare(parsed)))
-
-
-def train(folder: str | Path, *, calibration_folds: int = CALIBRATION_FOLDS, seed: int = SEED) -> Model:
-    """Train the base model on folder/spam and folder/ham."""
-    examples = read_labelled(folder)
-    parsed = [mime.parse(raw) for _, _, raw in examples]
-    labels = [label for _, label, _ in examples]
-    token_lists = [tokens(p) for p in parsed]
-    model = fit(token_lists, labels, near_duplicate_groups(parsed), [rule_log_odds(p) for p in parsed],
-                calibration_folds=calibration_folds, seed=seed)
-    model.training['source'] = Path(folder).name
-    return model
-
-
 # ---------------------------------------------------------- command line
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / 'data' / 'spam_base.json'
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """python -m mailkit.spam train FOLDER OUT | score FILE [--model PATH] [--delta JSON]"""
+    """python -m mailkit.spam score FILE [--model PATH] [--delta JSON]"""
     parser = argparse.ArgumentParser(prog='python -m mailkit.spam', description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest='command', required=True)
-    train_cmd = commands.add_parser('train', help='train the base model from FOLDER/{spam,ham}')
-    train_cmd.add_argument('folder', type=Path)
-    train_cmd.add_argument('out', type=Path)
     score_cmd = commands.add_parser('score', help='score one raw message file and print the verdict as JSON')
     score_cmd.add_argument('file', type=Path)
     score_cmd.add_argument('--model', type=Path, default=DEFAULT_MODEL)
     score_cmd.add_argument('--delta', type=Path, help="a tenant's Delta as JSON (Delta.to_dict())")
     args = parser.parse_args(argv)
 
-    if args.command == 'train':
-        if not (args.folder / 'spam').is_dir() or not (args.folder / 'ham').is_dir():
-            print(f'{args.folder} must hold spam/ and ham/ folders of raw messages', file=sys.stderr)
-            return 2
-        start = time.perf_counter()
-        model = train(args.folder)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        model.save(args.out)
-        print(f'{args.out}: {model.training["spam"]} spam + {model.training["ham"]} ham, '
-              f'{len(model.weights)} token weights, {args.out.stat().st_size} bytes, '
-              f'{time.perf_counter() - start:.1f} s')
-        return 0
-
     if not args.model.is_file():
-        print(f'no model at {args.model}: run python -m mailkit.spam train ../shared/corpus/spam/dev '
+        print(f'no model at {args.model}: run python -m mailkit.spam_train ../shared/corpus/spam/dev '
               f'{args.model}', file=sys.stderr)
         return 2
     model = Model.load(args.model)

@@ -1,7 +1,8 @@
-"""mailkit.spam: each indicator on a crafted message, tenant learning, the model file, then the corpora.
+"""mailkit.spam and mailkit.spam_train: each indicator on a crafted message, tenant learning, the model
+file and its training, then the corpora.
 
 The base model is data/spam_base.json, made by
-`python -m mailkit.spam train ../shared/corpus/spam/dev data/spam_base.json`.
+`python -m mailkit.spam_train ../shared/corpus/spam/dev data/spam_base.json`.
 The corpora live outside the project (see shared/corpus/README.md); only the
 tests that read them skip when that folder is absent.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from mailkit import mime, spam
+from mailkit import mime, spam, spam_train
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / 'shared' / 'corpus'
@@ -29,7 +30,7 @@ needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f'mail corpus not 
 @pytest.fixture(scope='module')
 def model():
     path = ROOT / 'data' / 'spam_base.json'
-    assert path.is_file(), f'{path} is missing: python -m mailkit.spam train ../shared/corpus/spam/dev {path}'
+    assert path.is_file(), f'{path} is missing: python -m mailkit.spam_train ../shared/corpus/spam/dev {path}'
     return spam.Model.load(path)
 
 
@@ -250,7 +251,7 @@ def test_delta_round_trips_through_json(model):
 
 
 def test_sender_tokens_are_learned_per_tenant_but_not_in_the_base(model):
-    assert not any(token.startswith(spam.BASE_EXCLUDED_PREFIXES) for token in model.weights)
+    assert not any(token.startswith(spam_train.BASE_EXCLUDED_PREFIXES) for token in model.weights)
     tenant = spam.Delta()
     tenant.learn(build(**NEWSLETTER), 'ham', model)
     assert 'sender:gardenworld.example' in tenant.weights
@@ -335,7 +336,7 @@ def test_training_writes_the_same_bytes_every_time(tmp_path):
     for hash_seed in ('1', '2'):     # set and dict orders must not leak into the file
         out = tmp_path / f'model-{hash_seed}.json'
         env = dict(os.environ, PYTHONHASHSEED=hash_seed)
-        subprocess.run([sys.executable, '-m', 'mailkit.spam', 'train', str(folder), str(out)],
+        subprocess.run([sys.executable, '-m', 'mailkit.spam_train', str(folder), str(out)],
                        cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
         outputs.append(out.read_bytes())
     assert outputs[0] == outputs[1]
@@ -354,7 +355,7 @@ def test_score_command_prints_a_verdict():
 # --------------------------------------------------- cross-validated floors
 
 CV_FOLDS = 5
-# bench/spam_eval.py uses spam.CALIBRATION_FOLDS (10); 3 keeps this test near 30 s. Fewer
+# bench/spam_eval.py uses spam_train.CALIBRATION_FOLDS (10); 3 keeps this test near 30 s. Fewer
 # calibration folds pick a more cautious strict threshold, so its recall is lower here.
 CV_CALIBRATION_FOLDS = 3
 # Measured with these settings: strict threshold recall 0.9666, FPR 0.0040; at THRESHOLD
@@ -374,19 +375,19 @@ def cross_validated():
 
 def cross_validate():
     """Out-of-fold scores and strict-threshold verdicts for the dev corpus (see bench/spam_eval.py)."""
-    examples = spam.read_labelled(DEV)
+    examples = spam_train.read_labelled(DEV)
     parsed = [mime.parse(raw) for _, _, raw in examples]
     labels = [label for _, label, _ in examples]
     token_lists = [spam.tokens(p) for p in parsed]
-    offsets = [spam.rule_log_odds(p) for p in parsed]
-    groups = spam.near_duplicate_groups(parsed)
-    folds = spam.group_folds(labels, groups, CV_FOLDS)
+    offsets = [spam_train.rule_log_odds(p) for p in parsed]
+    groups = spam_train.near_duplicate_groups(parsed)
+    folds = spam_train.group_folds(labels, groups, CV_FOLDS)
     scores, strict = [0.0] * len(labels), [False] * len(labels)
     for fold in range(CV_FOLDS):
         inside = [i for i in range(len(labels)) if folds[i] != fold]
-        fold_model = spam.fit([token_lists[i] for i in inside], [labels[i] for i in inside],
-                              [groups[i] for i in inside], [offsets[i] for i in inside],
-                              calibration_folds=CV_CALIBRATION_FOLDS)
+        fold_model = spam_train.fit([token_lists[i] for i in inside], [labels[i] for i in inside],
+                                    [groups[i] for i in inside], [offsets[i] for i in inside],
+                                    calibration_folds=CV_CALIBRATION_FOLDS)
         a, b = fold_model.calibration
         for i in range(len(labels)):
             if folds[i] == fold:
@@ -425,5 +426,5 @@ def test_score_matches_its_parts(model):
     for path in sorted((DEV / 'spam').glob('*.eml'))[:20] + sorted((DEV / 'ham').glob('*.eml'))[:20]:
         parsed = mime.parse(path.read_bytes())
         a, b = model.calibration
-        expected = spam._sigmoid(a * model.logit(spam.tokens(parsed)) + b + spam.rule_log_odds(parsed))
+        expected = spam._sigmoid(a * model.logit(spam.tokens(parsed)) + b + spam_train.rule_log_odds(parsed))
         assert model.score(parsed).spam_score == pytest.approx(expected, abs=1e-12)
