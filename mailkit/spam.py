@@ -982,9 +982,6 @@ class Delta:
         return {'format': DELTA_FORMAT, 'reports': dict(self.reports),
                 'weights': {token: round(w, 6) for token, w in sorted(self.weights.items())}}
 
-    def __len__(self) -> int:
-        return len(self.weights)
-
     def log_odds(self, message_tokens: Iterable[str]) -> float:
         """What this tenant's reports add to a message's log-odds."""
         weights = self.weights
