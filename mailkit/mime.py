@@ -78,6 +78,20 @@ MAX_DEPTH = 20
 # should not produce 100,000 strings.
 MAX_DEFECTS = 50
 SNIPPET_CHARS = 200
+# Bounds on hostile messages, so that parsing stays linear and cheap: a
+# megabyte of crafted header or structure must not cost more than a real
+# message of that size. Encoded words and addresses are read in the first
+# 100 KB of a value (Postfix discards the rest of a header past 100 KB,
+# header_size_limit); the value itself is kept whole. Real messages have
+# tens of fields and parts, not thousands.
+MAX_HEADER_VALUE = 100 * 1024
+MAX_HEADER_FIELDS = 1000
+MAX_PARTS = 1000
+MAX_PARAMS = 100
+# email.utils parses the odd address lists our one regex does not (groups,
+# stray quotes) in pure Python, quadratically for groups (a 1 MB group took
+# 76 s): it gets at most this much of one.
+MAX_ODD_ADDRESSES = 4096
 
 
 class ParseError(ValueError):
@@ -222,6 +236,9 @@ def _read_fields(buf: bytes, start: int, end: int, defects: list[str], repair: b
         # Unfolding (RFC 5322 2.2.3) deletes the CRLFs; the blank after each stays.
         fields = [(name, _unfold_value(value) if '\n' in value else value.rstrip())
                   for name, value in zip(pieces[1::3], pieces[2::3])]
+    if len(fields) > MAX_HEADER_FIELDS:
+        _defect(defects, f'{len(fields)} header fields: only the first {MAX_HEADER_FIELDS} are read')
+        fields = fields[:MAX_HEADER_FIELDS]
     if eight_bit and repair:
         fields = [(name, _repair_8bit(value)) for name, value in fields]
     return fields, body_start, eight_bit
@@ -285,7 +302,10 @@ def _decode_value(value: str) -> str:
 
 
 def _decode_words(value: str, defects: list[str] | None = None) -> str:
-    """Decode RFC 2047 encoded words in an unfolded header value."""
+    """Decode RFC 2047 encoded words in an unfolded header value (in its first MAX_HEADER_VALUE characters)."""
+    if len(value) > MAX_HEADER_VALUE:
+        _defect(defects, f'encoded words after the first {MAX_HEADER_VALUE} characters of a header are kept as sent')
+        return _decode_words(value[:MAX_HEADER_VALUE], defects) + value[MAX_HEADER_VALUE:]
     pieces: list[list] = []   # [charset or None, bytes or str]
     pos = 0
     after_word = False
@@ -361,11 +381,17 @@ _ASCII_SUPERSETS = frozenset({
 })
 
 
-@functools.lru_cache(maxsize=256)   # bounded: charset labels come from senders
 def _codec(charset: str | None) -> str | None:
     """Python codec name for a MIME charset label, or None when Python has no text codec for it."""
-    if not charset:
+    # IANA charset names are at most 40 characters; longer labels come from
+    # senders and would fill the cache below with megabyte keys.
+    if not charset or len(charset) > 64:
         return None
+    return _cached_codec(charset)
+
+
+@functools.lru_cache(maxsize=256)   # bounded: charset labels come from senders
+def _cached_codec(charset: str) -> str | None:
     label = charset.strip().strip('"\'').strip().lower()
     if label.startswith('charset='):     # charset="charset=us-ascii", seen from a webmail
         label = label[8:].strip('"\' ')
@@ -433,30 +459,37 @@ def _try_decode(data: bytes, codec: str) -> str | None:
 
 # ----------------------------------------------------------------- addresses
 
-_ADDR = r'[^\s<>"(),;:@\\]+@[^\s<>"(),;:@\\]+'
+_ADDR = r'[^\s<>"(),;:@\\]++@[^\s<>"(),;:@\\]++'
 # One mailbox of a list and the comma after it, in the shapes nearly all mail
 # uses: "Quoted Name" <addr> | Name <addr> | addr | addr (Full Name).
 # 'addr (Full Name)' is the RFC 822 / RFC 1036 way to give a name; RFC 5322
 # calls comments invisible, but it is the only name those senders give.
-# Each class stops at the delimiter that follows it, so nothing backtracks:
-# a hostile 20 KB header costs microseconds, not seconds.
+# Each class stops at the delimiter that follows it, and the quantifiers are
+# possessive, so nothing backtracks: a hostile megabyte costs milliseconds.
 _MAILBOX = re.compile(
-    rf'(?:\s*"((?:[^"\\]|\\.)*)"\s*<\s*({_ADDR})\s*>'
-    rf'|([^"<>(),;:@\\]*)<\s*({_ADDR})\s*>'
-    rf'|\s*<?({_ADDR})>?(?:\s*\(([^()\\]*)\))?)'
-    r'\s*(?:,\s*|$)')
+    rf'(?:\s*+"((?:[^"\\]++|\\.)*+)"\s*+<\s*+({_ADDR})\s*+>'
+    rf'|([^"<>(),;:@\\]*+)<\s*+({_ADDR})\s*+>'
+    rf'|\s*+<?({_ADDR})>?(?:\s*+\(([^()\\]*+)\))?)'
+    r'\s*+(?:,\s*+|$)')
 
 
 def _addresses(value: str | None) -> list[tuple[str, str]]:
-    """Address list parse: one regex per mailbox; email.utils for the rest (groups, odd quoting)."""
+    """Address list parse: one regex per mailbox; email.utils for the rest (groups, odd quoting).
+
+    Reads the first MAX_HEADER_VALUE characters: later addresses of a longer list are left out.
+    """
     if not value:
         return []
+    value = value[:MAX_HEADER_VALUE]
     out = []
     pos, end = 0, len(value)
     while pos < end:
         match = _MAILBOX.match(value, pos)
         if match is None:
-            return _addresses_by_stdlib(value)
+            if end <= MAX_ODD_ADDRESSES:
+                return _addresses_by_stdlib(value)
+            # A long list: keep what the regex read, and give the stdlib a bounded rest.
+            return out + _addresses_by_stdlib(value[pos:pos + MAX_ODD_ADDRESSES])
         quoted, quoted_addr, name, named_addr, addr, comment = match.groups()
         if quoted_addr:
             if '\\' in quoted:
@@ -537,19 +570,25 @@ def _all_ids(value: str | None) -> list[str]:
 
 # ; name = "quoted \" string" | token   (RFC 2045 5.1). A missing closing
 # quote runs to the end of the value, which is what the sender meant.
-_PARAM = re.compile(r';\s*([^\s=;"]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"?|([^;]*))', re.S)
+_PARAM = re.compile(r';\s*+([^\s=;"]++)\s*+=\s*+(?:"((?:[^"\\]++|\\.)*+)"?|([^;]*+))', re.S)
 _QUOTED_PAIR = re.compile(r'\\(.)', re.S)
 _MIME_TYPE = re.compile(r'[!#$%&\'*+.^_`|~0-9a-z-]+/[!#$%&\'*+.^_`|~0-9a-z-]+')
 
 
 def _split_header_params(value: str) -> tuple[str, dict[str, str]]:
-    """'type/sub; a=b' -> ('type/sub' lowercased, {name: value}); RFC 2231 parameters merged."""
+    """'type/sub; a=b' -> ('type/sub' lowercased, {name: value}); RFC 2231 parameters merged.
+
+    Reads the first MAX_HEADER_VALUE characters and MAX_PARAMS parameters.
+    """
+    value = value[:MAX_HEADER_VALUE]
     semi = value.find(';')
     if semi < 0:
         return value.strip().lower(), {}
     params: dict[str, str] = {}
     extended = False
-    for name, quoted, token in _PARAM.findall(value, semi):
+    for count, (name, quoted, token) in enumerate(_PARAM.findall(value, semi)):
+        if count == MAX_PARAMS:   # a real header has a few; a hostile one, thousands of RFC 2231 sections
+            break
         name = name.lower()
         if '*' in name:
             extended = True
@@ -573,7 +612,8 @@ def _merge_rfc2231(params: dict[str, str]) -> dict[str, str]:
         base, _, rest = key.partition('*')
         encoded = key.endswith('*')
         number = rest.rstrip('*')
-        index = int(number) if number.isdigit() else 0
+        # isdecimal, not isdigit: int('²') raises. Sections are numbered from 0 up (RFC 2231, 3).
+        index = int(number) if number.isdecimal() and len(number) <= 4 else 0
         segments.setdefault(base, []).append((index, encoded, value))
     for base, parts in segments.items():
         parts.sort()
@@ -594,7 +634,7 @@ def _merge_rfc2231(params: dict[str, str]) -> dict[str, str]:
 
 class _Walk:
     """What the walk collects; one per parse."""
-    __slots__ = ('buf', 'text', 'html', 'attachments', 'defects', 'charset')
+    __slots__ = ('buf', 'text', 'html', 'attachments', 'defects', 'charset', 'parts_left')
 
     def __init__(self, buf: bytes, defects: list[str]):
         self.buf = buf
@@ -603,6 +643,7 @@ class _Walk:
         self.attachments: list[Attachment] = []
         self.defects = defects
         self.charset: str | None = None     # of the first text body: the best guess for 8-bit headers
+        self.parts_left = MAX_PARTS         # in the whole message, at every depth
 
 
 _PART_FIELDS = frozenset({'content-type', 'content-transfer-encoding', 'content-disposition', 'content-id'})
@@ -618,7 +659,8 @@ def _walk_entity(walk: _Walk, mime: dict[str, str], start: int, end: int,
             _add_attachment(walk, mime, ctype, params, walk.buf[start:end], parent)
             return
         boundary = params.get('boundary', '').rstrip()   # RFC 2046 5.1.1: never ends in a blank
-        spans = _split_multipart(walk.buf, start, end, boundary, walk.defects) if boundary else None
+        spans = _split_multipart(walk.buf, start, end, boundary, walk.defects, walk.parts_left) \
+            if boundary else None
         if spans is None:
             # RFC 2046 5.1.1 gives no recovery; treat the body as plain text so it is still readable.
             _defect(walk.defects, f'{ctype} without usable boundary: read as text/plain')
@@ -626,6 +668,7 @@ def _walk_entity(walk: _Walk, mime: dict[str, str], start: int, end: int,
         else:
             # RFC 2046 5.1.5: in a digest, a part without Content-Type is a message.
             child_default = 'message/rfc822' if ctype == 'multipart/digest' else 'text/plain'
+            walk.parts_left -= len(spans)
             for part_start, part_end in spans:
                 fields, body_start, _ = _read_fields(walk.buf, part_start, part_end, walk.defects)
                 _walk_entity(walk, _first_values(fields, _PART_FIELDS), body_start, part_end,
@@ -711,8 +754,8 @@ def _subject_filename(message: bytes) -> str:
 
 
 def _split_multipart(buf: bytes, start: int, end: int, boundary: str,
-                     defects: list[str]) -> list[tuple[int, int]] | None:
-    """Body spans between boundary lines (RFC 2046 5.1.1); None when no boundary line is present."""
+                     defects: list[str], limit: int = MAX_PARTS) -> list[tuple[int, int]] | None:
+    """Body spans between boundary lines (RFC 2046 5.1.1), at most `limit`; None when no boundary line is present."""
     delimiter = b'--' + boundary.encode('utf-8', 'surrogateescape')
     spans: list[tuple[int, int]] = []
     part_start = -1
@@ -742,6 +785,9 @@ def _split_multipart(buf: bytes, start: int, end: int, boundary: str,
                 part_end -= 1
             spans.append((part_start, max(part_end, part_start)))
         if closing:
+            return spans
+        if len(spans) >= limit:
+            _defect(defects, f'more than {MAX_PARTS} MIME parts: the rest is not read')
             return spans
         part_start = pos = k
     if part_start < 0:
@@ -871,10 +917,9 @@ def _parse(buf: bytes) -> ParsedMessage:
     else:
         headers = [(name, _decode_words(value, defects) if '=?' in value else value)
                    for name, value in fields]
-    subject = first.get('subject')
     return ParsedMessage(
-        # Its defects were noted once already, while decoding `headers`.
-        subject=_decode_words(subject) if subject and '=?' in subject else subject or '',
+        # The first Subject, decoded once already in `headers`.
+        subject=_first_values(headers, ('subject',)).get('subject', ''),
         from_=_addresses(first.get('from')),
         to=_addresses(first.get('to')),
         cc=_addresses(first.get('cc')),
