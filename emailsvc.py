@@ -5,6 +5,7 @@ enqueues a task. Sections: errors, requests and auth, accounts, tasks,
 health, command line.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -25,6 +26,7 @@ import tasks
 from mailkit import logs, smtp
 from mailkit import settings as settings_mod
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
+from taskq import ledger
 
 SETTINGS = tasks.SETTINGS
 logger = logging.getLogger('emailsvc.web')
@@ -115,13 +117,18 @@ def authenticate():
     return Caller(row)
 
 
-def api(method, path, operator_only=False):
-    """Route decorator: authenticate, then run the handler inside the caller's tenant scope."""
+def api(method, path, operator_only=False, user_only=False):
+    """Route decorator: authenticate, refuse the wrong kind of key, then run the handler
+    inside the caller's tenant scope. `user_only`: the route acts for the user who owns
+    the accounts and mail (create, send, delete, report, upload); an operator key is refused."""
     def decorate(handler):
         def scoped(**kwargs):
             caller = authenticate()
             if operator_only and not caller.operator:
                 raise ApiError(403, 'forbidden', 'This needs an operator key.')
+            if user_only and caller.operator:
+                raise ApiError(403, 'forbidden', 'This acts for the user who owns the account; use that user\'s '
+                                                 'key, not an operator key.')
             bottle.request.caller = caller
             scope = models.all_tenants() if caller.operator else models.tenant_scope(caller.tenant_id)
             with scope:
@@ -148,14 +155,21 @@ def one(model, ident, kind):
     return row
 
 
+def read_capped(stream, limit, message):
+    """Read `stream` (a request body or an uploaded file), refusing with 413 past `limit` bytes,
+    by Content-Length before reading when it says so, or by what arrives."""
+    if (bottle.request.content_length or 0) > limit:
+        raise ApiError(413, 'too_large', message)
+    data = stream.read(limit + 1)
+    if len(data) > limit:
+        raise ApiError(413, 'too_large', message)
+    return data
+
+
 def json_body():
     """The request's JSON object; 413 if too large, 400 if not JSON, 422 if not an object."""
     limit = bottle.BaseRequest.MEMFILE_MAX
-    if (bottle.request.content_length or 0) > limit:
-        raise ApiError(413, 'too_large', f'The request body is over {limit // 1024} KB.')
-    raw = bottle.request.body.read(limit + 1)
-    if len(raw) > limit:
-        raise ApiError(413, 'too_large', f'The request body is over {limit // 1024} KB.')
+    raw = read_capped(bottle.request.body, limit, f'The request body is over {limit // 1024} KB.')
     if not raw.strip():
         return {}
     try:
@@ -167,9 +181,10 @@ def json_body():
     return body
 
 
-def accepted(task, status='pending'):
+def accepted(task_id, status=ledger.PENDING):
+    """202: the task is on record and queued (or, for a repeated request, was earlier)."""
     bottle.response.status = 202
-    return {'task_id': task.id, 'status': status}
+    return {'task_id': task_id, 'status': status}
 
 
 # ================================================================ accounts
@@ -187,6 +202,11 @@ class Fields:
 
     def fail(self, field, message):
         self.errors.setdefault(field, message)
+
+    def only(self, body, allowed, prefix=''):
+        """Fail each key of `body` that is not in `allowed`: a typo must not pass as an omission."""
+        for extra in sorted(set(body) - set(allowed)):
+            self.fail(f'{prefix}{extra}', 'is not a known field')
 
     def check(self):
         if self.errors:
@@ -226,8 +246,7 @@ def want_object(fields, name, value, allowed):
     if not isinstance(value, dict):
         fields.fail(name, 'must be an object')
         return {}
-    for extra in sorted(set(value) - set(allowed)):
-        fields.fail(f'{name}.{extra}', 'is not a known field')
+    fields.only(value, allowed, prefix=f'{name}.')
     return value
 
 
@@ -254,8 +273,7 @@ def validate_server(fields, prefix, given, current, allowed):
 def validate_account(body, client=None):
     """Check a create (client None) or update body; returns the clean values given."""
     fields = Fields()
-    for extra in sorted(set(body) - set(ACCOUNT_FIELDS)):
-        fields.fail(extra, 'is not a known field')
+    fields.only(body, ACCOUNT_FIELDS)
     clean = {}
     if client is None or 'email' in body:
         clean['email'] = want_str(fields, 'email', body.get('email'), EMAIL, 'must be an email address')
@@ -344,20 +362,13 @@ def apply_account(client, clean):
 
 def store_passwords(client, passwords, dropped_smtp):
     for kind, password in passwords.items():
-        models.Credential.insert(tenant_id=client.tenant_id, client=client.id, kind=kind,
-                                 secret=tasks.vault.encrypt(password), updated_at=models.utcnow()) \
-            .on_conflict(conflict_target=[models.Credential.client, models.Credential.kind],
-                         update={models.Credential.secret: pw.EXCLUDED.secret,
-                                 models.Credential.updated_at: pw.EXCLUDED.updated_at}).execute()
+        models.Credential.store(client, kind, password)
     if dropped_smtp:
-        models.Credential.delete().where(models.Credential.client == client.id,
-                                         models.Credential.kind == 'smtp').execute()
+        models.Credential.forget(client, 'smtp')
 
 
-@api('POST', '/api/v1/accounts')
+@api('POST', '/api/v1/accounts', user_only=True)
 def create_account():
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Accounts belong to a user; create them with that user\'s key.')
     clean = validate_account(json_body())
     with models.database.atomic():
         client = EmailClient(user_id=caller().user_id)
@@ -397,7 +408,7 @@ def update_account(client_id):
 def delete_account(client_id):
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
-        models.Credential.delete().where(models.Credential.client == client.id).execute()
+        models.Credential.forget(client)
         client.delete_instance()
     bottle.response.status = 204
     return ''
@@ -410,8 +421,7 @@ def start_sync(client_id):
     client = one(EmailClient, client_id, 'account')
     body = json_body()
     fields = Fields()
-    for extra in sorted(set(body) - {'folder_id', 'force_full_sync'}):
-        fields.fail(extra, 'is not a known field')
+    fields.only(body, ('folder_id', 'force_full_sync'))
     folder_id = body.get('folder_id')
     if folder_id is not None and (isinstance(folder_id, bool) or not isinstance(folder_id, int)):
         fields.fail('folder_id', 'must be a folder id or null')
@@ -423,8 +433,7 @@ def start_sync(client_id):
             models.EmailFolder.id == folder_id, models.EmailFolder.client == client.id):
         raise not_found('folder', folder_id)
     task_id, state, _ = tasks.queue_sync(client, client.user_id, folder_id, force)
-    bottle.response.status = 202
-    return {'task_id': task_id, 'status': state}
+    return accepted(task_id, state)
 
 
 def own_clients():
@@ -462,11 +471,11 @@ def message_summary(m):
             'message_id': m.message_id,
             'spam': None if m.is_spam is None else {
                 'is_spam': m.is_spam, 'score': m.spam_score,
-                'indicators': json.loads(m.spam_indicators) if m.spam_indicators else []}}
+                'indicators': m.spam_indicators or []}}
 
 
-def addresses(text):
-    return [{'name': name, 'address': address} for name, address in json.loads(text)]
+def addresses(pairs):
+    return [{'name': name, 'address': address} for name, address in pairs]
 
 
 @api('GET', '/api/v1/messages')
@@ -501,12 +510,11 @@ def list_messages():
     return {'items': [message_summary(m) for m in rows], 'next_cursor': str(rows[-1].id) if more else None}
 
 
-@api('POST', '/api/v1/messages/delete')
+@api('POST', '/api/v1/messages/delete', user_only=True)
 def delete_messages():
     body = json_body()
     fields = Fields()
-    for extra in sorted(set(body) - {'email_ids', 'permanent'}):
-        fields.fail(extra, 'is not a known field')
+    fields.only(body, ('email_ids', 'permanent'))
     ids = body.get('email_ids')
     if not isinstance(ids, list) or not ids or len(ids) > 5000 or \
             not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
@@ -522,9 +530,7 @@ def delete_messages():
     if missing:  # the whole batch is refused: nothing is deleted
         raise ApiError(404, 'not_found', f'no message {", ".join(map(str, missing[:20]))}'
                                          f'{" ..." if len(missing) > 20 else ""}', missing_ids=missing[:100])
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Deleting mail needs the owning user\'s key.')
-    return accepted(tasks.delete_emails(ids, caller().tenant_id, caller().user_id, permanent=permanent))
+    return accepted(tasks.delete_emails(ids, caller().tenant_id, caller().user_id, permanent=permanent).id)
 
 
 def one_message(message_id):
@@ -540,7 +546,7 @@ def get_message(message_id):
     m = one_message(message_id)
     body = message_summary(m)
     body.update(cc=addresses(m.cc_addrs), reply_to=addresses(m.reply_to), in_reply_to=m.in_reply_to,
-                references=json.loads(m.references), headers=[list(h) for h in json.loads(m.headers)],
+                references=m.references, headers=[list(h) for h in m.headers],
                 text=m.text, html=m.html, parse_error=m.parse_error,
                 attachments=[{'id': a.id, 'filename': a.filename, 'content_type': a.content_type,
                               'size': a.size, 'content_id': a.content_id, 'disposition': a.disposition}
@@ -548,27 +554,23 @@ def get_message(message_id):
     return body
 
 
-@api('POST', '/api/v1/messages/<message_id:int>/spam-check')
+@api('POST', '/api/v1/messages/<message_id:int>/spam-check', user_only=True)
 def spam_check(message_id):
     message = one_message(message_id)
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Spam checks run for the owning user; use that user\'s key.')
-    return accepted(tasks.check_spam(message.id, caller().tenant_id, caller().user_id))
+    return accepted(tasks.check_spam(message.id, caller().tenant_id, caller().user_id).id)
 
 
-@api('POST', '/api/v1/messages/<message_id:int>/report')
+@api('POST', '/api/v1/messages/<message_id:int>/report', user_only=True)
 def report_message(message_id):
     """The user says spam or ham: the tenant's model learns it; on IMAP the message moves."""
     message = one_message(message_id)
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Reports come from the owning user; use that user\'s key.')
     body = json_body()
     verdict = body.get('verdict')
     if verdict not in ('spam', 'ham') or set(body) - {'verdict'}:
         raise ApiError(422, 'validation_failed', 'verdict: must be "spam" or "ham"',
                        fields={'verdict': 'must be "spam" or "ham"'})
     tasks.learn_report(message, verdict)
-    return accepted(tasks.file_report(message.id, caller().tenant_id, caller().user_id, verdict))
+    return accepted(tasks.file_report(message.id, caller().tenant_id, caller().user_id, verdict).id)
 
 
 @api('GET', '/api/v1/messages/<message_id:int>/raw')
@@ -610,17 +612,11 @@ def content_disposition(filename):
 
 # ================================================================ sending
 
-@api('POST', '/api/v1/attachments')
+@api('POST', '/api/v1/attachments', user_only=True)
 def upload_attachment():
     """A file for sending: multipart form field `file`, or the raw body with ?filename=."""
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Uploads belong to a user; use that user\'s key.')
-    limit = SETTINGS['mail.max_attachment_mb'] * 1024 * 1024
-    if (bottle.request.content_length or 0) > limit:
-        raise ApiError(413, 'too_large', f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
-    filename, content_type, data = uploaded_file(limit)
-    if len(data) > limit:
-        raise ApiError(413, 'too_large', f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
+    filename, content_type, data = uploaded_file(SETTINGS['mail.max_attachment_mb'] * 1024 * 1024,
+                                                 f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
     blob_id = models.store_blobs([data])[0]
     upload = models.Upload.create(user_id=caller().user_id, filename=filename, content_type=content_type,
                                   size=len(data), blob=blob_id)
@@ -628,7 +624,7 @@ def upload_attachment():
     return {'id': upload.id, 'filename': filename, 'content_type': content_type, 'size': len(data)}
 
 
-def uploaded_file(limit):
+def uploaded_file(limit, too_large):
     ctype = (bottle.request.content_type or '').split(';')[0].strip().lower()
     if ctype == 'multipart/form-data':
         try:
@@ -638,7 +634,7 @@ def uploaded_file(limit):
         if upload is None:
             raise ApiError(422, 'validation_failed', 'file: is required', fields={'file': 'is required'})
         return clean_filename(upload.raw_filename), upload.content_type or 'application/octet-stream', \
-            upload.file.read(limit + 1)
+            read_capped(upload.file, limit, too_large)
     filename = bottle.request.query.getunicode('filename') or bottle.request.get_header('X-Filename')
     if not filename:
         raise ApiError(422, 'validation_failed', 'filename: give ?filename= with a raw body',
@@ -646,7 +642,7 @@ def uploaded_file(limit):
     # urllib and curl label a bare body as a form; it is not one.
     known = SAFE_TYPE.match(ctype) and ctype != 'application/x-www-form-urlencoded'
     content_type = ctype if known else 'application/octet-stream'
-    return clean_filename(filename), content_type, bottle.request.body.read(limit + 1)
+    return clean_filename(filename), content_type, read_capped(bottle.request.body, limit, too_large)
 
 
 def clean_filename(name):
@@ -675,8 +671,7 @@ def want_addresses(fields, name, value):
 
 def validate_send(body):
     fields = Fields()
-    for extra in sorted(set(body) - set(SEND_FIELDS)):
-        fields.fail(extra, 'is not a known field')
+    fields.only(body, SEND_FIELDS)
     clean = {name: want_addresses(fields, name, body.get(name)) for name in ('to', 'cc', 'bcc')}
     if not (clean['to'] or clean['cc'] or clean['bcc']) and not fields.errors:
         fields.fail('to', 'give at least one recipient in to, cc or bcc')
@@ -712,11 +707,9 @@ def check_attachments_and_size(clean):
                        fields={'body_text': 'bodies and attachments together are too large'})
 
 
-@api('POST', '/api/v1/accounts/<client_id:int>/send')
+@api('POST', '/api/v1/accounts/<client_id:int>/send', user_only=True)
 def send_message(client_id):
     client = one(EmailClient, client_id, 'account')
-    if caller().operator:
-        raise ApiError(403, 'forbidden', 'Sending needs the owning user\'s key.')
     if not client.smtp_host:
         raise ApiError(422, 'no_smtp', f'account {client.id} has no SMTP server; add one with PATCH')
     key = bottle.request.get_header('Idempotency-Key')
@@ -726,15 +719,12 @@ def send_message(client_id):
         return accepted_replay(replay)
     clean = validate_send(json_body())
     check_attachments_and_size(clean)
-    task, state = tasks.queue_send(client, caller().user_id, clean, key)
-    bottle.response.status = 202
-    return {'task_id': task, 'status': state}
+    return accepted(*tasks.queue_send(client, caller().user_id, clean, key))
 
 
 def accepted_replay(task_id):
     record = TaskRecord.get_or_none(TaskRecord.id == task_id)
-    bottle.response.status = 202
-    return {'task_id': task_id, 'status': record.state if record else 'pending'}
+    return accepted(task_id, record.state if record else ledger.PENDING)
 
 
 # ================================================================ tasks
@@ -768,8 +758,8 @@ def list_tasks():
     query = own(TaskRecord.select(), TaskRecord)
     params = bottle.request.query
     if params.get('state'):
-        if params.state not in models.TASK_STATES:
-            raise ApiError(422, 'invalid_filter', f'state must be one of {", ".join(models.TASK_STATES)}.')
+        if params.state not in ledger.TASK_STATES:
+            raise ApiError(422, 'invalid_filter', f'state must be one of {", ".join(ledger.TASK_STATES)}.')
         query = query.where(TaskRecord.state == params.state)
     if params.get('name'):
         query = query.where(TaskRecord.name == params.name)
@@ -797,50 +787,28 @@ def get_task(task_id):
 def revoke_or_purge_task(task_id):
     """A waiting task is revoked (200); a finished one, a dead letter say, is purged from the ledger (204)."""
     record = one(TaskRecord, task_id, 'task')
-    if record.state in models.FINAL_STATES:
-        purged = TaskRecord.delete().where(TaskRecord.id == record.id,
-                                           TaskRecord.state.in_(models.FINAL_STATES)).execute()
-        if purged:
-            bottle.response.status = 204
-            return ''
-        record = TaskRecord.get_by_id(record.id)
-    # Mark first, then tell Huey: a worker that dequeues it in between finds it
-    # revoked in the ledger's eyes and Huey's, never run and recorded twice.
-    changed = models.ledger_update(record.id, only_states=('pending', 'retrying'),
-                                   state='revoked', finished_at=models.utcnow())
-    if not changed:
-        record = TaskRecord.get_by_id(record.id)
-        raise ApiError(409, 'not_revocable', f'task {record.id} is {record.state}; only pending or '
-                                             'retrying tasks can be revoked.')
-    tasks.huey.revoke_by_id(record.id)
+    if record.state in ledger.FINAL_STATES and ledger.purge(record.id):
+        bottle.response.status = 204
+        return ''
+    with conflict_as_409():
+        ledger.revoke(tasks.huey, record.id)
     return TaskRecord.get_by_id(record.id).to_dict()
 
 
 @api('POST', '/api/v1/tasks/<task_id>/retry')
 def retry_task(task_id):
     record = one(TaskRecord, task_id, 'task')
-    task = rerun(record)
-    return accepted(task)
+    with conflict_as_409():
+        ledger.requeue(tasks.huey, record)
+    return accepted(record.id)
 
 
-def rerun(record):
-    """Queue a finished-unsuccessful task again: same id, a new attempt on the same record."""
-    wrapper = tasks.TASKS.get(record.name)
-    if wrapper is None:
-        raise ApiError(409, 'not_retryable', f'task {record.id} ({record.name}) cannot be re-run.')
-    changed = models.ledger_update(record.id, only_states=('failed', 'dead', 'revoked'),
-                                   state='pending', finished_at=None, next_retry_at=None,
-                                   request_id=logs.request_id.get())
-    if not changed:
-        raise ApiError(409, 'not_retryable', f'task {record.id} is {record.state}; only failed, dead or '
-                                             'revoked tasks can be re-run.')
-    task = wrapper.s(**json.loads(record.args), id=record.id)
+@contextlib.contextmanager
+def conflict_as_409():
     try:
-        tasks.huey.restore_by_id(record.id)
-        return tasks.huey.enqueue(task)
-    except UNAVAILABLE:
-        models.ledger_update(record.id, state=record.state, finished_at=record.finished_at)
-        raise
+        yield
+    except ledger.LedgerConflict as exc:
+        raise ApiError(409, exc.code, str(exc)) from None
 
 
 # ================================================================ health
@@ -854,7 +822,7 @@ def health():
 def health_detailed():
     report = {'database': probe(models.check_database), 'broker': probe(check_broker)}
     report['consumers'] = probe(live_consumers) if report['database']['ok'] else {'ok': False}
-    report['queue'] = probe(tasks.queue_depth) if report['broker']['ok'] else {'ok': False}
+    report['queue'] = probe(tasks.huey.queue_depth) if report['broker']['ok'] else {'ok': False}
     healthy = report['database']['ok'] and report['broker']['ok']
     report['status'] = 'ok' if healthy else 'degraded'
     bottle.response.status = 200 if healthy else 503
@@ -969,7 +937,8 @@ def admin_list_keys(args):
     for row in ApiKey.select().order_by(ApiKey.id):
         owner = 'operator' if row.is_operator else f'{tenants.get(row.tenant_id)}/{users.get(row.user_id)}'
         state = f'revoked {models.iso(row.revoked_at)}' if row.revoked_at else 'active'
-        print(f'{row.id}\t{row.prefix}…\t{owner}\t{state}\tcreated {models.iso(row.created_at)}')
+        print(f'{row.id}\t{row.prefix}…\t{owner}\t{state}\tcreated {models.iso(row.created_at)}\t'
+              f'last used {models.iso(row.last_used_at) or "never"}')
 
 
 def admin_revoke_key(args):
@@ -986,27 +955,21 @@ def admin_revoke_key(args):
 def admin_rotate_key(args):
     """Re-encrypt every credential under the newest key (the first in security.credential_keys)."""
     models.migrate()
-    vault = tasks.vault
-    if args.generate:
-        vault = generate_embedded_key()
-    count = 0
-    with models.all_tenants(), models.database.atomic():
-        for row in models.Credential.select():
-            models.Credential.update(secret=vault.rotate(row.secret)).where(models.Credential.id == row.id).execute()
-            count += 1
+    keys = generate_embedded_key() if args.generate else SETTINGS['security.credential_keys']
+    count = tasks.reencrypt_credentials(keys)
     print(f're-encrypted {count} credentials under the newest key')
 
 
 def generate_embedded_key():
     """Put a new key in front of var/fernet.key (embedded mode only)."""
-    from mailkit.credentials import Vault, new_key
+    from mailkit.credentials import new_key
     path = SETTINGS['paths.var'] / 'fernet.key'
     if settings_mod.env_name('security.credential_keys') in os.environ or not path.exists():
         fail('--generate works on the generated var/fernet.key only; with configured keys, put a new key '
              'first in security.credential_keys and run rotate-key without --generate')
     keys = [new_key()] + path.read_text().strip().split(',')
     path.write_text(','.join(keys) + '\n')
-    return Vault(keys)
+    return keys
 
 
 def tasks_status(args):
@@ -1020,29 +983,27 @@ def tasks_status(args):
 
 def tasks_active(args):
     with models.all_tenants():
-        rows = TaskRecord.select().where(TaskRecord.state.in_(('running', 'retrying', 'pending'))) \
+        rows = TaskRecord.select().where(TaskRecord.state.in_(ledger.ACTIVE_STATES)) \
             .order_by(TaskRecord.enqueued_at).limit(args.limit)
         for row in rows:
             print(f'{row.id}\t{row.name}\t{row.state}\tattempts {row.attempts}\tworker {row.worker or "-"}')
 
 
 def tasks_queues(args):
-    print(json.dumps(tasks.queue_depth()))
+    print(json.dumps(tasks.huey.queue_depth()))
 
 
 def tasks_revoke(args):
-    with models.all_tenants():
-        changed = models.ledger_update(args.task_id, only_states=('pending', 'retrying'),
-                                       state='revoked', finished_at=models.utcnow())
-    if not changed:
-        fail(f'task {args.task_id} is not pending or retrying (./run.sh tasks status {args.task_id})')
-    tasks.huey.revoke_by_id(args.task_id)
+    try:
+        ledger.revoke(tasks.huey, args.task_id)
+    except ledger.LedgerConflict as exc:
+        fail(f'{exc} (./run.sh tasks status {args.task_id})')
     print(f'task {args.task_id} revoked')
 
 
 def tasks_dead(args):
     with models.all_tenants():
-        rows = TaskRecord.select().where(TaskRecord.state == 'dead').order_by(TaskRecord.finished_at.desc()) \
+        rows = TaskRecord.select().where(TaskRecord.state == ledger.DEAD).order_by(TaskRecord.finished_at.desc()) \
             .limit(args.limit)
         for row in rows:
             print(f'{row.id}\t{row.name}\ttenant {row.tenant_id}\tattempts {row.attempts}\t'
@@ -1055,22 +1016,17 @@ def tasks_retry(args):
         if record is None:
             fail(f'no task {args.task_id}')
         try:
-            rerun(record)
-        except ApiError as err:
-            fail(err.body)
+            ledger.requeue(tasks.huey, record)
+        except ledger.LedgerConflict as exc:
+            fail(str(exc))
     print(f'task {args.task_id} queued again')
 
 
 def tasks_purge(args):
+    if not (args.task_id or args.all_dead):
+        fail('give a task id or --all-dead')
     with models.all_tenants():
-        query = TaskRecord.delete().where(TaskRecord.state.in_(models.FINAL_STATES))
-        if args.all_dead:
-            query = query.where(TaskRecord.state == 'dead')
-        elif args.task_id:
-            query = query.where(TaskRecord.id == args.task_id)
-        else:
-            fail('give a task id or --all-dead')
-        count = query.execute()
+        count = ledger.purge(args.task_id, all_dead=args.all_dead)
     if args.task_id and not count:
         fail(f'task {args.task_id} is unknown or not finished (./run.sh tasks status {args.task_id})')
     print(f'purged {count} task(s)')

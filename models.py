@@ -22,6 +22,7 @@ from playhouse import migrate as pw_migrate
 from playhouse.pool import PooledPostgresqlDatabase, PooledSqliteDatabase
 
 from mailkit import settings as mailkit_settings
+from mailkit.credentials import Sealer
 
 database = pw.DatabaseProxy()
 
@@ -68,6 +69,15 @@ def init_database(url):
 def dispose_connections():
     if database.obj is not None:
         database.obj.dispose()
+
+
+def init_credentials(keys):
+    """Give Credential.store the keys to encrypt with (it can encrypt only: decryption is the workers')."""
+    global _sealer
+    _sealer = Sealer(keys)
+
+
+_sealer = None
 
 
 def check_database():
@@ -202,6 +212,16 @@ def _change_sql(model, param, names, scoped):
 
 # ---------------------------------------------------------------- models
 
+class JSONField(pw.TextField):
+    """A JSON document in a text column: Python values in, Python values out."""
+
+    def db_value(self, value):
+        return None if value is None else json.dumps(value, default=str)
+
+    def python_value(self, value):
+        return None if value is None else json.loads(value)
+
+
 class Tenant(BaseModel):
     name = pw.CharField(unique=True, max_length=100)
     created_at = pw.DateTimeField(default=utcnow)
@@ -230,7 +250,7 @@ class ApiKey(BaseModel):
     is_operator = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow)
     revoked_at = pw.DateTimeField(null=True)
-    last_used_at = pw.DateTimeField(null=True)
+    last_used_at = pw.DateTimeField(null=True)  # to the minute: see lookup()
 
     @classmethod
     def issue(cls, tenant_id=None, user_id=None, operator=False):
@@ -244,7 +264,16 @@ class ApiKey(BaseModel):
     def lookup(cls, key):
         """The live key row for `key`, or None."""
         row = cls.find(key_hash=hash_key(key))
-        return row if row is not None and row.revoked_at is None else None
+        if row is None or row.revoked_at is not None:
+            return None
+        now = utcnow()
+        # One write a minute per key at most, so a busy client costs no write a request.
+        if row.last_used_at is None or now - row.last_used_at > KEY_USE_RESOLUTION:
+            cls.change(row.id, last_used_at=now)
+        return row
+
+
+KEY_USE_RESOLUTION = datetime.timedelta(minutes=1)
 
 
 class EmailClient(TenantModel):
@@ -271,6 +300,11 @@ class EmailClient(TenantModel):
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
 
+    @classmethod
+    def ids_of_user(cls, user_id):
+        """The ids of a user's accounts, as a subquery."""
+        return cls.select(cls.id).where(cls.user_id == user_id)
+
 
 class Credential(TenantModel):
     """An account password, Fernet-encrypted; `kind` is incoming or smtp."""
@@ -285,18 +319,28 @@ class Credential(TenantModel):
     def __repr__(self):
         return f'<Credential {self.kind} of client {self.client_id}>'
 
+    @classmethod
+    def store(cls, client, kind, password):
+        """Keep `password` encrypted as the account's `kind` (incoming, smtp) password, replacing any."""
+        cls.insert(tenant_id=client.tenant_id, client=client.id, kind=kind, secret=_sealer.encrypt(password),
+                   updated_at=utcnow()) \
+            .on_conflict(conflict_target=[cls.client, cls.kind],
+                         update={cls.secret: pw.EXCLUDED.secret, cls.updated_at: pw.EXCLUDED.updated_at}).execute()
 
-TASK_STATES = ('pending', 'running', 'retrying', 'succeeded', 'failed', 'dead', 'revoked')
-FINAL_STATES = ('succeeded', 'failed', 'dead', 'revoked')
+    @classmethod
+    def forget(cls, client, kind=None):
+        """Drop the account's stored passwords (of one kind, or all)."""
+        query = cls.delete().where(cls.client == client.id)
+        return (query if kind is None else query.where(cls.kind == kind)).execute()
 
 
 class TaskRecord(TenantModel):
-    """The ledger: one row per task id, the source of GET /api/v1/tasks."""
+    """The ledger: one row per task id, the source of GET /api/v1/tasks; written by taskq.ledger only."""
     id = pw.CharField(primary_key=True, max_length=64)
     tenant_id = pw.IntegerField(null=True, index=True)  # None: the service's own periodic work
     user_id = pw.IntegerField(null=True)
     name = pw.CharField(max_length=64, index=True)
-    state = pw.CharField(max_length=10, index=True, default='pending')
+    state = pw.CharField(max_length=10, index=True)  # taskq.ledger.TASK_STATES
     priority = pw.IntegerField(default=0)
     attempts = pw.IntegerField(default=0)
     retries_left = pw.IntegerField(default=0)
@@ -307,11 +351,11 @@ class TaskRecord(TenantModel):
     worker = pw.CharField(max_length=100, null=True)
     progress_done = pw.IntegerField(null=True)
     progress_total = pw.IntegerField(null=True)
-    result = pw.TextField(null=True)
+    result = JSONField(null=True)
     error = pw.TextField(null=True)
     traceback = pw.TextField(null=True)
     request_id = pw.CharField(max_length=64, null=True)
-    args = pw.TextField(default='{}')
+    args = JSONField(default=dict)
 
     def to_dict(self):
         return {
@@ -323,9 +367,7 @@ class TaskRecord(TenantModel):
             'worker': self.worker,
             'progress': ({'done': self.progress_done, 'total': self.progress_total}
                          if self.progress_total is not None else None),
-            'result': json.loads(self.result) if self.result else None,
-            'error': self.error, 'request_id': self.request_id,
-            'args': json.loads(self.args),
+            'result': self.result, 'error': self.error, 'request_id': self.request_id, 'args': self.args,
         }
 
 
@@ -368,6 +410,11 @@ class EmailFolder(TenantModel):
     class Meta:
         indexes = ((('client', 'raw_name'), True),)
 
+    @classmethod
+    def by_role(cls, client_id, role):
+        """The account's folder with `role` (inbox, sent, trash, junk, ...), or None."""
+        return cls.find(client=client_id, role=role)
+
 
 class EmailMessage(TenantModel):
     client = pw.ForeignKeyField(EmailClient, backref='messages', on_delete='CASCADE')
@@ -378,12 +425,12 @@ class EmailMessage(TenantModel):
     subject = pw.TextField(default='')
     from_name = pw.TextField(default='')
     from_addr = pw.CharField(max_length=320, default='', index=True)
-    to_addrs = pw.TextField(default='[]')        # JSON [[name, address], ...]
-    cc_addrs = pw.TextField(default='[]')
-    reply_to = pw.TextField(default='[]')
+    to_addrs = JSONField(default=list)           # [[name, address], ...]
+    cc_addrs = JSONField(default=list)
+    reply_to = JSONField(default=list)
     date = pw.DateTimeField(null=True, index=True)
     in_reply_to = pw.TextField(null=True)
-    references = pw.TextField(default='[]')
+    references = JSONField(default=list)
     flags = pw.TextField(default='')             # space-separated IMAP flags
     is_read = pw.BooleanField(default=False)
     is_flagged = pw.BooleanField(default=False)
@@ -391,14 +438,14 @@ class EmailMessage(TenantModel):
     snippet = pw.TextField(default='')
     text = pw.TextField(null=True)
     html = pw.TextField(null=True)
-    headers = pw.TextField(default='[]')         # JSON [[name, value], ...]
+    headers = JSONField(default=list)            # [[name, value], ...]
     blob = pw.CharField(max_length=64)           # Blob id of the raw RFC 822 bytes
     parse_error = pw.TextField(null=True)
     is_deleted = pw.BooleanField(default=False)
     created_at = pw.DateTimeField(default=utcnow)
     is_spam = pw.BooleanField(null=True)          # None until scored
     spam_score = pw.FloatField(null=True)
-    spam_indicators = pw.TextField(null=True)     # JSON list of indicator codes
+    spam_indicators = JSONField(null=True)        # list of indicator codes
 
     class Meta:
         indexes = ((('folder', 'uid'), True), (('folder', 'pop3_uid'), True), (('client', 'date'), False))
@@ -438,8 +485,8 @@ class Outbox(TenantModel):
     idempotency_key = pw.CharField(max_length=255, null=True)
     message_id = pw.CharField(max_length=255)
     state = pw.CharField(max_length=10, default='queued')
-    recipients = pw.TextField(default='[]')
-    refused = pw.TextField(default='{}')
+    recipients = JSONField(default=list)
+    refused = JSONField(default=dict)
     error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
     sent_at = pw.DateTimeField(null=True)
@@ -451,7 +498,7 @@ class Outbox(TenantModel):
 class SpamLearning(TenantModel):
     """A tenant's spam reports, as the additive delta it scores with on top of the base model."""
     tenant_id = pw.IntegerField(unique=True)
-    data = pw.TextField(default='{}')
+    data = JSONField(default=dict)
     updated_at = pw.DateTimeField(default=utcnow)
 
 
@@ -463,7 +510,7 @@ MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHea
           Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
 
 
-# ---------------------------------------------------------------- ledger writes
+# ---------------------------------------------------------------- writes that survive a lost connection
 
 def with_reconnect(operation):
     """Run a one-statement write; after a lost connection, once more on a fresh one."""
@@ -474,79 +521,6 @@ def with_reconnect(operation):
             raise
         database.close()  # a server restart leaves the pooled socket dead
         return operation()
-
-
-# The ledger is written for every task, several times: its statements are
-# built once per column set and sent as plain SQL, because building them with
-# the query builder each time cost more than running them (0.3 ms of 0.5 ms
-# per enqueue, measured with cProfile). A ledger write is the service's own
-# bookkeeping by task id, so it needs no tenant predicate.
-
-INCREMENT = object()  # ledger_update(attempts=INCREMENT): attempts = attempts + 1
-
-
-@functools.lru_cache(maxsize=128)
-def _insert_sql(param, columns):
-    names = ', '.join(f'"{c}"' for c in columns)
-    return (f'INSERT INTO "task_record" ({names}) VALUES ({", ".join([param] * len(columns))}) '
-            f'ON CONFLICT ("id") DO NOTHING')
-
-
-@functools.lru_cache(maxsize=128)
-def _update_sql(param, columns, increments, state_count, expected):
-    sets = [f'"{c}" = "{c}" + 1' for c in increments] + [f'"{c}" = {param}' for c in columns]
-    where = f'"id" = {param}'
-    if state_count:
-        where += f' AND "state" IN ({", ".join([param] * state_count)})'
-    for column in expected:
-        where += f' AND "{column}" = {param}'
-    return f'UPDATE "task_record" SET {", ".join(sets)} WHERE {where}'
-
-
-def _row_values(fields):
-    return {TaskRecord._meta.fields[name].column_name: value for name, value in fields.items()}
-
-
-def ledger_insert(task_id, **fields):
-    """Record a newly accepted task; a second insert of the same id is ignored. True if inserted."""
-    values = {'id': task_id, **_row_values(fields)}
-    for field in TaskRecord._meta.sorted_fields:  # the model's defaults, as peewee would fill them
-        if field.default is not None and field.column_name not in values:
-            values[field.column_name] = field.default() if callable(field.default) else field.default
-    sql = _insert_sql(database.param, tuple(values))
-    return with_reconnect(lambda: database.execute_sql(sql, tuple(values.values())).rowcount) == 1
-
-
-def ledger_update(task_id, only_states=(), expect=None, **fields):
-    """Change one ledger row; only from `only_states` and while its columns match `expect`, when given.
-    Returns rows changed."""
-    values = _row_values(fields)
-    expected = _row_values(expect or {})
-    increments = tuple(c for c, v in values.items() if v is INCREMENT)
-    columns = tuple(c for c in values if c not in increments)
-    sql = _update_sql(database.param, columns, increments, len(only_states), tuple(expected))
-    params = tuple(values[c] for c in columns) + (task_id,) + tuple(only_states) + tuple(expected.values())
-    return with_reconnect(lambda: database.execute_sql(sql, params).rowcount)
-
-
-def orphaned_running(cutoff):
-    """Running records whose worker has not beaten since `cutoff` (or never did)."""
-    alive = ConsumerHeartbeat.select(ConsumerHeartbeat.id).where(ConsumerHeartbeat.last_seen >= cutoff)
-    return list(TaskRecord.select().where(TaskRecord.state == 'running', TaskRecord.started_at < cutoff,
-                                          TaskRecord.worker.not_in(alive)))
-
-
-def stale_waiting(cutoff, count=False):
-    """Pending records queued before `cutoff`, and retries due before it: each should be in the broker."""
-    query = TaskRecord.select().where(
-        ((TaskRecord.state == 'pending') & (TaskRecord.enqueued_at < cutoff)) |
-        ((TaskRecord.state == 'retrying') & (TaskRecord.next_retry_at < cutoff)))
-    return query.count() if count else list(query)
-
-
-def ledger_delete(task_id):
-    with all_tenants():
-        with_reconnect(TaskRecord.delete().where(TaskRecord.id == task_id).execute)
 
 
 # ---------------------------------------------------------------- mail storage
@@ -710,33 +684,6 @@ def folder_pop3_uids(folder):
             .where(EmailMessage.folder == folder.id).tuples()}
 
 
-ACTIVE_STATES = ('pending', 'running', 'retrying')
-
-
-def claim_sync(client_id, task_id, record):
-    """Make task_id the account's one sync, unless another is queued or running.
-
-    Returns (True, None), or (False, (holder task id, its state)). `record`
-    writes the new task's ledger row inside the same transaction, so a second
-    request can never see a claim without its task.
-    """
-    with locked(EmailClient, client_id) as client:
-        holder = TaskRecord.get_or_none(TaskRecord.id == client.sync_task_id) if client.sync_task_id else None
-        if holder is not None and holder.state in ACTIVE_STATES:
-            return False, (holder.id, holder.state)
-        record()
-        EmailClient.update(sync_task_id=task_id).where(EmailClient.id == client_id).execute()
-        return True, None
-
-
-def release_sync(client_id, task_id):
-    """Undo a claim whose task never reached the broker."""
-    with all_tenants():
-        TaskRecord.delete().where(TaskRecord.id == task_id).execute()
-        EmailClient.update(sync_task_id=None).where(EmailClient.id == client_id,
-                                                    EmailClient.sync_task_id == task_id).execute()
-
-
 @contextlib.contextmanager
 def locked(model, row_id):
     """A transaction holding the row's write lock (SQLite: the database's)."""
@@ -751,7 +698,7 @@ def locked(model, row_id):
 @contextlib.contextmanager
 def locked_learning():
     """The scoped tenant's learning row, created if new, locked against a concurrent report."""
-    SpamLearning.insert(tenant_id=current_tenant(), data='{}').on_conflict_ignore().execute()
+    SpamLearning.insert(tenant_id=current_tenant(), data={}).on_conflict_ignore().execute()
     row = SpamLearning.get()
     with locked(SpamLearning, row.id) as locked_row:
         yield locked_row

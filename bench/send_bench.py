@@ -86,6 +86,7 @@ def main():
     os.environ.update(env)
     import models
     import tasks  # noqa: F401  (opens the database named in the environment)
+    from taskq import ledger
     models.migrate()
     port = services.free_port()
     procs = [subprocess.Popen([sys.executable, 'emailsvc.py', 'consumer'], cwd=ROOT, env=env,
@@ -126,7 +127,7 @@ def main():
         def done():   # every send_email of this fresh database is ours
             with models.all_tenants():
                 return models.TaskRecord.select().where(models.TaskRecord.name == 'send_email',
-                                                        models.TaskRecord.state.in_(models.FINAL_STATES)).count()
+                                                        models.TaskRecord.state.in_(ledger.FINAL_STATES)).count()
         wait_until(lambda: done() == args.n, DEADLINE, f'{args.n} sends to finish', poll=0.05)
         elapsed = time.perf_counter() - start
         with models.all_tenants():

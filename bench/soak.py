@@ -60,7 +60,7 @@ def make_account(models, tasks, smtp, dovecot):
             incoming_username='soak', smtp_host='127.0.0.1', smtp_port=smtp.port, smtp_security='starttls',
             smtp_username='soak')
         for kind in ('incoming', 'smtp'):
-            models.Credential.create(client=client, kind=kind, secret=tasks.vault.encrypt('soak-pw'))
+            models.Credential.store(client, kind, 'soak-pw')
     return client
 
 
@@ -126,9 +126,10 @@ def main():
 
 
 def finished(models, accepted):
+    from taskq import ledger
     with models.all_tenants():
         return models.TaskRecord.select().where(models.TaskRecord.id.in_(list(accepted)),
-                                                models.TaskRecord.state.in_(models.FINAL_STATES)).count()
+                                                models.TaskRecord.state.in_(ledger.FINAL_STATES)).count()
 
 
 def final_states(models, accepted):

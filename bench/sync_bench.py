@@ -119,7 +119,7 @@ def make_account(models, tasks, user, port):
             user_id=owner.id, email=f'{user}@example.org', incoming_protocol='imap',
             incoming_host=services.HOST, incoming_port=port, incoming_security='none',
             incoming_username=user, sync_enabled=False)   # keeps periodic_sync away from it
-        models.Credential.create(client=client.id, kind='incoming', secret=tasks.vault.encrypt(PASSWORD))
+        models.Credential.store(client, 'incoming', PASSWORD)
     return tenant.id, owner.id, client.id
 
 
@@ -152,7 +152,7 @@ def timed_sync(models, tasks, ids, worker_pids=(), interval=0.001):
         time.sleep(interval)
     row = ledger_row(models, task_id)
     worker = int(row.worker.rsplit(':', 1)[1])
-    return {'wall_s': (row.finished_at - row.enqueued_at).total_seconds(), 'result': json.loads(row.result),
+    return {'wall_s': (row.finished_at - row.enqueued_at).total_seconds(), 'result': row.result,
             'worker': worker, 'rss_sampled_kb': peaks.get(worker, 0), 'hwm_kb': proc_kb(worker, 'VmHWM')}
 
 
@@ -274,6 +274,7 @@ def print_profile(title, profile, wall, top):
 
 def run_child_profile(args):
     import models
+    from taskq import ledger
     import tasks
     from mailkit import logs
     models.migrate()
@@ -282,7 +283,7 @@ def run_child_profile(args):
     results = []
     for title, top in (('full sync', 25), ('no-change resync', 15)):
         task_id = f'profile-{title.replace(" ", "-")}'
-        models.ledger_insert(task_id, name='sync_emails', tenant_id=tenant_id, user_id=user_id, args='{}')
+        ledger.insert(task_id, name='sync_emails', state=ledger.RUNNING, tenant_id=tenant_id, user_id=user_id)
         logs.task_id.set(task_id)   # report_progress writes to this ledger row
         profile = cProfile.Profile()
         with models.tenant_scope(tenant_id):

@@ -12,15 +12,36 @@ class CredentialError(Exception):
     """A stored secret cannot be decrypted with the configured keys."""
 
 
-class Vault:
+def key_list(keys):
+    """Keys from a comma-separated string or a list, newest first; at least one."""
+    keys = [k.strip() for k in keys.split(',')] if isinstance(keys, str) else list(keys)
+    if not keys or not all(keys):
+        raise ValueError('at least one Fernet key is needed')
+    return keys
+
+
+class Sealer:
+    """Encrypts under the newest key and offers nothing else: what a process that only stores secrets holds.
+
+    (Fernet is symmetric, so the key material could decrypt; keeping decryption
+    out of this class keeps it out of the code paths that hold one.)
+    """
+
     def __init__(self, keys):
-        keys = [k.strip() for k in keys.split(',')] if isinstance(keys, str) else list(keys)
-        if not keys or not all(keys):
-            raise ValueError('at least one Fernet key is needed')
-        self._fernet = MultiFernet([Fernet(k) for k in keys])
+        self._fernet = Fernet(key_list(keys)[0])
 
     def encrypt(self, plain: str) -> str:
         return self._fernet.encrypt(plain.encode()).decode()
+
+    def __repr__(self):
+        return 'Sealer(<key hidden>)'
+
+
+class Vault:
+    """Decrypts with every key and re-encrypts under the newest: for the workers and key rotation."""
+
+    def __init__(self, keys):
+        self._fernet = MultiFernet([Fernet(k) for k in key_list(keys)])
 
     def decrypt(self, token: str) -> str:
         try:

@@ -15,7 +15,6 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = object()
 GENERATED = object()  # made on first run in the embedded mode, required otherwise
 
 SETTINGS = (  # key, type, default, meaning
@@ -53,7 +52,7 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
     ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
     ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
-    ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam train makes it)'),
+    ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam_train makes it)'),
     ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
                                      "chosen for <= 0.5 % false positives"),
     ('spam.auto_check', str, 'on', 'on | off: score newly synced inbox mail in the background'),
@@ -204,6 +203,6 @@ def describe():
             lines.append(f'\n[{sec}]')
             section = sec
         lines.append(f'# {meaning} ({env_name(key)})')
-        shown = '' if default is GENERATED or default is REQUIRED else default
+        shown = '' if default is GENERATED else default
         lines.append(f'# {name} = {shown}')
     return '\n'.join(lines).lstrip() + '\n'

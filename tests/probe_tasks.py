@@ -6,10 +6,12 @@ own Huey instance, ledger and signals, plus these probes.
 import time
 
 import models
+import peewee as pw
 from huey.exceptions import TaskTimeout
 from mailkit import logs
 from mailkit.errors import FailNow
-from tasks import huey, report_progress, service_task  # noqa: F401  (huey is the consumer's import path)
+from taskq.ledger import report_progress
+from tasks import huey, service_task  # noqa: F401  (huey is the consumer's import path)
 
 
 def current_attempt(task_id):
@@ -45,6 +47,10 @@ def sleeps(seconds, tenant_id=None, user_id=None):
 @service_task(priority=3, retries=0)
 def ignores_soft_limit(seconds, tenant_id=None, user_id=None):
     """Swallow the soft limit, as badly written code would: only the hard limit stops it."""
+    return overrun(seconds)
+
+
+def overrun(seconds):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -59,3 +65,10 @@ def reports_progress(total, tenant_id=None, user_id=None):
     for done in range(1, total + 1):
         report_progress(done, total)
     return {'status': 'ok'}
+
+
+@service_task(priority=3, retries=0)
+def ignores_soft_limit_without_database(seconds, tenant_id=None, user_id=None):
+    """Lose this worker's database, then overrun: the watchdog must still kill it at the hard limit."""
+    models.database.initialize(pw.SqliteDatabase('/nonexistent/emailsvc-probe/none.db'))
+    return overrun(seconds)

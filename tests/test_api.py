@@ -5,6 +5,7 @@ import pytest
 
 import models
 import tasks
+from taskq import ledger
 from tests import probe_tasks
 from tests.conftest import assert_api_error, every_page, wait_for_state
 
@@ -90,7 +91,7 @@ def test_passwords_are_encrypted_at_rest(account):
         rows = list(models.Credential.select().where(models.Credential.client == account['id']))
     assert {row.kind for row in rows} == {'incoming', 'smtp'}
     assert all('S3cret' not in row.secret for row in rows)
-    assert tasks.vault.decrypt(next(r for r in rows if r.kind == 'incoming').secret) == 'incoming-S3cret!'
+    assert tasks.vault().decrypt(next(r for r in rows if r.kind == 'incoming').secret) == 'incoming-S3cret!'
 
 
 def test_list_get_update_delete(alice, account):
@@ -112,7 +113,7 @@ def test_patch_password_replaces_the_stored_one(alice, account):
     assert resp.status == 200, resp.text
     with models.all_tenants():
         row = models.Credential.get(models.Credential.client == account['id'], models.Credential.kind == 'incoming')
-    assert tasks.vault.decrypt(row.secret) == 'new-S3cret'
+    assert tasks.vault().decrypt(row.secret) == 'new-S3cret'
 
 
 def test_removing_smtp_drops_its_password(alice, account):
@@ -204,7 +205,7 @@ def test_task_list_pages_with_a_cursor(alice, alice_ids):
     tenant_id, user_id = alice_ids
     ids = {probe_tasks.sleeps.s(0, tenant_id=tenant_id, user_id=user_id, delay=3600).id for _ in range(5)}
     for task_id in ids:
-        models.ledger_insert(task_id, name='sleeps', tenant_id=tenant_id, user_id=user_id)
+        ledger.insert(task_id, state=ledger.PENDING, name='sleeps', tenant_id=tenant_id, user_id=user_id)
     seen = every_page(alice, '/api/v1/tasks?limit=2', 'task_id', pages=5)
     assert sorted(seen) == sorted(ids) and len(seen) == 5
 

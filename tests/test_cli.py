@@ -53,7 +53,8 @@ def test_rotate_key_re_encrypts_every_credential(unique):
         client = models.EmailClient.create(user_id=1, email='r@example.com', incoming_protocol='imap',
                                            incoming_host='h', incoming_port=993, incoming_security='tls',
                                            incoming_username='u')
-        cred = models.Credential.create(client=client, kind='incoming', secret=tasks.vault.encrypt('pw-rotate'))
+        models.Credential.store(client, 'incoming', 'pw-rotate')
+        cred = models.Credential.get(models.Credential.client == client.id)
     newest = new_key()
     proc = run('admin', 'rotate-key', env={'EMAILSVC_SECURITY_CREDENTIAL_KEYS': f'{newest},{old_keys}'})
     assert proc.returncode == 0 and 're-encrypted' in proc.stdout, proc.stderr

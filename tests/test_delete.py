@@ -1,5 +1,4 @@
 """delete_emails: soft deletes reach Trash, permanent deletes expunge, batches stay few round trips."""
-import json
 
 import models
 import tasks
@@ -11,7 +10,7 @@ from tests.test_sync import Mailbox, add_account, mailbox, message, messages, sy
 def delete(api, ids, permanent=False):
     resp = api.post('/api/v1/messages/delete', {'email_ids': ids, 'permanent': permanent})
     assert resp.status == 202, resp.text
-    return json.loads(wait_for_state(resp.json['task_id'], 'succeeded').result)
+    return wait_for_state(resp.json['task_id'], 'succeeded').result
 
 
 def server_subjects(mailbox, folder):
@@ -55,7 +54,7 @@ def test_permanent_delete_expunges_and_drops_rows_and_blobs(user, mailbox, consu
     # The API refuses ids that no longer exist; the task run again deletes nothing more.
     assert_api_error(user.post('/api/v1/messages/delete', {'email_ids': [listed[1]['id']]}), 404, 'not_found')
     again = tasks.delete_emails([listed[1]['id'], listed[2]['id']], *user.ids, permanent=True)
-    assert json.loads(wait_for_state(again.id, 'succeeded').result)['deleted_count'] == 0
+    assert wait_for_state(again.id, 'succeeded').result['deleted_count'] == 0
 
 
 def test_pop3_permanent_delete_uses_dele(user, mailbox, consumer):

@@ -1,5 +1,4 @@
 """Fault tests with real processes: consumers SIGKILLed under load, servers restarted, SQLite contention."""
-import json
 import random
 import threading
 import time
@@ -8,6 +7,7 @@ import pytest
 
 import models
 import tasks
+from taskq import ledger
 from tests import probe_tasks, services
 from tests.conftest import MODE, STATE, assert_api_error, record, wait_for, wait_for_state
 from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
@@ -17,7 +17,7 @@ from tests.test_sync import Mailbox, add_account, message, sync, user  # noqa: F
 def final(ids):
     with models.all_tenants():
         rows = list(models.TaskRecord.select().where(models.TaskRecord.id.in_(list(ids))))
-    return {r.id: r for r in rows if r.state in models.FINAL_STATES}
+    return {r.id: r for r in rows if r.state in ledger.FINAL_STATES}
 
 
 def test_mixed_load_survives_five_consumer_kills(sender, smtp_server, consumer):
@@ -52,7 +52,7 @@ def test_mixed_load_survives_five_consumer_kills(sender, smtp_server, consumer):
              message='every accepted task to reach a final state')
     states = [r.state for r in final(accepted).values()]
     assert states.count('succeeded') + states.count('failed') + states.count('dead') == len(accepted)
-    delivered = {json.loads(r.result)['message_id'] for r in final(sends).values() if r.state == 'succeeded'}
+    delivered = {r.result['message_id'] for r in final(sends).values() if r.state == 'succeeded'}
     received = [m['data'] for m in smtp_server.received()]
     assert len(received) == len({m.split(b'Message-ID: ', 1)[1].split(b'\r\n', 1)[0] for m in received}), \
         'a message was delivered twice'
@@ -135,7 +135,7 @@ def test_a_task_that_ends_while_postgres_is_down_is_recorded_once_it_is_back(con
         STATE['postgres'].restart()
     models.database.close()   # our pooled connection died with the server
     row = wait_for_state(task.id, 'succeeded', timeout=30)
-    assert row.attempts == 1 and json.loads(row.result)['slept'] == 1.5
+    assert row.attempts == 1 and row.result['slept'] == 1.5
 
 
 @pytest.mark.skipif(MODE != 'embedded', reason='SQLite locking matters in the embedded mode')

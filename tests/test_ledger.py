@@ -1,12 +1,13 @@
 """The task ledger, written from Huey's signals in a real consumer."""
 import datetime
-import json
 import pickle
 
 import pytest
 
 import models
 import tasks
+from taskq import ledger
+from taskq.service import jittered
 from tests import probe_tasks
 from tests.conftest import record, wait_for, wait_for_state
 
@@ -15,7 +16,7 @@ def test_success_is_recorded_with_result_worker_and_times(consumer):
     task = tasks.noop(tenant_id=None)
     row = wait_for_state(task.id, 'succeeded')
     assert row.attempts == 1
-    assert json.loads(row.result) == {'status': 'ok'}
+    assert row.result == {'status': 'ok'}
     assert row.worker and row.worker.split(':')[1].isdigit()
     assert row.enqueued_at <= row.started_at <= row.finished_at
     assert row.error is None
@@ -26,7 +27,7 @@ def test_record_exists_before_the_broker_sees_the_task():
     tasks.huey.enqueue(task)
     row = record(task.id)
     assert (row.state, row.tenant_id, row.user_id, row.name) == ('pending', 7, 3, 'sleeps')
-    assert json.loads(row.args) == {'seconds': 0, 'tenant_id': 7, 'user_id': 3}
+    assert row.args == {'seconds': 0, 'tenant_id': 7, 'user_id': 3}
     tasks.huey.revoke_by_id(task.id)
 
 
@@ -40,7 +41,7 @@ def test_retry_with_growing_delays_then_success(consumer):
             delays[row.attempts] = (row.next_retry_at - row.started_at).total_seconds()
         return row.state == 'succeeded' and row
     row = wait_for(watch, timeout=30, interval=0.01, message='flaky task to succeed')
-    assert row.attempts == 4 and json.loads(row.result)['attempt'] == 4
+    assert row.attempts == 4 and row.result['attempt'] == 4
     assert sorted(delays) == [1, 2, 3], delays
     base, jitter = 0.4, 0.2
     for attempt, delay in delays.items():
@@ -90,6 +91,16 @@ def test_hard_time_limit_kills_the_worker_and_the_consumer_replaces_it(consumer)
     assert wait_for_state(follow_up.id, 'succeeded').attempts == 1
 
 
+def test_hard_time_limit_kills_a_worker_that_cannot_reach_the_database(consumer):
+    # Kill first, record after: a worker whose own ledger write fails must not outlive its hard limit.
+    workers_before = set(consumer.worker_pids())
+    task = probe_tasks.ignores_soft_limit_without_database(30)
+    row = wait_for_state(task.id, 'failed', timeout=15)
+    assert 'hard time limit of 4s exceeded' in row.error
+    assert int(row.worker.split(':')[1]) in workers_before
+    assert (row.finished_at - row.started_at).total_seconds() < 10
+
+
 def test_progress_is_on_the_record(consumer):
     task = probe_tasks.reports_progress(5)
     row = wait_for_state(task.id, 'succeeded')
@@ -99,7 +110,7 @@ def test_progress_is_on_the_record(consumer):
 def test_revoked_before_it_runs_never_runs(consumer):
     task = probe_tasks.sleeps.s(0, delay=1)
     tasks.huey.enqueue(task)
-    assert models.ledger_update(task.id, only_states=('pending',), state='revoked') == 1
+    assert ledger.update(task.id, only_states=(ledger.PENDING,), state=ledger.REVOKED) == 1
     tasks.huey.revoke_by_id(task.id)
     # The scheduler hands it to a worker after its eta; Huey skips it and says so.
     skipped = f'{task.id} @'
@@ -150,9 +161,9 @@ def test_serializer_round_trips_a_message_with_eta():
 
 
 def test_backoff_is_capped_and_jittered():
-    assert tasks.jittered_delay(10_000, rand=lambda: 0.0) == 600
-    assert tasks.jittered_delay(10_000, rand=lambda: 1.0) == pytest.approx(600 * 0.8)
-    assert tasks.jittered_delay(5, rand=lambda: 0.5) == pytest.approx(5 * 0.9)
+    assert jittered(10_000, 600, 0.2, rand=lambda: 0.0) == 600
+    assert jittered(10_000, 600, 0.2, rand=lambda: 1.0) == pytest.approx(600 * 0.8)
+    assert jittered(5, 600, 0.2, rand=lambda: 0.5) == pytest.approx(5 * 0.9)
 
 
 def test_cleanup_clears_old_results_and_prunes_old_history():
@@ -160,11 +171,11 @@ def test_cleanup_clears_old_results_and_prunes_old_history():
     old, ancient, fresh = 'cleanup-old', 'cleanup-ancient', 'cleanup-fresh'
     for task_id, age in ((old, datetime.timedelta(hours=2)), (ancient, datetime.timedelta(days=40)),
                          (fresh, datetime.timedelta(minutes=5))):
-        models.ledger_insert(task_id, name='noop', state='succeeded', result='{"status": "ok"}',
+        ledger.insert(task_id, name='noop', state=ledger.SUCCEEDED, result={'status': 'ok'},
                              finished_at=now - age)
     with models.all_tenants():
         counts = tasks.cleanup_stale_results.task_class.func(now=now)
     assert counts['results_removed'] >= 1 and counts['history_removed'] >= 1
     assert record(old).result is None
     assert record(ancient) is None
-    assert record(fresh).result == '{"status": "ok"}'
+    assert record(fresh).result == {'status': 'ok'}

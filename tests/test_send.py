@@ -1,7 +1,6 @@
 """send_email against the real aiosmtpd server: structure, retries, idempotency, never twice."""
 import email
 import email.policy
-import json
 import os
 import signal
 
@@ -57,7 +56,7 @@ def upload(api, data, filename, content_type='application/pdf'):
 def test_sent_message_has_the_right_structure_and_bcc_only_in_the_envelope(sender, smtp_server, consumer):
     attachment = upload(sender, b'%PDF-1.4 fake', 'r%C3%A9sum%C3%A9.pdf')
     task_id, row = send(sender, dict(MAIL, attachment_ids=[attachment['id']]))
-    result = json.loads(row.result)
+    result = row.result
     (received,) = smtp_server.received()
     assert received['mail_from'] == sender.address and received['tls'] and received['login']
     assert sorted(received['rcpt_tos']) == ['bob@example.net', 'carol@example.net', 'dave@example.net']
@@ -76,7 +75,7 @@ def test_sent_message_has_the_right_structure_and_bcc_only_in_the_envelope(sende
 
 def test_sent_copy_is_on_the_imap_server_and_stored_once(sender, smtp_server, consumer):
     _, row = send(sender, MAIL)
-    message_id = json.loads(row.result)['message_id']
+    message_id = row.result['message_id']
     with sender.mailbox.session() as s:
         s.select('Sent')
         copies = [m.raw for m in s.fetch(s.uids())]
@@ -94,6 +93,28 @@ def test_idempotency_key_replays_the_first_task(sender, smtp_server, consumer):
     again = sender.post(f'/api/v1/accounts/{sender.account}/send', MAIL, headers=key)
     assert again.status == 202 and again.json == {'task_id': first, 'status': 'succeeded'}
     assert len(smtp_server.received()) == 1
+
+
+def test_an_accepted_send_and_sync_insert_their_ledger_rows_once(sender, smtp_server, consumer, monkeypatch):
+    inserts = []
+    execute_sql = models.database.obj.execute_sql
+
+    def counting(sql, *args, **kwargs):
+        if sql.startswith('INSERT INTO "task_record"'):
+            inserts.append(sql)
+        return execute_sql(sql, *args, **kwargs)
+    monkeypatch.setattr(models.database.obj, 'execute_sql', counting)
+    tenant_id, user_id = sender.ids
+    with models.tenant_scope(tenant_id):
+        client = models.EmailClient.get_by_id(sender.account)
+        send_id, _ = tasks.queue_send(client, user_id, {'to': ['bob@example.net'], 'cc': [], 'bcc': [],
+                                                        'body_text': 'once', 'attachment_ids': []}, None)
+        assert len(inserts) == 1
+        sync_id, _, _ = tasks.queue_sync(client, user_id)
+        assert len(inserts) == 2
+    monkeypatch.undo()
+    assert wait_for_state(send_id, 'succeeded').attempts == 1
+    wait_for_state(sync_id, 'succeeded', timeout=30)
 
 
 def test_451_reply_is_retried_then_delivered_once(sender, smtp_server, consumer):
@@ -140,7 +161,7 @@ def test_550_reply_fails_at_once(sender, smtp_server, consumer):
 def test_a_refused_recipient_is_listed_and_the_rest_receive(sender, smtp_server, consumer):
     smtp_server.script_replies(rcpt={'carol@example.net': '550 5.1.1 No such user'})
     _, row = send(sender, MAIL)
-    result = json.loads(row.result)
+    result = row.result
     assert result['recipients_sent'] == ['bob@example.net', 'dave@example.net']
     assert list(result['recipients_refused']) == ['carol@example.net']
     assert sorted(smtp_server.received()[0]['rcpt_tos']) == ['bob@example.net', 'dave@example.net']
@@ -160,7 +181,7 @@ def test_crash_after_the_servers_250_never_sends_twice(sender, smtp_server, cons
         assert models.Outbox.get(models.Outbox.task_id == task_id).state == 'sending'
     # Whatever runs the task again (a retry, a re-enqueue, recovery) finds the outbox mid-send.
     row = record(task_id)
-    task = tasks.send_email.s(**json.loads(row.args), id=task_id)
+    task = tasks.send_email.s(**row.args, id=task_id)
     tasks.huey.enqueue(task)
     row = wait_for_state(task_id, 'failed')
     assert 'not sent again' in row.error

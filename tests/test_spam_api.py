@@ -1,5 +1,4 @@
 """check_spam in the service: verdicts on messages, per-tenant learning, Junk moves, automatic checks."""
-import json
 
 import models
 import tasks
@@ -26,7 +25,7 @@ def synced(api, mailbox, *raws):
 def check(api, message_id):
     resp = api.post(f'/api/v1/messages/{message_id}/spam-check')
     assert resp.status == 202, resp.text
-    return json.loads(wait_for_state(resp.json['task_id'], 'succeeded', timeout=60).result)
+    return wait_for_state(resp.json['task_id'], 'succeeded', timeout=60).result
 
 
 def test_phishing_is_spam_with_indicators_and_ham_is_not(user, mailbox, consumer):
@@ -57,7 +56,7 @@ def test_report_moves_the_message_to_junk_on_the_server(user, mailbox, consumer)
     account, listed = synced(user, mailbox, HAM)
     resp = user.post(f'/api/v1/messages/{listed["Lunch on Thursday?"]["id"]}/report', {'verdict': 'spam'})
     row = wait_for_state(resp.json['task_id'], 'succeeded', timeout=60)
-    assert json.loads(row.result)['moved'] is True
+    assert row.result['moved'] is True
     with mailbox.session() as s:
         assert s.select('INBOX').exists == 0 and s.select('Junk').exists == 1
     assert_api_error(user.post(f'/api/v1/messages/{listed["Lunch on Thursday?"]["id"]}/report',

@@ -11,6 +11,7 @@ import pytest
 
 import models
 import tasks
+from taskq import ledger
 from mailkit import imap
 from tests.conftest import CORPUS, STATE, assert_api_error, every_page, record, wait_for, wait_for_state
 
@@ -83,7 +84,7 @@ def sync(api, account_id, state='succeeded', timeout=60, **body):
     resp = api.post(f'/api/v1/accounts/{account_id}/sync', body)
     assert resp.status == 202, resp.text
     row = wait_for_state(resp.json['task_id'], state, timeout=timeout)
-    return json.loads(row.result) if row.result else row
+    return row.result if row.result else row
 
 
 def messages(api, **filters):
@@ -223,7 +224,7 @@ def test_refused_connection_is_retried_with_backoff(user, mailbox, consumer):
     assert 'TemporaryMailError' in row.error and row.next_retry_at is not None
     assert user.get(f'/api/v1/accounts/{account}').json['sync_state'] == 'error'
     tasks.huey.revoke_by_id(row.id)
-    models.ledger_update(row.id, state='revoked')
+    ledger.update(row.id, state=ledger.REVOKED)
 
 
 def test_second_sync_request_answers_with_the_queued_task(user, mailbox, consumer):
@@ -262,7 +263,7 @@ def test_interrupted_sync_resumes_from_the_last_committed_batch(user, mailbox, c
     assert 0 < stored < 1200 and stored % 50 == 0, stored  # whole batches only
     # Recovery runs the same task again once the dead worker's grace is over.
     row = wait_for_state(task.id, 'succeeded', timeout=60)
-    result = json.loads(row.result)
+    result = row.result
     assert row.attempts >= 2 and result['messages_synced'] <= 1200 - stored
     with models.all_tenants():
         uids = [m.uid for m in models.EmailMessage.select().where(models.EmailMessage.client == account)]
@@ -293,7 +294,7 @@ def test_periodic_sync_queues_due_accounts_and_skips_syncing_ones(user, mailbox,
             first = tasks.periodic_sync.task_class.func()['task_ids']
             second = tasks.periodic_sync.task_class.func()['task_ids']
         assert len(first) == 1 and second == [], [(record(t).args, record(t).state) for t in first + second]
-        assert record(first[0]).args and json.loads(record(first[0]).args)['email_client_id'] == account
+        assert record(first[0]).args and record(first[0]).args['email_client_id'] == account
     finally:
         consumer.start()
     wait_for_state(first[0], 'succeeded')
