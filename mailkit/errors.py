@@ -42,6 +42,20 @@ class InvalidSetting(PermanentMailError, ValueError):
     code = 'invalid_setting'
 
 
+def check_setting(field: str, value) -> None:
+    """Raise InvalidSetting when value (a username, password, host or folder name) holds a control character.
+
+    imaplib and poplib send CR and LF inside arguments as they are, so a
+    username "bob\r\nDELE 1" became a command of its own. The message names
+    the field, never the value: it may be a password.
+    """
+    if not isinstance(value, str):
+        raise InvalidSetting(f'the {field} must be a string, got {type(value).__name__}')
+    if not value.isprintable() and any(char < ' ' or char == '\x7f' for char in value):
+        raise InvalidSetting(f'the {field} contains a control character (a line break, tab or NUL, say); '
+                             f'remove it and save the setting again')
+
+
 class FailNow(Exception):
     """A task error that retrying cannot fix (unknown account, tenant mismatch)."""
 

@@ -98,7 +98,8 @@ import select
 import ssl
 from typing import Iterable, Iterator, NamedTuple
 
-from mailkit.errors import AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, shown
+from mailkit.errors import (AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, check_setting,
+                            shown)
 
 SECURITY = ('tls', 'starttls', 'none')
 ROLES = ('inbox', 'sent', 'trash', 'junk', 'archive', 'drafts')
@@ -471,9 +472,12 @@ def parse_esearch(data: list) -> list[int]:
     return sorted(uids)
 
 
-def _quote(name: str) -> str:
-    """A quoted string (RFC 3501, 4.3): names may hold spaces, quotes and backslashes."""
-    return '"' + name.replace('\\', '\\\\').replace('"', '\\"') + '"'
+def _quote(value: str, field: str = 'folder name') -> str:
+    """A quoted string (RFC 3501, 4.3): values may hold spaces, quotes and backslashes, never CR or LF."""
+    # A quoted string cannot carry CR, LF or NUL, and imaplib would send them
+    # as they are: the rest of the line would be a command of its own.
+    check_setting(field, value)
+    return '"' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'
 
 
 def _text(data) -> str:
@@ -522,6 +526,8 @@ class ImapSession:
                  timeout: float = 30, ssl_context: ssl.SSLContext | None = None):
         if security not in SECURITY:
             raise ValueError(f'security must be one of {SECURITY}, got {security!r}')
+        for field, value in (('host', host), ('username', username), ('password', password)):
+            check_setting(field, value)   # before anything is sent
         self.where = f'{host}:{port}'
         self.capabilities: set[str] = set()
         self.enabled: set[str] = set()     # what ENABLE switched on (QRESYNC)
@@ -572,7 +578,13 @@ class ImapSession:
             if username.isascii() and password.isascii():
                 if 'LOGINDISABLED' in conn.capabilities:
                     raise PermanentMailError(f'{self.where} refuses LOGIN on this connection; use TLS')
-                conn.login(username, password)
+                # Both arguments quoted (RFC 3501, 6.2.3): imaplib's login() quotes
+                # only the password, and a username with a space is a BAD command.
+                typ, data = conn._simple_command('LOGIN', _quote(username, 'username'),
+                                                 _quote(password, 'password'))
+                if typ != 'OK':
+                    raise conn.error(data[-1])
+                conn.state = 'AUTH'
             else:
                 # LOGIN's arguments are ASCII strings in imaplib; SASL PLAIN carries UTF-8 (RFC 4616).
                 credentials = b'\0' + username.encode() + b'\0' + password.encode()
@@ -695,9 +707,10 @@ class ImapSession:
             args.append('(CONDSTORE)')   # asks for HIGHESTMODSEQ in the reply (RFC 7162, 3.1.8)
         command = 'EXAMINE' if readonly else 'SELECT'
         doing = f'{command} {raw_name!r}'
+        quoted = _quote(raw_name)
         self.selected, self.writable = None, False
         try:
-            self._run(doing, command, _quote(raw_name), *args)
+            self._run(doing, command, quoted, *args)
         except MailError as exc:
             if self._lost or self.conn is None:
                 raise

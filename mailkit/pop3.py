@@ -41,7 +41,7 @@ import re
 import ssl
 from typing import Iterable
 
-from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError
+from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError, check_setting
 
 SECURITY = ('tls', 'starttls', 'none')
 TEMPORARY_CODES = {'IN-USE', 'LOGIN-DELAY', 'SYS/TEMP'}
@@ -97,6 +97,9 @@ class Pop3Session:
                  timeout: float = 30, ssl_context: ssl.SSLContext | None = None):
         if security not in SECURITY:
             raise ValueError(f'security must be one of {SECURITY}, got {security!r}')
+        # poplib sends "USER " + username as it is: a CR LF in it would start a command of our caller's choosing.
+        for field, value in (('host', host), ('username', username), ('password', password)):
+            check_setting(field, value)
         self.where = f'{host}:{port}'
         self.conn: poplib.POP3 | None = None
         context = ssl_context if ssl_context is not None else ssl.create_default_context()

@@ -84,7 +84,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import MIMEPart
 
-from mailkit.errors import AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, shown
+from mailkit.errors import (AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, check_setting,
+                            shown)
 
 __all__ = ['DeliveryUnknown', 'SendResult', 'by_reply', 'compose', 'envelope_recipients',
            'make_message_id', 'parse_address', 'send']
@@ -636,11 +637,17 @@ def _quit(conn: smtplib.SMTP) -> None:
         conn.close()
 
 
-def _check_send_arguments(security, username, password, auth_mechanism) -> None:
+def _check_send_arguments(host, security, username, password, auth_mechanism, local_hostname) -> None:
     if security not in SECURITY:
         raise ValueError(f'security must be one of {SECURITY}, got {security!r}')
     if username is not None and password is None:
         raise ValueError('a username needs a password')
+    # AUTH sends credentials in base64, but a NUL would end them early in
+    # PLAIN (RFC 4616), and the EHLO name goes out as it is.
+    for field, value in (('host', host), ('username', username), ('password', password),
+                         ('local host name', local_hostname)):
+        if value is not None:
+            check_setting(field, value)
     if auth_mechanism is not None and auth_mechanism not in AUTH_MECHANISMS:
         raise ValueError(f'auth_mechanism must be one of {AUTH_MECHANISMS} or None, got {auth_mechanism!r}')
 
@@ -671,7 +678,7 @@ class SmtpConnection:
     def __init__(self, host: str, port: int, security: str, username: str | None, password: str | None,
                  timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
                  local_hostname: str | None = None, auth_mechanism: str | None = None) -> None:
-        _check_send_arguments(security, username, password, auth_mechanism)
+        _check_send_arguments(host, security, username, password, auth_mechanism, local_hostname)
         self.where, self.timeout, self.transactions = f'{host}:{port}', timeout, 0
         # smtplib's own default context verifies nothing: always pass ours.
         context = ssl_context if ssl_context is not None else ssl.create_default_context()

@@ -16,7 +16,7 @@ import time
 import pytest
 
 from mailkit import imap
-from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError
+from mailkit.errors import AuthenticationFailed, InvalidSetting, PermanentMailError, TemporaryMailError
 from tests import services
 
 _user_numbers = itertools.count(1)
@@ -242,6 +242,54 @@ def test_non_ascii_password_logs_in_with_sasl_plain(dovecot):
     dovecot.add_user(*account)
     with open_session(dovecot, account) as session:
         assert 'QRESYNC' in session.capabilities
+
+
+# ---------------------------------------------------------------- what reaches the server
+
+def test_a_username_carrying_a_command_is_refused_before_anything_is_sent(dovecot, account):
+    username, password = account
+    # Sent as it was, this logged in and then created a folder: imaplib's
+    # LOGIN passes the username unquoted, CR LF and all.
+    evil = f'{username} {password}\r\nX1 CREATE Injected\r\nX2'
+    with pytest.raises(InvalidSetting, match='the username contains a control character') as caught:
+        open_session(dovecot, (evil, password))
+    assert isinstance(caught.value, ValueError) and isinstance(caught.value, PermanentMailError)
+    assert caught.value.code == 'invalid_setting' and 'Injected' not in str(caught.value)
+    with open_session(dovecot, account) as session:
+        assert 'Injected' not in {folder.name for folder in session.folders()}
+
+
+@pytest.mark.parametrize('field, value', [
+    ('host', '127.0.0.1\r\n'), ('username', 'bob\x00'), ('password', 'pw\nA1 LOGOUT'), ('password', 'tab\there'),
+])
+def test_control_characters_in_settings_are_refused_and_not_echoed(dovecot, account, field, value):
+    settings = {'host': dovecot.host, 'username': account[0], 'password': account[1], field: value}
+    with pytest.raises(InvalidSetting, match=f'the {field} contains a control character') as caught:
+        imap.ImapSession(settings['host'], dovecot.imap_port, 'none', settings['username'], settings['password'],
+                         timeout=5)
+    assert value not in str(caught.value)
+
+
+def test_a_folder_name_carrying_a_command_is_refused(session):
+    with pytest.raises(InvalidSetting, match='folder name'):
+        session.select('INBOX"\r\nX1 CREATE Injected\r\nX2 SELECT "INBOX')
+    assert 'Injected' not in {folder.name for folder in session.folders()}
+    assert session.select('INBOX').exists == 0   # the session is still good
+
+
+def test_a_password_with_spaces_quotes_and_backslashes_logs_in(dovecot):
+    account = (f'imap{next(_user_numbers)}', 'a b "c" \\d\\ {3}')
+    dovecot.add_user(*account)
+    with open_session(dovecot, account) as session:
+        assert 'QRESYNC' in session.capabilities
+
+
+def test_the_username_is_quoted(dovecot, account):
+    # Unquoted, "no body" made LOGIN a BAD command with an extra argument;
+    # quoted, Dovecot reads one username and refuses the login for it.
+    with pytest.raises(AuthenticationFailed, match='AUTHENTICATIONFAILED') as caught:
+        open_session(dovecot, ('no "body" \\here', account[1]))
+    assert caught.value.code == 'auth_rejected'
 
 
 def test_refused_port_is_temporary(dovecot, account):

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mailkit import pop3
-from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError
+from mailkit.errors import AuthenticationFailed, InvalidSetting, PermanentMailError, TemporaryMailError
 from tests import services
 
 _user_numbers = itertools.count(1)
@@ -125,6 +125,33 @@ def test_non_ascii_password_logs_in(dovecot):
 def test_default_context_rejects_the_self_signed_certificate(dovecot, account, security):
     with pytest.raises(PermanentMailError, match='certificate we do not trust: self-signed certificate'):
         open_session(dovecot, account, security, ssl_context=None)
+
+
+def test_a_username_carrying_commands_is_refused_before_anything_is_sent(dovecot, account):
+    username, password = account
+    # Sent as it was, poplib's "USER " + this logged in, deleted message 1 and committed with QUIT.
+    evil = f'{username}\r\nPASS {password}\r\nDELE 1\r\nQUIT'
+    with pytest.raises(InvalidSetting, match='the username contains a control character') as caught:
+        open_session(dovecot, (evil, password))
+    assert isinstance(caught.value, ValueError) and password not in str(caught.value)
+    with open_session(dovecot, account) as session:
+        assert sorted(session.uidl().values()) == [1, 2, 3]
+
+
+@pytest.mark.parametrize('field', ['host', 'username', 'password'])
+def test_control_characters_in_settings_are_refused(dovecot, account, field):
+    settings = {'host': dovecot.host, 'username': account[0], 'password': account[1]}
+    settings[field] += '\x00'
+    with pytest.raises(InvalidSetting, match=f'the {field} contains a control character'):
+        pop3.Pop3Session(settings['host'], dovecot.pop3_port, 'none', settings['username'], settings['password'],
+                         timeout=5)
+
+
+def test_a_password_with_spaces_quotes_and_backslashes_logs_in(dovecot):
+    account = (f'pop{next(_user_numbers)}', ' a b "c" \\d\\ ')
+    dovecot.add_user(*account)
+    with open_session(dovecot, account) as session:
+        assert session.uidl() == {}
 
 
 def test_refused_port_is_temporary(dovecot, account):

@@ -14,7 +14,7 @@ from email.parser import BytesParser
 import pytest
 
 from mailkit import mime, smtp
-from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError
+from mailkit.errors import AuthenticationFailed, InvalidSetting, PermanentMailError, TemporaryMailError
 from tests import services
 
 USER, PASSWORD = 'alice', 'pässword ✓'   # non-ASCII: smtplib's own login() cannot send it
@@ -54,7 +54,8 @@ def submit(server, data, rcpt_to=('bob@example.org',), security='starttls', **kw
     kwargs.setdefault('ssl_context', server.ssl_context())
     kwargs.setdefault('username', USER)
     kwargs.setdefault('password', PASSWORD)
-    return smtp.send(server.host, port, security, mail_from='alice@example.org', rcpt_to=list(rcpt_to),
+    host = kwargs.pop('host', server.host)
+    return smtp.send(host, port, security, mail_from='alice@example.org', rcpt_to=list(rcpt_to),
                      data=data, timeout=5, **kwargs)
 
 
@@ -465,6 +466,25 @@ def test_send_refuses_bad_arguments_before_connecting(arguments, reason):
     with pytest.raises(ValueError, match=re.escape(reason)):
         smtp.send(**{**call, **arguments})
 
+
+
+@pytest.mark.parametrize('field, value', [
+    ('host', '127.0.0.1\n'), ('username', 'alice\x00admin'), ('password', 'pw\r\n'),
+    ('local_hostname', 'me\r\nRCPT TO:<eve@example.org>'),
+])
+def test_control_characters_in_settings_are_refused_before_connecting(smtp_server, field, value):
+    with pytest.raises(InvalidSetting, match='contains a control character') as caught:
+        submit(smtp_server, simple_message(), **{field: value})
+    assert isinstance(caught.value, ValueError) and value not in str(caught.value)
+    assert smtp_server.received() == []
+
+
+def test_a_password_with_spaces_quotes_and_backslashes_logs_in(smtp_server):
+    smtp_server.add_user('quoted', ' a b "c" \\d\\ ')
+    for mechanism in ('PLAIN', 'LOGIN'):
+        submit(smtp_server, simple_message(), username='quoted', password=' a b "c" \\d\\ ',
+               auth_mechanism=mechanism)
+    assert [received['login'] for received in smtp_server.received()] == ['quoted', 'quoted']
 
 
 def test_a_connection_cut_at_data_is_a_temporary_failure_before_anything_was_sent(smtp_server):
