@@ -65,10 +65,10 @@ class FailNow(Exception):
 # or the server may be different next time.
 CONNECTION_FAILURES = {
     'refused': (TemporaryMailError, 'refused the connection',
-                'nothing accepts connections on that port now; check the host name and port'),
-    'timed_out': (TemporaryMailError, 'did not answer in time',
+                'nothing listens on that port now; check the host name and port'),
+    'timed_out': (TemporaryMailError, 'timed out',
                   'check the host name and port, and that no firewall drops the connection'),
-    'host_not_found': (TemporaryMailError, 'is a host name that does not resolve',
+    'host_not_found': (TemporaryMailError, 'cannot be found (the host name does not resolve)',
                        'check the spelling of the host name'),
     'unreachable': (TemporaryMailError, 'cannot be reached (no route to the host)',
                     'check the host name; the network may be down'),
@@ -92,8 +92,8 @@ CONNECTION_FAILURES = {
                              'use security "tls" on the implicit-TLS port; we never log in without TLS '
                              'unless security is "none"'),
     'destination_not_allowed': (PermanentMailError, 'is not an address this service may connect to',
-                                'the egress policy refuses it (loopback, link-local, metadata or a denied '
-                                'network); use the mail server\'s public name'),
+                                'the egress policy refuses loopback, link-local, metadata and denied '
+                                'networks; use the mail server\'s public name'),
 }
 
 

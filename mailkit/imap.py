@@ -79,11 +79,17 @@ on many UIDs to one short line.
 
 Errors
 ------
-Everything imaplib, ssl and the socket raise is translated where it enters:
-a rejected login is AuthenticationFailed; refused connections, timeouts, a
-dropped connection and BYE are TemporaryMailError (the session is unusable
-afterwards); an untrusted certificate is PermanentMailError (retrying cannot
-make it trusted); NO replies are judged by their response code (RFC 5530, see
+Everything imaplib, ssl and the socket raise is translated where it enters.
+Connecting goes through mailkit.egress (its policy, when given, checks the
+resolved address), and a failure to connect, greet or start TLS carries one
+of the fixed codes of errors.CONNECTION_FAILURES with a hint, and never
+repeats what the far end sent before a valid greeting: refused, timed out and
+host not found are temporary; TLS on a clear-text port and the reverse, an
+untrusted certificate and a server that does not greet like IMAP are
+permanent. Usernames, passwords, hosts and folder names with control
+characters are refused before anything is sent (InvalidSetting). A rejected
+login is AuthenticationFailed; a dropped connection and BYE are
+TemporaryMailError (the session is unusable afterwards); NO replies are judged by their response code (RFC 5530, see
 `_reply_error`), BAD replies are PermanentMailError (we sent something the
 server cannot parse: resending it will not help).
 """
@@ -98,8 +104,9 @@ import select
 import ssl
 from typing import Iterable, Iterator, NamedTuple
 
+from mailkit.egress import Policy, Route, classify
 from mailkit.errors import (AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, check_setting,
-                            shown)
+                            connection_failure, shown)
 
 SECURITY = ('tls', 'starttls', 'none')
 ROLES = ('inbox', 'sent', 'trash', 'junk', 'archive', 'drafts')
@@ -517,13 +524,53 @@ def _reply_error(where: str, doing: str, data) -> MailError:
     return TemporaryMailError(message)
 
 
+# ---------------------------------------------------------------- connecting
+
+class _IMAP4(imaplib.IMAP4):
+    """imaplib.IMAP4 whose socket comes from egress.Route: resolved, checked, then connected."""
+
+    def __init__(self, host: str, port: int, timeout: float, route: Route):
+        self._route = route
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout):
+        return self._route.connect(self.host, self.port, timeout)
+
+
+class _IMAP4_SSL(imaplib.IMAP4_SSL):
+    """imaplib.IMAP4_SSL the same way; the certificate is checked against the host name, not the address."""
+
+    def __init__(self, host: str, port: int, timeout: float, route: Route, context: ssl.SSLContext):
+        self._route = route
+        super().__init__(host, port, ssl_context=context, timeout=timeout)
+
+    def _create_socket(self, timeout):
+        return self.ssl_context.wrap_socket(self._route.connect(self.host, self.port, timeout),
+                                            server_hostname=self.host)
+
+
+def _greeting_failure(exc: imaplib.IMAP4.error, where: str) -> MailError:
+    """The error for a greeting imaplib refused; what the far end sent is not repeated.
+
+    A port scan by proxy must learn nothing: a banner ("SSH-2.0-OpenSSH_9.2")
+    would name the service and its version.
+    """
+    text = str(exc)
+    if isinstance(exc, imaplib.IMAP4.abort) and text.startswith('socket error: EOF'):   # closed before a word
+        return connection_failure('connection_lost', where)
+    if not isinstance(exc, imaplib.IMAP4.abort) and text.startswith("b'* BYE"):
+        return connection_failure('server_busy', where)   # a BYE greeting: too busy now (RFC 3501, 7.1.5)
+    return connection_failure('not_a_mail_server', where)
+
+
 # ---------------------------------------------------------------- the session
 
 class ImapSession:
     """One logged-in IMAP connection; a context manager that logs out at the end."""
 
     def __init__(self, host: str, port: int, security: str, username: str, password: str,
-                 timeout: float = 30, ssl_context: ssl.SSLContext | None = None):
+                 timeout: float = 30, ssl_context: ssl.SSLContext | None = None, egress: Policy | None = None):
+        """`egress`: the policy the server's resolved address must pass (None: no check)."""
         if security not in SECURITY:
             raise ValueError(f'security must be one of {SECURITY}, got {security!r}')
         for field, value in (('host', host), ('username', username), ('password', password)):
@@ -538,7 +585,7 @@ class ImapSession:
         self.conn: imaplib.IMAP4 | None = None
         try:
             self._connect(host, port, security, timeout,
-                          ssl_context if ssl_context is not None else ssl.create_default_context())
+                          ssl_context if ssl_context is not None else ssl.create_default_context(), egress)
             self._login(username, password)
             if 'QRESYNC' in self.capabilities:
                 # Only now, authenticated and before any SELECT (RFC 5161); it also enables CONDSTORE.
@@ -551,25 +598,31 @@ class ImapSession:
 
     # -------------------------------------------------- connecting
 
-    def _connect(self, host, port, security, timeout, context) -> None:
+    def _connect(self, host, port, security, timeout, context, egress) -> None:
+        """Connect and read the greeting; a failure is one of errors.CONNECTION_FAILURES, echoing nothing."""
+        route = Route(egress)
         try:
-            with self._translated('connecting'):
-                if security == 'tls':
-                    # imaplib's own default context verifies nothing: always pass ours.
-                    self.conn = imaplib.IMAP4_SSL(host, port, ssl_context=context, timeout=timeout)
-                else:
-                    self.conn = imaplib.IMAP4(host, port, timeout=timeout)
-        except PermanentMailError as exc:
-            # imaplib raises its plain error for any greeting but OK/PREAUTH; a BYE
-            # greeting means "too busy now" (RFC 3501, 7.1.5).
-            if 'BYE' in str(exc):
-                raise TemporaryMailError(f'{self.where} turned us away: {exc}') from exc
-            raise
+            if security == 'tls':
+                # imaplib's own default context verifies nothing: always pass ours.
+                self.conn = _IMAP4_SSL(host, port, timeout, route, context)
+            else:
+                self.conn = _IMAP4(host, port, timeout, route)
+        except imaplib.IMAP4.error as exc:   # the greeting, or the CAPABILITY after it, was not IMAP
+            # Not chained: imaplib's text quotes the far end, and a logged traceback would repeat it.
+            raise _greeting_failure(exc, self.where) from None
+        except OSError as exc:   # refused, timed out, TLS failed; MailErrors from the route pass as they are
+            probe = route.peer if security != 'tls' else None   # silent in clear text: does it want TLS?
+            raise classify(exc, self.where, probe=probe, timeout=timeout) from exc
         if security == 'starttls':
             if 'STARTTLS' not in self.conn.capabilities:
-                raise PermanentMailError(f'{self.where} does not offer STARTTLS; refusing to log in without TLS')
-            with self._translated('starting TLS'):
-                self.conn.starttls(ssl_context=context)
+                raise connection_failure('starttls_unavailable', self.where)
+            try:
+                with self._translated('starting TLS'):   # a NO to STARTTLS, or a lost connection
+                    self.conn.starttls(ssl_context=context)
+            except MailError as exc:
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    raise classify(exc.__cause__, self.where, starttls=True) from exc.__cause__
+                raise
 
     def _login(self, username: str, password: str) -> None:
         conn = self.conn
@@ -596,7 +649,8 @@ class ImapSession:
             text = _text(exc.args)
             if _response_code(text) == 'UNAVAILABLE':   # the server's authentication backend is down
                 raise TemporaryMailError(f'{self.where} cannot check logins now: {text}') from exc
-            raise AuthenticationFailed(f'{self.where} rejected the login for {username!r}: {text}') from exc
+            raise AuthenticationFailed(f'{self.where} rejected the login for {username!r}: {text}; '
+                                       f'check the username and password') from exc
         except OSError as exc:
             self._lost = True
             raise TemporaryMailError(f'lost {self.where} during login: {exc}') from exc

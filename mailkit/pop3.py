@@ -25,10 +25,14 @@ change counter: POP3 sees one inbox, and only additions and removals.
 
 Errors
 ------
-poplib, ssl and socket exceptions are translated where they enter. A rejected
-PASS is AuthenticationFailed; refused connections, timeouts and dropped
-connections are TemporaryMailError; an untrusted certificate is
-PermanentMailError. Other -ERR replies are judged by their RFC 2449/3206
+poplib, ssl and socket exceptions are translated where they enter.
+Connecting goes through mailkit.egress (its policy, when given, checks the
+resolved address); a failure to connect, greet or start TLS carries one of
+the fixed codes of errors.CONNECTION_FAILURES and never repeats what the far
+end sent before "+OK". Control characters in the username, password or host
+are refused before anything is sent: poplib sends "USER " + the name as it is.
+A rejected PASS is AuthenticationFailed; dropped connections are
+TemporaryMailError. Other -ERR replies are judged by their RFC 2449/3206
 response code: IN-USE (another session holds the maildrop lock), LOGIN-DELAY
 and SYS/TEMP are temporary; a -ERR without a code answers a command the
 server will refuse again (RETR of a deleted message, an unknown command), so
@@ -41,7 +45,9 @@ import re
 import ssl
 from typing import Iterable
 
-from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError, check_setting
+from mailkit.egress import Policy, Route, classify
+from mailkit.errors import (AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, check_setting,
+                            connection_failure)
 
 SECURITY = ('tls', 'starttls', 'none')
 TEMPORARY_CODES = {'IN-USE', 'LOGIN-DELAY', 'SYS/TEMP'}
@@ -68,16 +74,50 @@ class _LongLines:
 
 
 class _POP3(_LongLines, poplib.POP3):
-    pass
+    """poplib.POP3 whose socket comes from egress.Route: resolved, checked, then connected."""
+
+    def __init__(self, host: str, port: int, timeout: float, route: Route):
+        self._route = route
+        try:
+            super().__init__(host, port, timeout)
+        except BaseException:
+            _close_socket(self)   # poplib leaves the socket open when the greeting fails
+            raise
+
+    def _create_socket(self, timeout):
+        return self._route.connect(self.host, self.port, timeout)
 
 
 class _POP3_SSL(_LongLines, poplib.POP3_SSL):
-    pass
+    """poplib.POP3_SSL the same way; the certificate is checked against the host name, not the address."""
+
+    def __init__(self, host: str, port: int, timeout: float, route: Route, context: ssl.SSLContext):
+        self._route = route
+        try:
+            super().__init__(host, port, timeout=timeout, context=context)
+        except BaseException:
+            _close_socket(self)
+            raise
+
+    def _create_socket(self, timeout):
+        return self.context.wrap_socket(self._route.connect(self.host, self.port, timeout),
+                                        server_hostname=self.host)
 
 
 def _text(exc: Exception) -> str:
     reply = exc.args[0] if exc.args else ''
     return reply.decode('utf-8', 'replace') if isinstance(reply, bytes) else str(reply)
+
+
+def _greeting_failure(exc: poplib.error_proto, where: str) -> MailError:
+    """The error for a first line that is not "+OK"; what the far end sent is not repeated.
+
+    A port scan by proxy must learn nothing: a banner ("SSH-2.0-OpenSSH_9.2")
+    would name the service and its version.
+    """
+    if _text(exc).startswith('-ERR'):   # a POP3 server that will not serve now (too many sessions, say)
+        return connection_failure('server_busy', where)
+    return connection_failure('not_a_mail_server', where)
 
 
 def _response_code(text: str) -> str | None:
@@ -86,15 +126,16 @@ def _response_code(text: str) -> str | None:
 
 
 def _close_socket(conn: poplib.POP3) -> None:
-    with contextlib.suppress(OSError):   # the peer closed first; an error may be on its way out and must not be masked
-        conn.close()
+    with contextlib.suppress(OSError, AttributeError):   # the peer closed first, or there was no socket yet;
+        conn.close()                                     # an error may be on its way out and must not be masked
 
 
 class Pop3Session:
     """One logged-in POP3 connection; a context manager that QUITs (and so deletes) only on success."""
 
     def __init__(self, host: str, port: int, security: str, username: str, password: str,
-                 timeout: float = 30, ssl_context: ssl.SSLContext | None = None):
+                 timeout: float = 30, ssl_context: ssl.SSLContext | None = None, egress: Policy | None = None):
+        """`egress`: the policy the server's resolved address must pass (None: no check)."""
         if security not in SECURITY:
             raise ValueError(f'security must be one of {SECURITY}, got {security!r}')
         # poplib sends "USER " + username as it is: a CR LF in it would start a command of our caller's choosing.
@@ -104,22 +145,38 @@ class Pop3Session:
         self.conn: poplib.POP3 | None = None
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
         try:
-            self._connect(host, port, security, timeout, context)
+            self._connect(host, port, security, timeout, context, egress)
             self._login(username, password)
         except BaseException:
             self._drop()
             raise
 
-    def _connect(self, host, port, security, timeout, context) -> None:
-        if security == 'tls':
-            # poplib's own default context verifies nothing: always pass ours.
-            self.conn = self._call('connecting', _POP3_SSL, host, port, timeout=timeout, context=context)
-        else:
-            self.conn = self._call('connecting', _POP3, host, port, timeout=timeout)
+    def _connect(self, host, port, security, timeout, context, egress) -> None:
+        """Connect and read the greeting; a failure is one of errors.CONNECTION_FAILURES, echoing nothing."""
+        route = Route(egress)
+        try:
+            if security == 'tls':
+                # poplib's own default context verifies nothing: always pass ours.
+                self.conn = _POP3_SSL(host, port, timeout, route, context)
+            else:
+                self.conn = _POP3(host, port, timeout, route)
+        except poplib.error_proto as exc:   # a first line that is not "+OK": not repeated, see _greeting_failure
+            # Not chained: poplib's exception holds the line, and a logged traceback would repeat it.
+            raise _greeting_failure(exc, self.where) from None
+        except OSError as exc:   # refused, timed out, TLS failed; MailErrors from the route pass as they are
+            probe = route.peer if security != 'tls' else None   # silent in clear text: does it want TLS?
+            raise classify(exc, self.where, probe=probe, timeout=timeout) from exc
+        if not self.conn.welcome.startswith(b'+OK'):   # poplib takes any line starting with "+"
+            raise connection_failure('not_a_mail_server', self.where)
         if security == 'starttls':
             if 'STLS' not in self._call('asking capabilities', self.conn.capa):
-                raise PermanentMailError(f'{self.where} does not offer STLS; refusing to log in without TLS')
-            self._call('starting TLS', self.conn.stls, context)
+                raise connection_failure('starttls_unavailable', self.where)
+            try:
+                self._call('starting TLS', self.conn.stls, context)
+            except MailError as exc:
+                if isinstance(exc.__cause__, ssl.SSLError):
+                    raise classify(exc.__cause__, self.where, starttls=True) from exc.__cause__
+                raise
 
     def _login(self, username: str, password: str) -> None:
         try:
@@ -129,7 +186,8 @@ class Pop3Session:
             text = _text(exc)
             if _response_code(text) in TEMPORARY_CODES:
                 raise TemporaryMailError(f'{self.where} cannot open the mailbox now: {text}') from exc
-            raise AuthenticationFailed(f'{self.where} rejected the login for {username!r}: {text}') from exc
+            raise AuthenticationFailed(f'{self.where} rejected the login for {username!r}: {text}; '
+                                       f'check the username and password') from exc
         except OSError as exc:
             raise TemporaryMailError(f'lost {self.where} during login: {exc}') from exc
 

@@ -48,9 +48,11 @@ Errors
 ------
 Every foreign exception is translated once, where it enters: a 4xx reply
 is TemporaryMailError, a 5xx reply PermanentMailError (by_reply), a
-rejected login AuthenticationFailed, a refused, timed-out or dropped
-connection TemporaryMailError, a certificate we do not trust
-PermanentMailError.
+rejected login AuthenticationFailed, a dropped connection
+TemporaryMailError. Connecting goes through mailkit.egress (its policy, when
+given, checks the resolved address); a failure to connect, greet or start
+TLS carries one of the fixed codes of errors.CONNECTION_FAILURES and never
+repeats what the far end sent before a reply-shaped greeting.
 
 Composing
 ---------
@@ -84,8 +86,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import MIMEPart
 
+from mailkit.egress import Policy, Route, classify
 from mailkit.errors import (AuthenticationFailed, MailError, PermanentMailError, TemporaryMailError, check_setting,
-                            shown)
+                            connection_failure, shown)
 
 __all__ = ['DeliveryUnknown', 'SendResult', 'by_reply', 'compose', 'envelope_recipients',
            'make_message_id', 'parse_address', 'send']
@@ -472,17 +475,82 @@ def _expect(where: str, doing: str, reply: tuple[int, bytes], *ok: int) -> None:
         raise by_reply(code)(f'{where} answered {code} {_reply_text(text)!r} to {doing}')
 
 
+class _NotSmtp(smtplib.SMTPException):
+    """The first bytes from the server are not an SMTP reply."""
+
+
+class _Greeted:
+    """smtplib.SMTP with its socket from egress.Route, and a first line checked before smtplib reads on.
+
+    smtplib reads "SSH-2.0-OpenSSH_9.2 ..." as a reply with code -1 whose
+    fourth character "-" announces more lines, and waits for them until the
+    timeout. Checking the first bytes ends such a connection at once.
+    """
+
+    def _get_socket(self, host, port, timeout):
+        return self._route.connect(host, port, timeout, self.source_address)
+
+    def connect(self, host='localhost', port=0, source_address=None):
+        try:
+            return super().connect(host, port, source_address)
+        except BaseException:
+            self.close()   # smtplib leaves the socket open when the greeting cannot be read
+            raise
+
+    def getreply(self):
+        if not self._greeted:
+            self._greeted = True
+            if self.file is None:
+                self.file = self.sock.makefile('rb')
+            head = self.file.peek(4)[:4]   # one read at most; smtplib reads the same bytes next
+            if not head:
+                raise smtplib.SMTPServerDisconnected('the server closed the connection before its greeting')
+            if not (head[:3].isdigit() and head[3:4] in (b'', b' ', b'-', b'\r', b'\n')):
+                raise _NotSmtp('the first line is not an SMTP reply')
+        return super().getreply()
+
+
+class _SMTP(_Greeted, smtplib.SMTP):
+    def __init__(self, host, port, local_hostname, timeout, route: Route):
+        self._route, self._greeted = route, False
+        super().__init__(host, port, local_hostname, timeout=timeout)
+
+
+class _SMTP_SSL(_Greeted, smtplib.SMTP_SSL):
+    def __init__(self, host, port, local_hostname, timeout, route: Route, context: ssl.SSLContext):
+        self._route, self._greeted = route, False
+        super().__init__(host, port, local_hostname, timeout=timeout, context=context)
+
+    def _get_socket(self, host, port, timeout):
+        # The certificate is checked against the host name given, not the address reached.
+        return self.context.wrap_socket(super()._get_socket(host, port, timeout), server_hostname=self._host)
+
+
 def _connect(host: str, port: int, security: str, timeout: float, context: ssl.SSLContext,
-             local_hostname: str | None) -> smtplib.SMTP:
-    """A connection that has been greeted with 220 (over TLS for 'tls')."""
+             local_hostname: str | None, egress: Policy | None = None) -> smtplib.SMTP:
+    """A connection that has been greeted with 220 (over TLS for 'tls'); a failure is one of
+    errors.CONNECTION_FAILURES, and echoes nothing the far end sent."""
     where = f'{host}:{port}'
+    route = Route(egress)
     # The host goes to the constructor, not to a later connect(): smtplib names
     # the server for TLS certificate checks from the constructor's host only.
-    with _step(where, 'connecting'):   # a greeting other than 220 raises SMTPConnectError
+    try:
         if security == 'tls':
-            conn = smtplib.SMTP_SSL(host, port, local_hostname, timeout=timeout, context=context)
+            conn = _SMTP_SSL(host, port, local_hostname, timeout, route, context)
         else:
-            conn = smtplib.SMTP(host, port, local_hostname, timeout=timeout)
+            conn = _SMTP(host, port, local_hostname, timeout, route)
+    except _NotSmtp:   # not chained, here and below: what the far end sent stays out of tracebacks too
+        raise connection_failure('not_a_mail_server', where) from None
+    except smtplib.SMTPConnectError as exc:   # a greeting other than 220 (RFC 5321, 3.1: 554 means no service)
+        code = 'server_busy' if 400 <= exc.smtp_code <= 499 else 'turned_away'
+        raise connection_failure(code, where, f'greeting {exc.smtp_code}') from None
+    except smtplib.SMTPServerDisconnected as exc:   # smtplib's name for EOF and for a timeout while reading
+        cause = exc.__context__ if isinstance(exc.__context__, OSError) else ConnectionAbortedError()
+        probe = route.peer if security != 'tls' else None   # silent in clear text: does it want TLS?
+        raise classify(cause, where, probe=probe, timeout=timeout) from exc
+    except OSError as exc:   # refused, timed out, TLS failed; MailErrors from the route pass as they are
+        probe = route.peer if security != 'tls' else None
+        raise classify(exc, where, probe=probe, timeout=timeout) from exc
     # SMTP is a dialogue of short lines; with Nagle's algorithm a line written
     # right after another waits for the peer's delayed ACK (40 ms on Linux).
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -496,9 +564,12 @@ def _greet(conn: smtplib.SMTP, where: str, security: str, context: ssl.SSLContex
     if security != 'starttls':
         return
     if not conn.has_extn('starttls'):
-        raise PermanentMailError(f'{where} does not offer STARTTLS; refusing to continue without TLS')
+        raise connection_failure('starttls_unavailable', where)
     with _step(where, 'starting TLS'):
-        conn.starttls(context=context)   # forgets the first EHLO's answer (RFC 3207, 4.2)
+        try:
+            conn.starttls(context=context)   # forgets the first EHLO's answer (RFC 3207, 4.2)
+        except ssl.SSLError as exc:   # the handshake failed: an untrusted certificate, say
+            raise classify(exc, where, starttls=True) from exc
         conn.ehlo_or_helo_if_needed()
 
 
@@ -531,7 +602,7 @@ def _authenticate(conn: smtplib.SMTP, where: str, username: str, password: str, 
     if 400 <= code <= 499:   # 454: a temporary authentication failure (RFC 4954, 6)
         raise TemporaryMailError(message)
     if 500 <= code <= 599:
-        raise AuthenticationFailed(message)
+        raise AuthenticationFailed(f"{message}; check the username and password")
     raise PermanentMailError(message)
 
 
@@ -677,12 +748,14 @@ class SmtpConnection:
 
     def __init__(self, host: str, port: int, security: str, username: str | None, password: str | None,
                  timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
-                 local_hostname: str | None = None, auth_mechanism: str | None = None) -> None:
+                 local_hostname: str | None = None, auth_mechanism: str | None = None,
+                 egress: Policy | None = None) -> None:
+        """`egress`: the policy the server's resolved address must pass (None: no check)."""
         _check_send_arguments(host, security, username, password, auth_mechanism, local_hostname)
         self.where, self.timeout, self.transactions = f'{host}:{port}', timeout, 0
         # smtplib's own default context verifies nothing: always pass ours.
         context = ssl_context if ssl_context is not None else ssl.create_default_context()
-        self.conn = _connect(host, port, security, timeout, context, local_hostname)
+        self.conn = _connect(host, port, security, timeout, context, local_hostname, egress)
         try:
             _greet(self.conn, self.where, security, context)
             if username is not None:
@@ -738,9 +811,9 @@ class SmtpConnection:
 def send(host: str, port: int, security: str, username: str | None, password: str | None, mail_from: str,
          rcpt_to: list[str], data: bytes, timeout: float = 30, ssl_context: ssl.SSLContext | None = None,
          local_hostname: str | None = None, auth_mechanism: str | None = None,
-         verdict_timeout: float | None = None, before_commit=None) -> SendResult:
+         verdict_timeout: float | None = None, before_commit=None, egress: Policy | None = None) -> SendResult:
     """Send data to rcpt_to on a connection of its own; see SmtpConnection.send."""
     _envelope_addresses(mail_from, rcpt_to)   # bad addresses fail before connecting, as the rest do in __init__
     with SmtpConnection(host, port, security, username, password, timeout, ssl_context, local_hostname,
-                        auth_mechanism) as conn:
+                        auth_mechanism, egress) as conn:
         return conn.send(mail_from, rcpt_to, data, verdict_timeout, before_commit)

@@ -441,15 +441,16 @@ def test_the_connection_after_a_drop_works_again(smtp_server):
 
 def test_refused_port_is_a_temporary_connection_failure():
     port = services.free_port()   # nothing listens there
-    with pytest.raises(TemporaryMailError, match='connection failure') as caught:
+    with pytest.raises(TemporaryMailError, match='refused the connection') as caught:
         smtp.send('127.0.0.1', port, 'starttls', None, None, 'a@example.org', ['b@example.org'], b'x', timeout=5)
-    assert not isinstance(caught.value, smtp.DeliveryUnknown)
+    assert not isinstance(caught.value, smtp.DeliveryUnknown) and caught.value.code == 'refused'
 
 
 @pytest.mark.parametrize('security', ['tls', 'starttls'])
 def test_self_signed_certificate_with_the_default_context_is_permanent(smtp_server, security):
-    with pytest.raises(PermanentMailError, match='certificate we do not trust'):
+    with pytest.raises(PermanentMailError, match='certificate we do not trust') as caught:
         submit(smtp_server, simple_message(), security=security, ssl_context=None)
+    assert caught.value.code == 'certificate_untrusted'
     assert smtp_server.received() == []
 
 
