@@ -164,6 +164,8 @@ def classify(exc: BaseException, where: str, *, starttls: bool = False, probe: t
         return exc
     if isinstance(exc, ssl.SSLCertVerificationError):   # before SSLError, which it subclasses
         return connection_failure('certificate_untrusted', where, exc.verify_message)
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):   # hung up mid-handshake: may be load
+        return connection_failure('connection_lost', where)
     if isinstance(exc, ssl.SSLError):
         # After STARTTLS was accepted, clear text back is a broken server, not a wrong port.
         wrong_port = not starttls and exc.reason in _NOT_TLS_REASONS

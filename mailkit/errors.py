@@ -89,11 +89,11 @@ CONNECTION_FAILURES = {
     'not_a_mail_server': (PermanentMailError, 'does not greet like a mail server of this protocol',
                           'check the port: it belongs to another service or another mail protocol'),
     'starttls_unavailable': (PermanentMailError, 'does not offer STARTTLS',
-                             'use security "tls" on the implicit-TLS port; we never log in without TLS '
-                             'unless security is "none"'),
+                             ('use security "tls" on the implicit-TLS port; we never log in without TLS '
+                              'unless security is "none"')),
     'destination_not_allowed': (PermanentMailError, 'is not an address this service may connect to',
-                                'the egress policy refuses loopback, link-local, metadata and denied '
-                                'networks; use the mail server\'s public name'),
+                                ('the egress policy refuses loopback, link-local, metadata and denied '
+                                 'networks; use the mail server\'s public name')),
 }
 
 

@@ -127,9 +127,11 @@ _PHRASE_ATOMS = re.compile(rf'{_ATEXT}+(?: {_ATEXT}+)*')
 # Words of printable ASCII separated by single spaces, none longer than MAX_PLAIN_WORD.
 _PLAIN_WORDS = re.compile(rf'[\x21-\x7e]{{1,{MAX_PLAIN_WORD}}}+(?: [\x21-\x7e]{{1,{MAX_PLAIN_WORD}}}+)*+')
 # One entry of an address list: text and quoted strings up to a comma outside
-# quotes; an unclosed quote runs to the end. Possessive, so a failed attempt
-# gives nothing back to try again: linear in the length of the list.
-_ADDRESS_LIST_ENTRY = re.compile(r'(?:[^",]++|"(?:[^"\\]++|\\.)*+"?)++', re.DOTALL)
+# quotes, starting at something other than a blank (blank entries are no
+# entries); an unclosed quote runs to the end. Possessive, so a failed
+# attempt gives nothing back to try again: linear in the length of the list.
+_QUOTED = r'"(?:[^"\\]++|\\.)*+"?'
+_ADDRESS_LIST_ENTRY = re.compile(rf'\s*+(?:[^",\s]|{_QUOTED})(?:[^",]++|{_QUOTED})*+', re.DOTALL)
 _HOST_LABEL = re.compile(r'[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?')
 _ADDRESS_LITERAL = re.compile(r'\[(?:\d{1,3}(?:\.\d{1,3}){3}|IPv6:[0-9A-Fa-f:.]+)\]')
 _NAME_AND_ADDRESS = re.compile(r'(?P<name>.*?)\s*<(?P<address>[^<>]*)>', re.DOTALL)
@@ -316,8 +318,16 @@ def _mailbox_tokens(name: str, address: str) -> list[str]:
 
 
 def _split_address_list(value: str) -> list[str]:
-    """'a@x, "Doe, John" <j@y>' -> its entries; commas inside quotes (RFC 5322, 3.2.4) do not split."""
-    return [entry for entry in _ADDRESS_LIST_ENTRY.findall(value) if entry.strip()]
+    """'a@x, "Doe, John" <j@y>' -> its entries; commas inside quotes (RFC 5322, 3.2.4) do not split.
+
+    Stops after MAX_RECIPIENTS + 1 entries: a longer list is refused anyway.
+    """
+    entries = []
+    for match in _ADDRESS_LIST_ENTRY.finditer(value):
+        entries.append(match.group())
+        if len(entries) > MAX_RECIPIENTS:
+            break
+    return entries
 
 
 def _check_count(what: str, entries) -> None:
@@ -715,10 +725,10 @@ def _check_send_arguments(host, security, username, password, auth_mechanism, lo
         raise ValueError('a username needs a password')
     # AUTH sends credentials in base64, but a NUL would end them early in
     # PLAIN (RFC 4616), and the EHLO name goes out as it is.
-    for field, value in (('host', host), ('username', username), ('password', password),
-                         ('local host name', local_hostname)):
+    for name, value in (('host', host), ('username', username), ('password', password),
+                        ('local host name', local_hostname)):
         if value is not None:
-            check_setting(field, value)
+            check_setting(name, value)
     if auth_mechanism is not None and auth_mechanism not in AUTH_MECHANISMS:
         raise ValueError(f'auth_mechanism must be one of {AUTH_MECHANISMS} or None, got {auth_mechanism!r}')
 

@@ -150,8 +150,8 @@ def test_the_default_policy_refuses_the_loopback_server_and_an_allowed_network_r
     security = 'starttls' if protocol == 'smtp' else 'none'
     context = dovecot.ssl_context() if protocol != 'smtp' else smtp_server.ssl_context()
     for host in ('127.0.0.1', 'localhost'):   # an address, and a name that resolves to one
-        error, _ = failure(lambda: open_session(protocol, host, plain, security, context=context,
-                                                egress=egress.Policy()))
+        error, _ = failure(lambda host=host: open_session(protocol, host, plain, security, context=context,
+                                                          egress=egress.Policy()))
         assert isinstance(error, PermanentMailError) and error.code == 'destination_not_allowed'
         assert f'{host}:{plain} is not an address this service may connect to' in str(error)
     session = open_session(protocol, '127.0.0.1', plain, security, context=context, egress=LOOPBACK)
