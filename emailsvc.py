@@ -21,6 +21,7 @@ import bottle
 import peewee as pw
 import redis
 
+import dashboard
 import models
 import tasks
 from mailkit import logs, smtp
@@ -73,6 +74,7 @@ def log_unexpected(err):
 
 
 app = Api()
+app.mount('/dashboard', dashboard.app)  # the operator's HTML pages: a Bottle app of their own
 
 
 def not_found(kind, ident):

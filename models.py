@@ -337,10 +337,10 @@ class Credential(TenantModel):
 class TaskRecord(TenantModel):
     """The ledger: one row per task id, the source of GET /api/v1/tasks; written by taskq.ledger only."""
     id = pw.CharField(primary_key=True, max_length=64)
-    tenant_id = pw.IntegerField(null=True, index=True)  # None: the service's own periodic work
+    tenant_id = pw.IntegerField(null=True)  # None: the service's own periodic work
     user_id = pw.IntegerField(null=True)
-    name = pw.CharField(max_length=64, index=True)
-    state = pw.CharField(max_length=10, index=True)  # taskq.ledger.TASK_STATES
+    name = pw.CharField(max_length=64)
+    state = pw.CharField(max_length=10)  # taskq.ledger.TASK_STATES
     priority = pw.IntegerField(default=0)
     attempts = pw.IntegerField(default=0)
     retries_left = pw.IntegerField(default=0)
@@ -356,6 +356,15 @@ class TaskRecord(TenantModel):
     traceback = pw.TextField(null=True)
     request_id = pw.CharField(max_length=64, null=True)
     args = JSONField(default=dict)
+    stop_requested_at = pw.DateTimeField(null=True)  # a person asked a running task to stop
+    history = pw.TextField(null=True)  # JSON lines, appended: earlier attempts, people's actions
+
+    class Meta:
+        # Each filter of the task history walks its own (column, enqueued_at)
+        # index newest first, so a page costs the same at any depth; they
+        # replace the single-column indexes, so the hot path keeps its index count.
+        indexes = ((('state', 'enqueued_at'), False), (('tenant_id', 'enqueued_at'), False),
+                   (('name', 'enqueued_at'), False))
 
     def to_dict(self):
         return {
@@ -379,6 +388,32 @@ class ConsumerHeartbeat(BaseModel):
     consumer_pid = pw.IntegerField()
     started_at = pw.DateTimeField(default=utcnow)
     last_seen = pw.DateTimeField(default=utcnow, index=True)
+    tasks_done = pw.IntegerField(default=0)
+    current_task = pw.CharField(max_length=64, null=True)
+    rss_kb = pw.IntegerField(null=True)
+
+
+class DashboardSession(BaseModel):
+    """A signed-in dashboard visitor; the cookie holds a random token, the row its hash."""
+    id = pw.CharField(primary_key=True, max_length=64)  # hash_key(token)
+    key_id = pw.IntegerField()
+    created_at = pw.DateTimeField(default=utcnow)
+    expires_at = pw.DateTimeField(index=True)
+
+
+class TaskRollup(BaseModel):
+    """Tasks that finished in one minute, by final state, for everyone ('all') or one user ('u<id>').
+
+    Written by the dashboard for closed minutes, so its charts and counts read
+    a few thousand rows whatever the depth of the ledger.
+    """
+    scope = pw.CharField(max_length=24)
+    minute = pw.IntegerField()  # minutes since the epoch, UTC
+    state = pw.CharField(max_length=10)
+    count = pw.IntegerField()
+
+    class Meta:
+        indexes = ((('scope', 'minute', 'state'), True),)
 
 
 class Blob(BaseModel):
@@ -507,7 +542,7 @@ def iso(value):
 
 
 MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
-          Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
+          DashboardSession, TaskRollup, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
 
 
 # ---------------------------------------------------------------- writes that survive a lost connection
@@ -787,6 +822,21 @@ def spam_verdicts(migrator):
     database.create_tables([SpamLearning])
     return missing_columns(migrator, EmailMessage.is_spam, EmailMessage.spam_score, EmailMessage.spam_indicators,
                            EmailClient.move_spam)
+
+
+@migration(len(MIGRATIONS) + 1)  # numbered after whichever migration lands before it; fix the number then
+def dashboard(migrator):
+    """Version 7: the dashboard's sessions, rolled-up counts, paging indexes, stop requests and task history;
+    heartbeats say what each worker does."""
+    database.create_tables([DashboardSession, TaskRollup])
+    operations = missing_columns(migrator, TaskRecord.stop_requested_at, TaskRecord.history,
+                                 ConsumerHeartbeat.tasks_done, ConsumerHeartbeat.current_task, ConsumerHeartbeat.rss_kb)
+    present = {index.name for index in database.get_indexes('task_record')}
+    operations += [migrator.drop_index('task_record', f'task_record_{column}')
+                   for column in ('state', 'name', 'tenant_id') if f'task_record_{column}' in present]
+    operations += [migrator.add_index('task_record', columns) for columns, _ in TaskRecord._meta.indexes
+                   if f'task_record_{"_".join(columns)}' not in present]
+    return operations
 
 
 LATEST = len(MIGRATIONS)

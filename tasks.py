@@ -266,6 +266,7 @@ class Progress:
     def add(self, count):
         self.done += count
         ledger.report_progress(self.done, self.total)
+        ledger.raise_if_stop_requested()  # after a committed batch: the one safe point to stop a sync
 
 
 def fetch_new(session, folder, uids, counts, progress):
@@ -359,6 +360,12 @@ def queue_sync(client, user_id, folder_id=None, force_full_sync=False):
 
 # ---------------------------------------------------------------- send and outbox
 
+def stop_or_mark_sending(outbox):
+    """Before the end-of-data mark: the last moment a send can still be stopped, and the first it cannot."""
+    ledger.raise_if_stop_requested()
+    mark_outbox(outbox, 'sending')
+
+
 @service_task(priority=8, retries=3)
 def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subject='',
                body_text='', body_html=None, attachment_ids=None):
@@ -377,7 +384,7 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
     try:
         with open_smtp(client) as session:
             result = session.send(client.email, outbox.recipients, raw,
-                                  before_commit=lambda: mark_outbox(outbox, 'sending'))
+                                  before_commit=lambda: stop_or_mark_sending(outbox))
     except smtp.DeliveryUnknown as exc:
         mark_outbox(outbox, 'unknown', error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc

@@ -22,6 +22,7 @@ import collections
 import datetime
 import functools
 import inspect
+import json
 import logging
 import threading
 import traceback
@@ -46,6 +47,10 @@ RERUNNABLE = (FAILED, DEAD, REVOKED)
 NO_RETRY = (FailNow, PermanentMailError)
 
 
+class Stopped(FailNow):
+    """A person asked the running task to stop; it stopped at a safe point and ends revoked."""
+
+
 class LedgerConflict(Exception):
     """The record is not in a state that allows the action; `code` is stable, the message says why."""
 
@@ -66,6 +71,10 @@ INCREMENT = object()  # update(attempts=INCREMENT): attempts = attempts + 1
 Record = models.TaskRecord
 
 
+class Append(str):
+    """update(history=Append(line)): the line is added to the end of the column's text."""
+
+
 @functools.lru_cache(maxsize=128)
 def _insert_sql(param, columns):
     names = ', '.join(f'"{c}"' for c in columns)
@@ -74,8 +83,9 @@ def _insert_sql(param, columns):
 
 
 @functools.lru_cache(maxsize=128)
-def _update_sql(param, columns, increments, state_count, expected):
-    sets = [f'"{c}" = "{c}" + 1' for c in increments] + [f'"{c}" = {param}' for c in columns]
+def _update_sql(param, columns, increments, state_count, expected, appends=()):
+    sets = [f'"{c}" = "{c}" + 1' for c in increments] + [
+        f'"{c}" = COALESCE("{c}", \'\') || {param}' if c in appends else f'"{c}" = {param}' for c in columns]
     where = f'"id" = {param}'
     if state_count:
         where += f' AND "state" IN ({", ".join([param] * state_count)})'
@@ -108,7 +118,8 @@ def update(task_id, only_states=(), expect=None, **fields):
     expected = _row_values(expect or {})
     increments = tuple(c for c, v in values.items() if v is INCREMENT)
     columns = tuple(c for c in values if c not in increments)
-    sql = _update_sql(models.database.param, columns, increments, len(only_states), tuple(expected))
+    appends = tuple(c for c, v in fields.items() if isinstance(v, Append))
+    sql = _update_sql(models.database.param, columns, increments, len(only_states), tuple(expected), appends)
     params = tuple(values[c] for c in columns) + (task_id,) + tuple(only_states) + tuple(expected.values())
     return models.with_reconnect(lambda: models.database.execute_sql(sql, params).rowcount)
 
@@ -198,7 +209,8 @@ def install(huey):
         # Every log line from here to the end of the run carries the task's ids.
         logs.task_id.set(task.id)
         logs.request_id.set(getattr(task, 'request_id', None))
-        deferred.write(task.id, state=RUNNING, started_at=models.utcnow(), worker=huey.worker_id(),
+        task.ledger_started_at = models.utcnow()  # for the attempt's line in the history, should it retry
+        deferred.write(task.id, state=RUNNING, started_at=task.ledger_started_at, worker=huey.worker_id(),
                        attempts=INCREMENT, retries_left=task.retries, next_retry_at=None, finished_at=None)
 
     @huey.post_execute()
@@ -217,6 +229,10 @@ def install(huey):
             exc = TaskTimeout(f'soft time limit of {task.timeout}s exceeded')
         task.ledger_error = (f'{type(exc).__name__}: {exc}',
                              ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        if isinstance(exc, Stopped):
+            deferred.write(task.id, state=REVOKED, finished_at=models.utcnow(), error=str(exc), traceback=None,
+                           retries_left=0)
+            return
         if task.retries:
             return  # SIGNAL_RETRYING follows and records the retry
         gave_up = isinstance(exc, NO_RETRY) or not type(task).default_retries
@@ -229,8 +245,11 @@ def install(huey):
         delay = huey.retry_delay(task)
         task.retry_delay = delay  # Huey schedules the retry with this
         error, tb = getattr(task, 'ledger_error', (None, None))
+        now = models.utcnow()
+        attempt = history_line('attempt', at=getattr(task, 'ledger_started_at', None), ended=now,
+                               worker=huey.worker_id(), error=error)
         deferred.write(task.id, state=RETRYING, error=error, traceback=tb, retries_left=task.retries - 1,
-                       next_retry_at=models.utcnow() + datetime.timedelta(seconds=delay))
+                       next_retry_at=now + datetime.timedelta(seconds=delay), history=Append(attempt))
 
     @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
     def revoked(signal_name, task):
@@ -252,19 +271,69 @@ def report_progress(done, total):
     update(logs.task_id.get(), progress_done=done, progress_total=total)
 
 
+def raise_if_stop_requested():
+    """Raise Stopped when a person has asked the running task to stop (call it at safe points only)."""
+    sql = f'SELECT "stop_requested_at" FROM "task_record" WHERE "id" = {models.database.param}'
+    row = models.database.execute_sql(sql, (logs.task_id.get(),)).fetchone()
+    if row and row[0] is not None:
+        raise Stopped('stopped on request')
+
+
+def history_line(kind, **fields):
+    """One JSON line of a record's history: an earlier attempt, or a person's action (`by`)."""
+    return json.dumps({'kind': kind, **{k: models.iso(v) if isinstance(v, datetime.datetime) else v
+                                        for k, v in fields.items()}}) + '\n'
+
+
+def history_of(row):
+    """The record's history lines as dicts, oldest first."""
+    return [json.loads(line) for line in (row.history or '').splitlines() if line.strip()]
+
+
 # ---------------------------------------------------------------- actions
 
-def revoke(huey, task_id):
-    """Revoke a waiting task; LedgerConflict unless it is pending or retrying."""
+def revoke(huey, task_id, by=None):
+    """Revoke a waiting task; LedgerConflict unless it is pending or retrying. `by` names who asked."""
     # Mark first, then tell Huey: a worker that dequeues it in between finds it
     # revoked in the ledger's eyes and Huey's, never run and recorded twice.
-    if not update(task_id, only_states=REVOCABLE, state=REVOKED, finished_at=models.utcnow()):
+    now = models.utcnow()
+    action = {'history': Append(history_line('revoke', at=now, by=by))} if by else {}
+    if not update(task_id, only_states=REVOCABLE, state=REVOKED, finished_at=now, **action):
         raise LedgerConflict('not_revocable', f'task {task_id} is {state_of(task_id)}; only pending or '
                                               'retrying tasks can be revoked.')
     huey.revoke_by_id(task_id)
 
 
-def requeue(huey, row, from_states=RERUNNABLE, expect=None, reason=None):
+def stop(task_id, by, outbox_state=None):
+    """Ask a running task to stop at its next safe point; LedgerConflict where it cannot.
+
+    A sync stops between committed batches. A send whose message has reached
+    the SMTP end-of-data mark (`outbox_state` sending, sent or unknown) is past
+    stopping: the server may already have it. Other tasks have no safe point.
+    """
+    state = state_of(task_id)
+    if state != RUNNING:
+        raise LedgerConflict('not_running', f'task {task_id} is {state}; only running tasks can be stopped '
+                                            '(revoke a waiting one).')
+    with models.all_tenants():
+        name = Record.get_by_id(task_id).name
+    if name == 'send_email' and outbox_state in ('sending', 'sent', 'unknown'):
+        raise LedgerConflict('not_stoppable', f'task {task_id} has sent its message up to the SMTP end-of-data '
+                                              'mark; the server may have it, so it cannot be stopped.')
+    if name not in STOPPABLE:
+        raise LedgerConflict('not_stoppable', f'task {task_id} ({name}) has no point where it can stop '
+                                              'safely; it ends within its time limit.')
+    now = models.utcnow()
+    if not update(task_id, only_states=(RUNNING,), stop_requested_at=now,
+                  history=Append(history_line('stop', at=now, by=by))):
+        raise LedgerConflict('not_running', f'task {task_id} is {state_of(task_id)}; only running tasks can be '
+                                            'stopped.')
+
+
+STOPPABLE = ('sync_emails', 'send_email')  # the tasks that call raise_if_stop_requested()
+
+
+def requeue(huey, row, from_states=RERUNNABLE, expect=None, reason=None, by=None):
     """Queue a recorded task again under its id, on the same record; returns the task.
 
     A re-run asked for by a person (from failed, dead or revoked: the task's
@@ -282,7 +351,12 @@ def requeue(huey, row, from_states=RERUNNABLE, expect=None, reason=None):
         update(row.id, state=FAILED, finished_at=models.utcnow(),
                error=f'cannot re-run {row.name}: no such task in this version')
         return None
-    fields = dict(state=PENDING, enqueued_at=models.utcnow(), finished_at=None, next_retry_at=None)
+    # The attempt that ended (or was lost) goes into the history, with who asked for the re-run.
+    ended = history_line('attempt', at=row.started_at, ended=row.finished_at, worker=row.worker,
+                         error=reason or row.error) if row.started_at else ''
+    asked = history_line('retry', at=models.utcnow(), by=by) if by else ''
+    fields = dict(state=PENDING, enqueued_at=models.utcnow(), finished_at=None, next_retry_at=None,
+                  stop_requested_at=None, history=Append(ended + asked))
     if rerun:
         fields['request_id'] = logs.request_id.get()
     else:

@@ -49,6 +49,9 @@ class Heartbeat:
         self.interval = huey.settings['consumer.heartbeat_seconds']
         self.recovery = Recovery(huey)
         self.stop = threading.Event()
+        # What the dashboard shows of this worker: kept in memory by the task
+        # signals and written with the beat, so the hot path writes nothing more.
+        self.current_task, self.tasks_done = None, 0
 
     def start(self):
         threading.Thread(target=self.run, name='heartbeat', daemon=True).start()
@@ -70,8 +73,12 @@ class Heartbeat:
             models.ConsumerHeartbeat.insert(
                 id=self.huey.worker_id(), host=HOST, pid=os.getpid(), consumer_pid=os.getppid(),
                 started_at=now, last_seen=now,
+                tasks_done=self.tasks_done, current_task=self.current_task, rss_kb=rss_kb(),
             ).on_conflict(conflict_target=[models.ConsumerHeartbeat.id],
-                          update={models.ConsumerHeartbeat.last_seen: now}).execute()
+                          update={models.ConsumerHeartbeat.last_seen: now,
+                                  models.ConsumerHeartbeat.tasks_done: self.tasks_done,
+                                  models.ConsumerHeartbeat.current_task: self.current_task,
+                                  models.ConsumerHeartbeat.rss_kb: rss_kb()}).execute()
 
     def end(self):
         self.stop.set()
@@ -132,6 +139,15 @@ class Recovery:
         return {match.group(1).decode() for data in payloads if (match := self.PAYLOAD_ID.search(bytes(data)))}
 
 
+def rss_kb():
+    """This process's resident memory in KiB (Linux), or None."""
+    try:
+        with open('/proc/self/statm') as statm:
+            return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 1024
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def worker_alive_here(worker):
     """True if `worker` (host:pid) is a live process on this host; a late heartbeat alone proves no death."""
     host, _, pid = (worker or '').rpartition(':')
@@ -158,5 +174,14 @@ def install(huey):
     @huey.on_shutdown()
     def stop_worker():
         heartbeat.end()
+
+    @huey.pre_execute()
+    def task_begins(task):
+        heartbeat.current_task = task.id
+
+    @huey.post_execute()
+    def task_ends(task, value, exc):
+        heartbeat.current_task = None
+        heartbeat.tasks_done += 1
 
     return heartbeat

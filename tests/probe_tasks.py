@@ -72,3 +72,12 @@ def ignores_soft_limit_without_database(seconds, tenant_id=None, user_id=None):
     """Lose this worker's database, then overrun: the watchdog must still kill it at the hard limit."""
     models.database.initialize(pw.SqliteDatabase('/nonexistent/emailsvc-probe/none.db'))
     return overrun(seconds)
+
+
+@service_task(priority=3, retries=0)
+def crawls(total, pause, tenant_id=None, user_id=None):
+    """Report progress slowly, so a watcher can see a progress bar move (past the soft limit, up to the hard)."""
+    for done in range(1, total + 1):
+        overrun(pause)
+        report_progress(done, total)
+    return {'status': 'ok'}
