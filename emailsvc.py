@@ -7,6 +7,7 @@ health, command line.
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import models
 import tasks
 from mailkit import logs, smtp
 from mailkit import settings as settings_mod
+from mailkit.credentials import key_list
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
 from taskq import ledger
 
@@ -323,8 +325,12 @@ def account_dict(client, kinds_with_password):
         'id': client.id, 'email': client.email, 'user_id': client.user_id,
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
-        'copy_sent': client.copy_sent, 'move_spam': client.move_spam, 'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
-        'last_error': client.last_error,
+        'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
+        'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
+        'last_error': client.last_error, 'sync_task_id': client.sync_task_id,
+        # When periodic sync tries next: null while sync is off, or after a rejected login until a PATCH.
+        'next_sync_at': models.iso(client.next_sync_at) if client.sync_enabled else None,
+        'consecutive_failures': client.failures,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
 
@@ -377,8 +383,15 @@ def create_account():
         passwords = apply_account(client, clean)
         client.save()
         store_passwords(client, passwords, dropped_smtp=False)
+    if client.sync_enabled:   # the first sync starts at once: the user wants to see mail, not wait for a period
+        start_sync_now(client)
     bottle.response.status = 201
     return account_dict(client, set(passwords))
+
+
+def start_sync_now(client):
+    """Queue a sync now (or find the one queued or running); the account resource names it."""
+    client.sync_task_id, _, _ = tasks.queue_sync(client, client.user_id)
 
 
 @api('GET', '/api/v1/accounts')
@@ -400,9 +413,14 @@ def update_account(client_id):
     clean = validate_account(json_body(), client)
     with models.database.atomic():
         passwords = apply_account(client, clean)
+        reaching_changed = bool(passwords) or 'incoming' in clean or 'smtp' in clean
+        if reaching_changed:   # new servers or passwords: whatever failed before deserves a try now
+            client.failures, client.next_sync_at = 0, models.utcnow()
         client.updated_at = models.utcnow()
         client.save()
         store_passwords(client, passwords, dropped_smtp='smtp' in clean and clean['smtp'] is None)
+    if reaching_changed and client.sync_enabled:
+        start_sync_now(client)
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 
 
@@ -717,16 +735,35 @@ def send_message(client_id):
     key = bottle.request.get_header('Idempotency-Key')
     if key is not None and not 0 < len(key) <= 255:
         raise ApiError(422, 'invalid_idempotency_key', 'Idempotency-Key must be 1 to 255 characters.')
-    if key and (replay := tasks.find_send(caller().user_id, key)):
-        return accepted_replay(replay)
     clean = validate_send(json_body())
     check_attachments_and_size(clean)
-    return accepted(*tasks.queue_send(client, caller().user_id, clean, key))
+    fingerprint = request_hash(client, clean) if key else None
+    if key and (earlier := tasks.earlier_send(caller().user_id, key)):
+        return replay(earlier, fingerprint)
+    try:
+        return accepted(tasks.queue_send(client, caller().user_id, clean, key, fingerprint))
+    except tasks.KeyInUse as taken:
+        return replay(taken.outbox, fingerprint)
 
 
-def accepted_replay(task_id):
-    record = TaskRecord.get_or_none(TaskRecord.id == task_id)
-    return accepted(task_id, record.state if record else ledger.PENDING)
+def request_hash(client, clean):
+    """What makes two sends the same request: the account and every field, in a canonical form."""
+    canonical = json.dumps({'account': client.id, **clean}, sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def replay(earlier, fingerprint):
+    """Answer a send whose Idempotency-Key was used before (the IETF httpapi Idempotency-Key draft):
+    the same request gets the first one's task; another body gets 422; a first request
+    still being accepted gets 409."""
+    if earlier is not None and earlier.request_hash not in (None, fingerprint):   # None: kept from before v6
+        raise ApiError(422, 'idempotency_key_reused', 'This Idempotency-Key was used for a different request; '
+                                                      'use a new key for a new message.')
+    if earlier is None or earlier.state == 'accepting':
+        raise ApiError(409, 'idempotency_key_in_use', 'A request with this Idempotency-Key is still being '
+                                                      'accepted; retry in a moment.')
+    record = TaskRecord.get_or_none(TaskRecord.id == earlier.task_id)
+    return accepted(earlier.task_id, record.state if record else ledger.PENDING)
 
 
 # ================================================================ tasks
@@ -959,7 +996,11 @@ def admin_rotate_key(args):
     models.migrate()
     keys = generate_embedded_key() if args.generate else SETTINGS['security.credential_keys']
     count = tasks.reencrypt_credentials(keys)
-    print(f're-encrypted {count} credentials under the newest key')
+    made = f'made a new key first in {SETTINGS["paths.var"] / "fernet.key"}; ' if args.generate else ''
+    print(f'{made}re-encrypted {count} credentials under the newest key '
+          f'({len(key_list(keys))} keys in use). No restart needed: running workers and web servers read the '
+          'keys again when a password does not decrypt or is stored. Keep the older keys until every host '
+          'has the new one.')
 
 
 def generate_embedded_key():

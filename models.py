@@ -11,6 +11,7 @@ import contextvars
 import datetime
 import functools
 import hashlib
+import itertools
 import json
 import os
 import secrets
@@ -71,13 +72,14 @@ def dispose_connections():
         database.obj.dispose()
 
 
-def init_credentials(keys):
-    """Give Credential.store the keys to encrypt with (it can encrypt only: decryption is the workers')."""
-    global _sealer
-    _sealer = Sealer(keys)
+def init_credentials(key_source):
+    """Give Credential.store where to read the keys it encrypts with, a callable read at each store, so
+    a key put in front by rotate-key is used at once. (It can encrypt only: decryption is the workers'.)"""
+    global _key_source
+    _key_source = key_source
 
 
-_sealer = None
+_key_source = None
 
 
 def check_database():
@@ -299,6 +301,11 @@ class EmailClient(TenantModel):
     last_error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
     updated_at = pw.DateTimeField(default=utcnow)
+    # When periodic sync takes the account next: interval after a success, a doubling
+    # backoff after failures in a row, never (None) after a rejected login until the
+    # credentials change.
+    next_sync_at = pw.DateTimeField(null=True, default=utcnow, index=True)
+    failures = pw.IntegerField(default=0)
 
     @classmethod
     def ids_of_user(cls, user_id):
@@ -322,8 +329,8 @@ class Credential(TenantModel):
     @classmethod
     def store(cls, client, kind, password):
         """Keep `password` encrypted as the account's `kind` (incoming, smtp) password, replacing any."""
-        cls.insert(tenant_id=client.tenant_id, client=client.id, kind=kind, secret=_sealer.encrypt(password),
-                   updated_at=utcnow()) \
+        secret = Sealer(_key_source()).encrypt(password)
+        cls.insert(tenant_id=client.tenant_id, client=client.id, kind=kind, secret=secret, updated_at=utcnow()) \
             .on_conflict(conflict_target=[cls.client, cls.kind],
                          update={cls.secret: pw.EXCLUDED.secret, cls.updated_at: pw.EXCLUDED.updated_at}).execute()
 
@@ -509,7 +516,8 @@ class Upload(TenantModel):
 class Outbox(TenantModel):
     """One row per accepted send: its Message-ID and how far delivery got.
 
-    queued -> sending (the SMTP transaction has begun) -> sent | failed.
+    accepting (an Idempotency-Key request until its task is queued) -> queued
+    -> sending (the SMTP transaction has begun) -> sent | failed.
     A retry that finds `sent` returns the stored result; one that finds
     `sending` cannot know whether the server took the message, and refuses
     to send it again (state `unknown`) rather than risk a duplicate.
@@ -518,6 +526,7 @@ class Outbox(TenantModel):
     user_id = pw.IntegerField()
     task_id = pw.CharField(max_length=64, unique=True)
     idempotency_key = pw.CharField(max_length=255, null=True)
+    request_hash = pw.CharField(max_length=64, null=True)  # of the request that used the key
     message_id = pw.CharField(max_length=255)
     state = pw.CharField(max_length=10, default='queued')
     recipients = JSONField(default=list)
@@ -740,11 +749,22 @@ def locked_learning():
 
 
 def due_for_sync(now):
-    """Accounts with sync on whose last sync is older than their interval."""
+    """Accounts with sync on whose next periodic sync is due, interleaved by tenant so that one
+    tenant's many accounts do not queue ahead of every other tenant's."""
     with all_tenants():
-        clients = list(EmailClient.select().where(EmailClient.sync_enabled == True))  # noqa: E712
-    return [c for c in clients
-            if c.last_sync_at is None or c.last_sync_at + datetime.timedelta(seconds=c.sync_interval) <= now]
+        clients = list(EmailClient.select().where(EmailClient.sync_enabled == True,  # noqa: E712
+                                                  EmailClient.next_sync_at <= now)
+                       .order_by(EmailClient.next_sync_at, EmailClient.id))
+    return interleave_by_tenant(clients)
+
+
+def interleave_by_tenant(clients):
+    """A, A, A, B, C -> A, B, C, A, A: each tenant's accounts in their order, tenants taking turns."""
+    queues = {}
+    for client in clients:
+        queues.setdefault(client.tenant_id, []).append(client)
+    rounds = itertools.zip_longest(*queues.values())
+    return [client for round_ in rounds for client in round_ if client is not None]
 
 
 def flag_fields(flags):
@@ -824,9 +844,9 @@ def spam_verdicts(migrator):
                            EmailClient.move_spam)
 
 
-@migration(len(MIGRATIONS) + 1)  # numbered after whichever migration lands before it; fix the number then
+@migration(6)
 def dashboard(migrator):
-    """Version 7: the dashboard's sessions, rolled-up counts, paging indexes, stop requests and task history;
+    """Version 6: the dashboard's sessions, rolled-up counts, paging indexes, stop requests and task history;
     heartbeats say what each worker does."""
     database.create_tables([DashboardSession, TaskRollup])
     operations = missing_columns(migrator, TaskRecord.stop_requested_at, TaskRecord.history,
@@ -837,6 +857,18 @@ def dashboard(migrator):
     operations += [migrator.add_index('task_record', columns) for columns, _ in TaskRecord._meta.indexes
                    if f'task_record_{"_".join(columns)}' not in present]
     return operations
+
+
+@migration(7)
+def accounts_rest_and_keys_remember(migrator):
+    """Version 7: periodic sync backs off per failing account; an Idempotency-Key remembers its request."""
+    operations = missing_columns(migrator, EmailClient.next_sync_at, EmailClient.failures, Outbox.request_hash)
+    pw_migrate.migrate(*operations)
+    with all_tenants():
+        for client in EmailClient.select(EmailClient.id, EmailClient.last_sync_at, EmailClient.sync_interval):
+            due = client.last_sync_at + datetime.timedelta(seconds=client.sync_interval) \
+                if client.last_sync_at else utcnow()
+            EmailClient.update(next_sync_at=due, failures=0).where(EmailClient.id == client.id).execute()
 
 
 LATEST = len(MIGRATIONS)

@@ -60,11 +60,14 @@ run_pytest() {
 serve_both() {
     ensure_venv requirements.txt
     "$PY" emailsvc.py migrate
-    "$PY" emailsvc.py consumer &
+    # setsid: a terminal's Ctrl-C goes to its whole process group; the children
+    # stay out of it and get SIGINT from the trap alone, once. (A second SIGINT
+    # is Huey's "stop now", which would cut a running send in half.) SIGTERM,
+    # as `docker stop` sends it, takes the same path: running tasks finish.
+    setsid "$PY" emailsvc.py consumer &
     local consumer=$!
-    "$PY" emailsvc.py web &
+    setsid "$PY" emailsvc.py web &
     local web=$!
-    # Ctrl-C reaches both children too; SIGINT lets the consumer finish its running tasks.
     trap 'kill -INT "$consumer" "$web" 2>/dev/null; wait "$consumer" "$web"; exit 0' INT TERM
     local port="${EMAILSVC_SERVER_PORT:-8080}"
     cat <<EOF

@@ -23,7 +23,7 @@ import models
 import taskq
 from mailkit import logs, mime, smtp, spam
 from mailkit import settings as settings_mod
-from mailkit.credentials import Vault
+from mailkit.credentials import CredentialError, Vault
 from mailkit.errors import AuthenticationFailed, FailNow, MailError, TemporaryMailError
 from mailkit.imap import FolderGone, ImapSession
 from mailkit.pop3 import Pop3Session
@@ -37,7 +37,14 @@ except settings_mod.ConfigError as exc:
 
 logger = logging.getLogger('emailsvc.tasks')
 models.init_database(SETTINGS['database.url'])
-models.init_credentials(SETTINGS['security.credential_keys'])
+
+
+def current_keys():
+    """The credential keys as configured now: `admin rotate-key` may have put a new one first since start-up."""
+    return settings_mod.load()['security.credential_keys']
+
+
+models.init_credentials(current_keys)
 
 huey = taskq.make_huey(SETTINGS)
 taskq.install(huey)
@@ -64,8 +71,22 @@ def password_of(client, kind):
 
 
 def decrypt(secret):
-    """The one place a stored password is decrypted: to log in to the account's server."""
-    return vault().decrypt(secret)
+    """The one place a stored password is decrypted: to log in to the account's server.
+
+    A secret that no key of ours opens was most likely encrypted under a key
+    put in front since this worker started (rotate-key): read the keys again
+    once, instead of failing every sync and send until a restart.
+    """
+    try:
+        return vault().decrypt(secret)
+    except CredentialError:
+        keys = current_keys()
+        if keys == SETTINGS['security.credential_keys']:
+            raise
+        logger.info('credential keys changed since start-up; using the new set')
+        SETTINGS['security.credential_keys'] = keys
+        vault.cache_clear()
+        return vault().decrypt(secret)
 
 
 @functools.cache
@@ -154,12 +175,30 @@ def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_
                 timestamp=int(time.time() * 1000))
 
 
-def end_sync(client, state, error):
-    """Record how the sync ended (the claim lapses with the task's ledger state)."""
+def end_sync(client, state, error, now=None):
+    """Record how the sync ended and when periodic sync takes the account next.
+
+    A success is due again after its interval; a failure after a backoff that
+    doubles with each failure in a row, up to sync.max_backoff; a rejected
+    login never, until its credentials change (a PATCH), so that a wrong
+    password is not tried every few minutes for ever. (The claim on the
+    account lapses with the task's ledger state.)
+    """
+    now = now or models.utcnow()
     fields = {'sync_state': state, 'last_error': error}
     if state == 'idle':
-        fields['last_sync_at'] = models.utcnow()
+        fields.update(last_sync_at=now, failures=0, next_sync_at=now + datetime.timedelta(seconds=client.sync_interval))
+    elif state == 'auth_error':
+        fields.update(failures=client.failures + 1, next_sync_at=None)
+    else:
+        fields.update(failures=client.failures + 1, next_sync_at=now + retry_after(client, client.failures + 1))
     models.EmailClient.update(**fields).where(models.EmailClient.id == client.id).execute()
+
+
+def retry_after(client, failures):
+    """The pause before periodic sync tries a failing account again: its interval doubled per failure, capped."""
+    seconds = client.sync_interval * 2 ** min(failures, 20)
+    return datetime.timedelta(seconds=min(seconds, SETTINGS['sync.max_backoff']))
 
 
 #
@@ -467,33 +506,58 @@ def refresh_sent_folder(session, client):
     return models.EmailFolder.by_role(client.id, 'sent')
 
 
-def find_send(user_id, key):
-    """The task id of this user's earlier send with the same Idempotency-Key, if any."""
-    row = models.Outbox.get_or_none(models.Outbox.user_id == user_id, models.Outbox.idempotency_key == key)
-    return row.task_id if row else None
+def earlier_send(user_id, key, now=None):
+    """This user's outbox row with the same Idempotency-Key, if the key is younger than api.idempotency_hours."""
+    Outbox = models.Outbox
+    return Outbox.get_or_none(Outbox.user_id == user_id, Outbox.idempotency_key == key,
+                              Outbox.created_at >= key_cutoff(now))
 
 
-def queue_send(client, user_id, clean, key):
-    """Record the outbox row with the task, then queue it; returns (task id, state)."""
+def key_cutoff(now=None):
+    return (now or models.utcnow()) - datetime.timedelta(hours=SETTINGS['api.idempotency_hours'])
+
+
+class KeyInUse(Exception):
+    """Another request took this Idempotency-Key a moment earlier; `outbox` is its row (None if it gave up)."""
+
+    def __init__(self, outbox):
+        super().__init__('Idempotency-Key in use')
+        self.outbox = outbox
+
+
+def queue_send(client, user_id, clean, key=None, request_hash=None):
+    """Record the outbox row with the task, then queue it; returns the task id.
+
+    With an Idempotency-Key, the row says `accepting` until the task is on the
+    broker, so a second request with the key can tell "accepted" (replay it)
+    from "still being accepted" (409: a replay now could name a task that never
+    reaches the broker). A key older than api.idempotency_hours is released.
+    """
     task = send_email.s(client.id, client.tenant_id, user_id, clean['to'], cc=clean['cc'], bcc=clean['bcc'],
                         subject=clean.get('subject') or '', body_text=clean.get('body_text') or '',
                         body_html=clean.get('body_html'), attachment_ids=clean['attachment_ids'])
     recipients = smtp.envelope_recipients(clean['to'], clean['cc'], clean['bcc'])
+    Outbox = models.Outbox
     try:
         with models.database.atomic():
+            if key:
+                Outbox.update(idempotency_key=None).where(Outbox.user_id == user_id, Outbox.idempotency_key == key,
+                                                          Outbox.created_at < key_cutoff()).execute()
             ledger.record(task)
-            models.Outbox.create(client=client.id, user_id=user_id, task_id=task.id, idempotency_key=key,
-                                 message_id=smtp.make_message_id(domain_of(client)),
-                                 recipients=recipients)
+            Outbox.create(client=client.id, user_id=user_id, task_id=task.id, idempotency_key=key,
+                          request_hash=request_hash, state='accepting' if key else 'queued',
+                          message_id=smtp.make_message_id(domain_of(client)), recipients=recipients)
     except models.pw.IntegrityError:
-        return find_send(user_id, key), 'pending'  # the same key won a moment earlier
+        raise KeyInUse(earlier_send(user_id, key)) from None
     try:
         huey.enqueue(task)
     except Exception:
-        models.Outbox.delete().where(models.Outbox.task_id == task.id).execute()
+        Outbox.delete().where(Outbox.task_id == task.id).execute()
         ledger.delete(task.id)
         raise
-    return task.id, 'pending'
+    if key:
+        Outbox.update(state='queued').where(Outbox.task_id == task.id, Outbox.state == 'accepting').execute()
+    return task.id
 
 
 # ---------------------------------------------------------------- delete

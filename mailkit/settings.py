@@ -52,6 +52,8 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
     ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
     ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
+    ('sync.max_backoff', float, 21600.0, 'longest pause, in seconds, before periodic sync retries a failing account'),
+    ('api.idempotency_hours', float, 24.0, 'hours an Idempotency-Key of a send is remembered'),
     ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam_train makes it)'),
     ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
                                      "chosen for <= 0.5 % false positives"),

@@ -713,6 +713,10 @@ class SmtpServer(_Server):
         """Shorthand for script_replies(data=reply, times=times)."""
         self.script_replies(data=reply, times=times)
 
+    def delay_data_reply(self, seconds: float, times: int = 1) -> None:
+        """The next `times` transactions are delivered, then their 250 reply waits `seconds`."""
+        smtp_server.add_scripts(self.spool, [{'delay': seconds}] * times)
+
     def freeze_after_data(self, pids) -> None:
         """The next transaction is delivered, then `pids` get SIGSTOP before the 250 reply goes out."""
         smtp_server.add_scripts(self.spool, [{'freeze': list(pids)}])

@@ -136,6 +136,8 @@ class Handler:
         reply = script.get('data') or '250 OK'
         if reply.startswith('2'):
             self.spool_message(server, session, envelope)
+        if script.get('delay'):
+            await asyncio.sleep(script['delay'])   # delivered, and the client still waits for the reply
         for pid in script.get('freeze', ()):
             # Stop the client before it can read our 250: from here on the
             # message is delivered, and the client cannot have recorded it.

@@ -15,7 +15,7 @@ ACCOUNT = {
                  'username': 'alice', 'password': 'incoming-S3cret!'},
     'smtp': {'host': 'smtp.example.com', 'port': 587, 'security': 'starttls',
              'username': 'alice', 'password': 'smtp-S3cret!'},
-    'sync_enabled': True, 'sync_interval': 300,
+    'sync_enabled': False, 'sync_interval': 300,   # these hosts do not exist: no first sync
 }
 
 

@@ -146,7 +146,7 @@ def test_concurrent_web_and_consumer_writes_never_fail(client, make_key, unique,
     def writer(n):
         for i in range(25):
             resp = api.post('/api/v1/accounts', {
-                'email': f'w{n}-{i}@example.com',
+                'email': f'w{n}-{i}@example.com', 'sync_enabled': False,   # no host: no first sync
                 'incoming': {'protocol': 'imap', 'host': 'h.example.com', 'port': 993, 'security': 'tls',
                              'username': 'u', 'password': 'p'}})
             (created if resp.status == 201 else errors).append(resp.status)

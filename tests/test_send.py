@@ -1,4 +1,5 @@
 """send_email against the real aiosmtpd server: structure, retries, idempotency, never twice."""
+import datetime
 import email
 import email.policy
 import os
@@ -9,7 +10,7 @@ import pytest
 import models
 import tasks
 from tests.conftest import STATE, assert_api_error, record, wait_for, wait_for_state
-from tests.test_sync import PASSWORD, Mailbox, message, sync, user  # noqa: F401 (fixture)
+from tests.test_sync import PASSWORD, Mailbox, first_sync_settled, message, sync, user  # noqa: F401 (fixture)
 
 
 @pytest.fixture
@@ -31,6 +32,7 @@ def sender(user, unique, smtp_server):
         'smtp': {'host': '127.0.0.1', 'port': smtp_server.port, 'security': 'starttls',
                  'username': unique, 'password': PASSWORD}})
     assert resp.status == 201, resp.text
+    first_sync_settled(resp.json['sync_task_id'])
     user.account, user.mailbox, user.address = resp.json['id'], mailbox, f'{unique}@example.com'
     return user
 
@@ -95,6 +97,37 @@ def test_idempotency_key_replays_the_first_task(sender, smtp_server, consumer):
     assert len(smtp_server.received()) == 1
 
 
+def test_idempotency_key_with_another_body_is_refused(sender, smtp_server, consumer):
+    key = {'Idempotency-Key': f'k-{os.urandom(4).hex()}'}
+    send(sender, MAIL, headers=key)
+    other = sender.post(f'/api/v1/accounts/{sender.account}/send', dict(MAIL, subject='another'), headers=key)
+    assert_api_error(other, 422, 'idempotency_key_reused')
+    assert len(smtp_server.received()) == 1
+
+
+def test_idempotency_key_still_being_accepted_is_409_then_replayed(sender, smtp_server, consumer):
+    key = f'k-{os.urandom(4).hex()}'
+    first, _ = send(sender, MAIL, headers={'Idempotency-Key': key})
+    with models.all_tenants():   # as the row stands between the first request's commit and its enqueue
+        models.Outbox.update(state='accepting').where(models.Outbox.task_id == first).execute()
+    busy = sender.post(f'/api/v1/accounts/{sender.account}/send', MAIL, headers={'Idempotency-Key': key})
+    assert_api_error(busy, 409, 'idempotency_key_in_use')
+    with models.all_tenants():
+        models.Outbox.update(state='sent').where(models.Outbox.task_id == first).execute()
+    again = sender.post(f'/api/v1/accounts/{sender.account}/send', MAIL, headers={'Idempotency-Key': key})
+    assert again.status == 202 and again.json['task_id'] == first
+
+
+def test_idempotency_key_expires(sender, smtp_server, consumer):
+    key = {'Idempotency-Key': f'k-{os.urandom(4).hex()}'}
+    first, _ = send(sender, MAIL, headers=key)
+    with models.all_tenants():   # older than api.idempotency_hours (24)
+        models.Outbox.update(created_at=models.utcnow() - datetime.timedelta(hours=25)) \
+            .where(models.Outbox.task_id == first).execute()
+    second, _ = send(sender, dict(MAIL, subject='a new message under an old key'), headers=key)
+    assert second != first and len(smtp_server.received()) == 2
+
+
 def test_an_accepted_send_and_sync_insert_their_ledger_rows_once(sender, smtp_server, consumer, monkeypatch):
     inserts = []
     execute_sql = models.database.obj.execute_sql
@@ -107,7 +140,7 @@ def test_an_accepted_send_and_sync_insert_their_ledger_rows_once(sender, smtp_se
     tenant_id, user_id = sender.ids
     with models.tenant_scope(tenant_id):
         client = models.EmailClient.get_by_id(sender.account)
-        send_id, _ = tasks.queue_send(client, user_id, {'to': ['bob@example.net'], 'cc': [], 'bcc': [],
+        send_id = tasks.queue_send(client, user_id, {'to': ['bob@example.net'], 'cc': [], 'bcc': [],
                                                         'body_text': 'once', 'attachment_ids': []}, None)
         assert len(inserts) == 1
         sync_id, _, _ = tasks.queue_sync(client, user_id)

@@ -1,0 +1,117 @@
+"""Accounts that heal and rest: a first sync at once, backoff while failing, no retries of a rejected login."""
+import datetime
+import types
+
+import models
+import tasks
+from tests.conftest import STATE, wait_for_state
+from tests.test_send import smtp_server  # noqa: F401 (fixture)
+from tests.test_stop import Service
+from tests.test_sync import PASSWORD, first_sync_settled, message, messages, user  # noqa: F401 (fixture)
+from tests.test_sync import Mailbox, mailbox  # noqa: F401 (fixture)
+
+
+def create(api, mailbox, password=PASSWORD):
+    resp = api.post('/api/v1/accounts', {
+        'email': f'{mailbox.user}@example.com',
+        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': mailbox.dovecot.imap_port,
+                     'security': 'none', 'username': mailbox.user, 'password': password}})
+    assert resp.status == 201, resp.text
+    return resp.json
+
+
+def periodic(now):
+    with models.all_tenants():
+        return tasks.periodic_sync.task_class.func(now=now)['task_ids']
+
+
+def test_creating_an_account_starts_its_first_sync(user, mailbox, consumer):
+    mailbox.append(message(1), message(2))
+    account = create(user, mailbox)
+    assert account['sync_task_id']
+    assert wait_for_state(account['sync_task_id'], 'succeeded').result['messages_synced'] == 2
+    assert len(messages(user, account_id=account['id'])) == 2
+    now = user.get(f'/api/v1/accounts/{account["id"]}').json
+    assert now['sync_state'] == 'idle' and now['consecutive_failures'] == 0
+    due = datetime.datetime.fromisoformat(now['next_sync_at'].rstrip('Z'))
+    assert 299 <= (due - datetime.datetime.fromisoformat(now['last_sync_at'].rstrip('Z'))).total_seconds() <= 301
+
+
+def test_a_rejected_login_rests_until_a_patch_fixes_it(user, mailbox, consumer):
+    account = create(user, mailbox, password='wrong')
+    wait_for_state(account['sync_task_id'], 'failed')
+    broken = user.get(f'/api/v1/accounts/{account["id"]}').json
+    assert broken['sync_state'] == 'auth_error' and broken['last_error'] and broken['next_sync_at'] is None
+    assert account['id'] not in due_accounts(models.utcnow() + datetime.timedelta(days=30))
+    mailbox.append(message(1))
+    fixed = user.patch(f'/api/v1/accounts/{account["id"]}', {'incoming': {'password': PASSWORD}})
+    assert fixed.status == 200, fixed.text
+    assert fixed.json['sync_task_id'] != account['sync_task_id']   # the fix starts a sync at once
+    assert wait_for_state(fixed.json['sync_task_id'], 'succeeded').result['messages_synced'] == 1
+    healed = user.get(f'/api/v1/accounts/{account["id"]}').json
+    assert (healed['sync_state'], healed['last_error'], healed['consecutive_failures']) == ('idle', None, 0)
+    assert healed['next_sync_at'] is not None
+
+
+def due_accounts(now):
+    return {client.id for client in models.due_for_sync(now)}
+
+
+def test_a_failing_account_backs_off_doubling_up_to_the_cap(user, mailbox):
+    account = user.post('/api/v1/accounts', {
+        'email': 'x@example.com', 'sync_enabled': False, 'sync_interval': 300,
+        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': 1, 'security': 'none',
+                     'username': 'x', 'password': 'p'}}).json
+    start = models.utcnow()
+    pauses = []
+    with models.all_tenants():
+        for _ in range(9):
+            client = models.EmailClient.get_by_id(account['id'])
+            tasks.end_sync(client, 'error', 'cannot reach 127.0.0.1:1', now=start)
+            pauses.append((models.EmailClient.get_by_id(account['id']).next_sync_at - start).total_seconds())
+        assert pauses == [600, 1200, 2400, 4800, 9600, 19200, 21600, 21600, 21600]
+        tasks.end_sync(models.EmailClient.get_by_id(account['id']), 'idle', None, now=start)
+        healed = models.EmailClient.get_by_id(account['id'])
+    assert (healed.failures, (healed.next_sync_at - start).total_seconds()) == (0, 300)
+
+
+def test_periodic_sync_lets_tenants_take_turns():
+    a1, a2, a3, b1, c1 = (types.SimpleNamespace(tenant_id=t, name=n)
+                          for t, n in ((1, 'a1'), (1, 'a2'), (1, 'a3'), (2, 'b1'), (3, 'c1')))
+    order = models.interleave_by_tenant([a1, a2, a3, b1, c1])
+    assert [c.name for c in order] == ['a1', 'b1', 'c1', 'a2', 'a3']
+
+
+def test_a_rotated_key_is_used_without_a_restart(tmp_path, smtp_server):
+    """rotate-key while the service runs: the next sync and send succeed at once, no retry."""
+    service = Service(tmp_path, 'rotate', ca_files=f'{STATE["dovecot"].cert_path},{smtp_server.cert_path}')
+    service.env.pop('EMAILSVC_SECURITY_CREDENTIAL_KEYS', None)   # var/fernet.key, which rotate-key rewrites
+    mailbox = Mailbox(STATE['dovecot'], 'rotate' + tmp_path.name[-6:].replace('_', ''))
+    smtp_server.add_user(mailbox.user, PASSWORD)
+    service.command('admin', 'create-tenant', 'rotate')
+    key = service.command('admin', 'create-key', '--tenant', 'rotate', '--user', 'alice').strip().splitlines()[-1]
+    service.start()
+    try:
+        api = service.api.as_key(key)
+        mailbox.append(message(1))
+        account = api.post('/api/v1/accounts', {
+            'email': f'{mailbox.user}@example.com', 'copy_sent': False,
+            'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': mailbox.dovecot.imap_port,
+                         'security': 'none', 'username': mailbox.user, 'password': PASSWORD},
+            'smtp': {'host': '127.0.0.1', 'port': smtp_server.port, 'security': 'starttls',
+                     'username': mailbox.user, 'password': PASSWORD}}).json
+        assert service.wait_task(api, account['sync_task_id'], 'succeeded')['attempts'] == 1
+        said = service.command('admin', 'rotate-key', '--generate')
+        assert 're-encrypted 2 credentials' in said and 'No restart needed' in said
+        mailbox.append(message(2))
+        sync = api.post(f'/api/v1/accounts/{account["id"]}/sync', {}).json
+        assert service.wait_task(api, sync['task_id'], 'succeeded')['attempts'] == 1
+        send = api.post(f'/api/v1/accounts/{account["id"]}/send', {'to': ['bob@example.net'], 'body_text': 'hi'}).json
+        assert service.wait_task(api, send['task_id'], 'succeeded')['attempts'] == 1
+        changed = api.patch(f'/api/v1/accounts/{account["id"]}', {'smtp': {'password': PASSWORD}})
+        assert changed.status == 200   # stored by the web process under the new key, read by the worker
+        again = api.post(f'/api/v1/accounts/{account["id"]}/send', {'to': ['bob@example.net'], 'body_text': 'hi'}).json
+        assert service.wait_task(api, again['task_id'], 'succeeded')['attempts'] == 1
+    finally:
+        service.ctrl_c()
+        service.wait_stopped()
