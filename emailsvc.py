@@ -8,18 +8,21 @@ import argparse
 import contextlib
 import datetime
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
 import sys
+import time
 import traceback
 import urllib.parse
 import uuid
 
 import bottle
 import peewee as pw
+import prometheus_client
 import redis
 
 import dashboard
@@ -29,7 +32,7 @@ from mailkit import logs, smtp
 from mailkit import settings as settings_mod
 from mailkit.credentials import key_list
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
-from taskq import ledger
+from taskq import ledger, metrics
 
 SETTINGS = tasks.SETTINGS
 logger = logging.getLogger('emailsvc.web')
@@ -859,13 +862,40 @@ def health():
 
 @app.get('/health/detailed')
 def health_detailed():
+    """Database, broker, live consumers and queue; 503 `degraded` with every reason when one is wrong."""
     report = {'database': probe(models.check_database), 'broker': probe(check_broker)}
     report['consumers'] = probe(live_consumers) if report['database']['ok'] else {'ok': False}
     report['queue'] = probe(tasks.huey.queue_depth) if report['broker']['ok'] else {'ok': False}
-    healthy = report['database']['ok'] and report['broker']['ok']
-    report['status'] = 'ok' if healthy else 'degraded'
-    bottle.response.status = 200 if healthy else 503
+    if report['database']['ok']:
+        report['queue']['oldest_waiting_seconds'] = round(probe_value(metrics.oldest_waiting_age), 3)
+    reasons = health_reasons(report)
+    report['status'] = 'degraded' if reasons else 'ok'
+    report['reasons'] = reasons
+    bottle.response.status = 503 if reasons else 200
     return report
+
+
+STARTED = time.monotonic()  # the start-up grace runs from here
+
+
+def health_reasons(report):
+    """What is wrong, one short phrase each; empty when healthy."""
+    reasons = []
+    if not report['database']['ok']:
+        reasons.append('database unreachable')
+    if not report['broker']['ok']:
+        reasons.append('broker unreachable')
+    starting = time.monotonic() - STARTED < SETTINGS['consumer.startup_grace']
+    if report['consumers'].get('ok') and not report['consumers']['alive']:
+        if starting:
+            report['consumers']['starting'] = True
+        else:
+            reasons.append('no live consumer')
+    limit = SETTINGS['health.max_wait_seconds']
+    waited = report['queue'].get('oldest_waiting_seconds') or 0
+    if limit and waited > limit:
+        reasons.append(f'oldest waiting task has waited {waited:.0f} s (limit {limit:.0f} s)')
+    return reasons
 
 
 def probe(check):
@@ -876,15 +906,99 @@ def probe(check):
         return {'ok': False, 'error': type(exc).__name__}
 
 
+def probe_value(check):
+    try:
+        with models.database.connection_context():
+            return check()
+    except Exception:  # reported by the database probe already
+        return 0.0
+
+
 def check_broker():
     tasks.huey.storage.queue_size()
 
 
 def live_consumers(now=None):
-    cutoff = (now or models.utcnow()) - datetime.timedelta(seconds=SETTINGS['consumer.alive_seconds'])
     with models.database.connection_context():
-        rows = list(ConsumerHeartbeat.select().where(ConsumerHeartbeat.last_seen >= cutoff))
-    return {'alive': len({(r.host, r.consumer_pid) for r in rows}), 'workers': len(rows)}
+        return metrics.live_consumers(SETTINGS['consumer.alive_seconds'], now)
+
+
+# ================================================================ metrics and access log
+#
+# Task and mail counters come from the shared database (taskq/metrics.py says
+# why): every web process answers the same totals, for every consumer on every
+# host. The HTTP metrics below are this web process's own (prometheus_client's
+# in-memory counters): scrape each web process, not a load balancer in front.
+
+REGISTRY = prometheus_client.CollectorRegistry(auto_describe=False)
+REGISTRY.register(metrics.LedgerCollector(tasks.huey, SETTINGS))
+HTTP_REQUESTS = prometheus_client.Counter(
+    'emailsvc_http_requests', 'HTTP requests answered by this web process, by route template and status',
+    ['method', 'route', 'status'], registry=REGISTRY)
+HTTP_LATENCY = prometheus_client.Histogram(
+    'emailsvc_http_request_duration_seconds', 'Time to answer a request in this web process, by route template',
+    ['method', 'route'], registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+METRICS_NETWORKS = [ipaddress.ip_network(n.strip(), strict=False)
+                    for n in SETTINGS['metrics.allowed_networks'].split(',') if n.strip()]
+
+
+@app.get('/metrics')
+def prometheus_metrics():
+    """Prometheus text format, for an operator key or a client in metrics.allowed_networks."""
+    if not from_allowed_network():
+        try:
+            caller_ = authenticate()
+        except ApiError as exc:
+            raise ApiError(exc.status_code, exc.code, f'{exc.body} /metrics takes an operator key, or a client '
+                                                      'address in metrics.allowed_networks.') from None
+        if not caller_.operator:
+            raise ApiError(403, 'forbidden', '/metrics needs an operator key (or a client address in '
+                                             'metrics.allowed_networks).')
+    bottle.response.content_type = prometheus_client.CONTENT_TYPE_LATEST
+    return prometheus_client.generate_latest(REGISTRY)
+
+
+def from_allowed_network():
+    # REMOTE_ADDR, the socket's peer: bottle's remote_addr believes X-Forwarded-For, which anyone can send.
+    try:
+        address = ipaddress.ip_address(bottle.request.environ.get('REMOTE_ADDR', ''))
+    except ValueError:
+        return False
+    return any(address in network for network in METRICS_NETWORKS)
+
+
+access_logger = logging.getLogger('emailsvc.access')
+
+
+def observed(wsgi_app):
+    """WSGI wrapper: one JSON access-log line and the HTTP metrics per request."""
+    def serve(environ, start_response):
+        started = time.perf_counter()
+        answer = {}
+
+        def record_start(status, headers, exc_info=None):
+            answer['status'], answer['headers'] = status, headers
+            return start_response(status, headers, exc_info)
+        body = None
+        try:
+            body = wsgi_app(environ, record_start)
+            yield from body
+        finally:
+            if hasattr(body, 'close'):
+                body.close()
+            elapsed = time.perf_counter() - started
+            route = environ.get('bottle.route')
+            template = environ.get('SCRIPT_NAME', '') + route.rule if route is not None else 'unmatched'
+            status = answer.get('status', '500').split(' ', 1)[0]
+            method = environ.get('REQUEST_METHOD', '')
+            request_id = next((v for k, v in answer.get('headers', ()) if k.lower() == 'x-request-id'), None)
+            HTTP_REQUESTS.labels(method, template, status).inc()
+            HTTP_LATENCY.labels(method, template).observe(elapsed)
+            access_logger.info('%s %s %s', method, template, status, extra={
+                'method': method, 'route': template, 'status': int(status), 'duration_ms': round(elapsed * 1000, 2),
+                'request_id': request_id})
+    return serve
 
 
 # ================================================================ command line
@@ -903,26 +1017,58 @@ def serve_web(args):
     # SIGTERM) all the same, so ./run.sh's Ctrl-C ends the web server too.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.default_int_handler)
-    print(f'emailsvc: serving http://{host}:{port}/ (health: http://{host}:{port}/health)', flush=True)
     try:
-        waitress.serve(app, host=host, port=port, threads=SETTINGS['server.threads'], ident='emailsvc',
-                       _quiet=True)
+        server = waitress.create_server(observed(app), host=host, port=port, threads=SETTINGS['server.threads'],
+                                        ident='emailsvc')
+    except OSError as exc:
+        fail(f'cannot listen on {host}:{port}: {exc.strerror or exc}; is another server using that port? '
+             f'Choose another with server.port or EMAILSVC_SERVER_PORT')
+    logger.info('web server listening on http://%s:%s/', host, port, extra={'host': host, 'port': port})
+    if sys.stdout.isatty():
+        print(f'emailsvc web: http://{host}:{port}/  (health: /health; Ctrl-C stops)', flush=True)
+    try:
+        server.run()
     except KeyboardInterrupt:
-        print('emailsvc: web server stopped', flush=True)
+        logger.info('web server stopped')
+    finally:
+        server.close()
+
+
+def consumer_options(settings):
+    """Huey consumer options from the settings: workers, recycling (-M), graceful stop (-g, -t)."""
+    return dict(workers=settings['consumer.workers'], worker_type=settings['consumer.worker_type'],
+                periodic=True, check_worker_health=True, health_check_interval=1,
+                max_tasks=settings['consumer.max_tasks_per_worker'] or None,
+                graceful_signal=settings['consumer.graceful_signal'],
+                shutdown_timeout=settings['consumer.shutdown_timeout'] or None)
 
 
 def run_consumer(args):
     logs.configure(SETTINGS['log.level'])
     models.migrate()
-    consumer = tasks.huey.create_consumer(
-        workers=SETTINGS['consumer.workers'], worker_type=SETTINGS['consumer.worker_type'],
-        periodic=True, check_worker_health=True, health_check_interval=1)
+    consumer = tasks.huey.create_consumer(**consumer_options(SETTINGS))
     consumer.run()
 
 
 def run_migrate(args):
     old, new = models.migrate()
+    if args.banner:  # ./run.sh's start-up: one short banner, the first-key hint only while no key exists
+        if old != new:
+            print(f'emailsvc: database schema upgraded from version {old} to {new}')
+        print(banner(ApiKey.select().exists()))
+        return
     print(f'database schema: version {old} -> {new}' if old != new else f'database schema: version {new}, up to date')
+
+
+def banner(have_keys):
+    url = f'http://{SETTINGS["server.host"]}:{SETTINGS["server.port"]}/'
+    mode = 'embedded: SQLite under var/' if settings_mod.is_embedded(SETTINGS['queue.url']) else 'scaled out'
+    lines = [f'emailsvc is starting on {url}  ({mode}); Ctrl-C stops it, letting running tasks finish']
+    if not have_keys:
+        lines.append('  first key:  ./run.sh admin create-tenant acme && '
+                     './run.sh admin create-key --tenant acme --user alice')
+        lines.append(f'  then:       curl -H "Authorization: Bearer <key>" {url}api/v1/accounts')
+    return '\n'.join(lines)
 
 
 def admin_create_tenant(args):
@@ -973,22 +1119,84 @@ def admin_list_keys(args):
     tenants = {t.id: t.name for t in Tenant.select()}
     with models.all_tenants():
         users = {u.id: u.name for u in User.select()}
-    for row in ApiKey.select().order_by(ApiKey.id):
-        owner = 'operator' if row.is_operator else f'{tenants.get(row.tenant_id)}/{users.get(row.user_id)}'
-        state = f'revoked {models.iso(row.revoked_at)}' if row.revoked_at else 'active'
-        print(f'{row.id}\t{row.prefix}…\t{owner}\t{state}\tcreated {models.iso(row.created_at)}\t'
-              f'last used {models.iso(row.last_used_at) or "never"}')
+    rows = [{'id': row.id, 'prefix': f'{row.prefix}…',
+             'owner': 'operator' if row.is_operator else f'{tenants.get(row.tenant_id)}/{users.get(row.user_id)}',
+             'state': 'revoked' if row.revoked_at else 'active', 'created': models.iso(row.created_at),
+             'last_used': models.iso(row.last_used_at), 'revoked': models.iso(row.revoked_at)}
+            for row in ApiKey.select().order_by(ApiKey.id)]
+    show(args, rows, ('id', 'prefix', 'owner', 'state', 'created', 'last_used'), 'no API keys; make one with '
+         './run.sh admin create-key --operator (or --tenant NAME --user NAME)')
 
 
 def admin_revoke_key(args):
     models.migrate()
-    query = ApiKey.select().where((ApiKey.prefix == args.key[:12]) if not args.key.isdigit()
-                                  else (ApiKey.id == int(args.key)))
-    row = query.first()
-    if row is None:
-        fail(f'no key {args.key!r}; ./run.sh admin list-keys shows them')
+    row = find_key(args.key)
     ApiKey.update(revoked_at=models.utcnow()).where(ApiKey.id == row.id).execute()
     print(f'key {row.id} ({row.prefix}…) revoked')
+
+
+def find_key(given):
+    """A key by its id, the whole key, or any unique prefix of the part list-keys shows."""
+    given = given.strip().rstrip('…')
+    if given.isdigit():
+        row = ApiKey.get_or_none(ApiKey.id == int(given))
+        if row is None:
+            fail(f'no key with id {given}; ./run.sh admin list-keys shows them')
+        return row
+    if len(given) >= 12:
+        rows = list(ApiKey.select().where(ApiKey.prefix == given[:12]))
+    else:
+        rows = list(ApiKey.select().where(ApiKey.prefix.startswith(given)).limit(6))
+    return one_match(rows, given, 'key', lambda row: f'{row.prefix}… (id {row.id})',
+                     './run.sh admin list-keys shows them')
+
+
+def one_match(rows, given, kind, describe, hint):
+    """The one row a prefix matched, or one line that says none or which ones."""
+    if not rows:
+        fail(f'no {kind} {given!r}; {hint}')
+    if len(rows) > 1:
+        shown = ', '.join(describe(row) for row in rows[:5]) + (', …' if len(rows) > 5 else '')
+        fail(f'{kind} prefix {given!r} is ambiguous: it matches {shown}; give more characters')
+    return rows[0]
+
+
+def find_task(given):
+    """A task record by its id or any unique prefix of it."""
+    with models.all_tenants():
+        row = TaskRecord.get_or_none(TaskRecord.id == given)
+        if row is None and given:
+            row = one_match(list(TaskRecord.select().where(TaskRecord.id.startswith(given)).limit(6)), given,
+                            'task', lambda r: f'{r.id} ({r.name}, {r.state})', './run.sh tasks active or '
+                            'tasks dead list them')
+    if row is None:
+        fail(f'no task {given!r}')
+    return row
+
+
+def show(args, rows, columns, empty):
+    """A listing: --json prints the rows as JSON; otherwise a table with headers, or `empty` when there is none."""
+    if getattr(args, 'json', False):
+        print(json.dumps(rows, indent=2, default=str))
+    elif not rows:
+        print(empty)
+    else:
+        print(table(rows, columns))
+
+
+def table(rows, columns):
+    cells = [[column.upper().replace('_', ' ') for column in columns]]
+    cells += [['-' if row.get(c) is None else str(row[c]) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    return '\n'.join('  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in cells)
+
+
+def ago(moment, now=None):
+    if moment is None:
+        return None
+    seconds = ((now or models.utcnow()) - moment).total_seconds()
+    return f'{seconds:.1f}s ago' if seconds < 120 else f'{seconds / 60:.0f}m ago' if seconds < 7200 \
+        else f'{seconds / 3600:.1f}h ago'
 
 
 def admin_rotate_key(args):
@@ -1017,111 +1225,217 @@ def generate_embedded_key():
 
 def tasks_status(args):
     models.migrate()
-    with models.all_tenants():
-        record = TaskRecord.get_or_none(TaskRecord.id == args.task_id)
-    if record is None:
-        fail(f'no task {args.task_id}')
-    print(json.dumps(record.to_dict(), indent=2))
+    print(json.dumps(find_task(args.task_id).to_dict(), indent=2))
 
 
 def tasks_active(args):
     with models.all_tenants():
         rows = TaskRecord.select().where(TaskRecord.state.in_(ledger.ACTIVE_STATES)) \
             .order_by(TaskRecord.enqueued_at).limit(args.limit)
-        for row in rows:
-            print(f'{row.id}\t{row.name}\t{row.state}\tattempts {row.attempts}\tworker {row.worker or "-"}')
+        items = [{'task_id': row.id, 'name': row.name, 'state': row.state, 'attempts': row.attempts,
+                  'worker': row.worker if row.state == ledger.RUNNING else None,
+                  'progress': f'{row.progress_done}/{row.progress_total}' if row.progress_total else None,
+                  'enqueued': models.iso(row.enqueued_at)} for row in rows]
+    show(args, items, ('task_id', 'name', 'state', 'attempts', 'worker', 'progress', 'enqueued'),
+         'no active tasks (none pending, running or retrying)')
 
 
 def tasks_queues(args):
-    print(json.dumps(tasks.huey.queue_depth()))
+    depth = tasks.huey.queue_depth()
+    if args.json:
+        print(json.dumps(depth))
+        return
+    rows = [{'priority': priority, 'waiting': count} for priority, count in depth['by_priority'].items()]
+    print(table(rows + [{'priority': 'total', 'waiting': depth['depth']}], ('priority', 'waiting')))
 
 
 def tasks_revoke(args):
+    record = find_task(args.task_id)
     try:
-        ledger.revoke(tasks.huey, args.task_id)
+        ledger.revoke(tasks.huey, record.id)
     except ledger.LedgerConflict as exc:
-        fail(f'{exc} (./run.sh tasks status {args.task_id})')
-    print(f'task {args.task_id} revoked')
+        fail(f'{exc} (./run.sh tasks status {record.id})')
+    print(f'task {record.id} revoked')
 
 
 def tasks_dead(args):
     with models.all_tenants():
         rows = TaskRecord.select().where(TaskRecord.state == ledger.DEAD).order_by(TaskRecord.finished_at.desc()) \
             .limit(args.limit)
-        for row in rows:
-            print(f'{row.id}\t{row.name}\ttenant {row.tenant_id}\tattempts {row.attempts}\t'
-                  f'{models.iso(row.finished_at)}\t{(row.error or "").splitlines()[0][:120]}')
+        items = [{'task_id': row.id, 'name': row.name, 'tenant_id': row.tenant_id, 'attempts': row.attempts,
+                  'finished': models.iso(row.finished_at), 'error': ((row.error or '').splitlines() or [''])[0][:100]}
+                 for row in rows]
+    show(args, items, ('task_id', 'name', 'tenant_id', 'attempts', 'finished', 'error'), 'no dead tasks')
 
 
 def tasks_retry(args):
+    record = find_task(args.task_id)
     with models.all_tenants():
-        record = TaskRecord.get_or_none(TaskRecord.id == args.task_id)
-        if record is None:
-            fail(f'no task {args.task_id}')
         try:
             ledger.requeue(tasks.huey, record)
         except ledger.LedgerConflict as exc:
             fail(str(exc))
-    print(f'task {args.task_id} queued again')
+    print(f'task {record.id} queued again')
 
 
 def tasks_purge(args):
     if not (args.task_id or args.all_dead):
         fail('give a task id or --all-dead')
+    task_id = find_task(args.task_id).id if args.task_id else None
     with models.all_tenants():
-        count = ledger.purge(args.task_id, all_dead=args.all_dead)
-    if args.task_id and not count:
-        fail(f'task {args.task_id} is unknown or not finished (./run.sh tasks status {args.task_id})')
+        count = ledger.purge(task_id, all_dead=args.all_dead)
+    if task_id and not count:
+        fail(f'task {task_id} is not finished (./run.sh tasks status {task_id})')
     print(f'purged {count} task(s)')
 
 
-def fail(message):
+def heartbeats(alive_only=False):
+    """Every worker's heartbeat row with whether it is alive and the task it runs, consumers first."""
+    now = models.utcnow()
+    cutoff = now - datetime.timedelta(seconds=SETTINGS['consumer.alive_seconds'])
+    beats = list(ConsumerHeartbeat.select().order_by(ConsumerHeartbeat.host, ConsumerHeartbeat.consumer_pid,
+                                                     ConsumerHeartbeat.pid))
+    with models.all_tenants():
+        running = {row.worker: row for row in TaskRecord.select().where(TaskRecord.state == ledger.RUNNING)}
+    items = []
+    for beat in beats:
+        alive = beat.last_seen >= cutoff
+        if alive_only and not alive:
+            continue
+        task = running.get(beat.id)
+        items.append({'consumer': f'{beat.host}:{beat.consumer_pid}', 'worker': beat.id, 'alive': alive,
+                      'started': models.iso(beat.started_at), 'last_beat': models.iso(beat.last_seen),
+                      'last_beat_ago': ago(beat.last_seen, now),
+                      'running': f'{task.name} {task.id}' if task else None,
+                      'progress': f'{task.progress_done}/{task.progress_total}'
+                      if task and task.progress_total else None})
+    return items
+
+
+def tasks_workers(args):
+    items = heartbeats()
+    for item in items:
+        item['state'] = 'alive' if item['alive'] else 'gone'
+    show(args, items, ('consumer', 'worker', 'state', 'started', 'last_beat_ago', 'running', 'progress'),
+         'no consumers have run yet (start one with ./run.sh consumer)')
+
+
+def tasks_ping(args):
+    """Exit 0 and a line per consumer with a live heartbeat; non-zero when none answers (a health check)."""
+    consumers = {}
+    for item in heartbeats(alive_only=True):
+        consumers.setdefault(item['consumer'], []).append(item)
+    if not consumers:
+        fail(f'no consumer answers: no worker has beaten within {SETTINGS["consumer.alive_seconds"]:g} s', status=1)
+    for consumer, workers in consumers.items():
+        latest = min(w['last_beat_ago'] for w in workers)
+        print(f'{consumer}: pong ({len(workers)} worker{"s" * (len(workers) != 1)}, last beat {latest})')
+
+
+def tasks_stats(args):
+    """Tasks by name and state over the last --hours, and the throughput of finished ones."""
+    now = models.utcnow()
+    since = now - datetime.timedelta(hours=args.hours)
+    R = TaskRecord
+    with models.all_tenants():
+        finished = list(R.select(R.name, R.state, pw.fn.COUNT(R.id)).where(R.finished_at >= since,
+                        R.state.in_(ledger.FINAL_STATES)).group_by(R.name, R.state).tuples())
+        active = list(R.select(R.name, R.state, pw.fn.COUNT(R.id)).where(R.state.in_(ledger.ACTIVE_STATES))
+                      .group_by(R.name, R.state).tuples())
+    by_name = {}
+    for name, state, count in finished + active:
+        by_name.setdefault(name, dict.fromkeys(ledger.TASK_STATES, 0))[state] = count
+    total = sum(count for _, _, count in finished)
+    minutes = args.hours * 60
+    rows = [{'name': name, **counts, 'finished': sum(counts[s] for s in ledger.FINAL_STATES)}
+            for name, counts in sorted(by_name.items())]
+    if args.json:
+        print(json.dumps({'since': models.iso(since), 'hours': args.hours, 'by_name': rows, 'finished': total,
+                          'per_minute': round(total / minutes, 3)}, indent=2))
+        return
+    if not rows:
+        print(f'no tasks finished in the last {args.hours:g} h and none waiting or running')
+        return
+    print(table(rows, ('name',) + ledger.TASK_STATES))
+    print(f'\n{total} finished in the last {args.hours:g} h ({total / minutes:.2f} per minute); '
+          'pending, running and retrying are counted now')
+
+
+def fail(message, status=2):
+    """One line on stderr and a non-zero exit: every command-line failure ends here."""
     print(f'emailsvc: {message}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a mistake on the command line is one line on stderr, exit 2."""
+
+    def error(self, message):
+        fail(f'{message} (./run.sh {" ".join(self.prog.split()[1:])} --help shows what there is)'.replace('  ', ' '))
+
+
+def listing(subparsers, name, run, help_text):
+    p = subparsers.add_parser(name, help=help_text, description=help_text)
+    p.add_argument('--json', action='store_true', help='print JSON for scripts instead of a table')
+    p.set_defaults(run=run)
+    return p
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog='emailsvc', description='Email background-processing service.')
-    commands = parser.add_subparsers(dest='command', required=True)
-    commands.add_parser('web', help='serve the HTTP API').set_defaults(run=serve_web)
-    commands.add_parser('consumer', help='run the task consumer').set_defaults(run=run_consumer)
-    commands.add_parser('migrate', help='upgrade the database schema').set_defaults(run=run_migrate)
+    parser = Parser(prog='emailsvc', description='Email background-processing service. ./run.sh with no command '
+                                                 'starts the web server and the consumer together.')
+    commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
+    commands.add_parser('web', help='serve the HTTP API', description='Serve the HTTP API in the foreground.') \
+        .set_defaults(run=serve_web)
+    commands.add_parser('consumer', help='run the task consumer', description='Run the Huey consumer (workers, '
+                        'periodic tasks) in the foreground; consumer.* settings apply.').set_defaults(run=run_consumer)
+    p = commands.add_parser('migrate', help='upgrade the database schema', description='Upgrade the database schema.')
+    p.add_argument('--banner', action='store_true', help=argparse.SUPPRESS)  # ./run.sh's start-up lines
+    p.set_defaults(run=run_migrate)
 
-    admin = commands.add_parser('admin', help='tenants, users, keys').add_subparsers(dest='action', required=True)
-    p = admin.add_parser('create-tenant')
+    admin = commands.add_parser('admin', help='tenants, users, API keys, key rotation',
+                                description='Tenants, users, API keys, key rotation.') \
+        .add_subparsers(dest='action', required=True, metavar='ACTION')
+    p = admin.add_parser('create-tenant', help='create a tenant')
     p.add_argument('name')
     p.set_defaults(run=admin_create_tenant)
-    p = admin.add_parser('create-user')
+    p = admin.add_parser('create-user', help='create a user in a tenant')
     p.add_argument('--tenant', required=True)
     p.add_argument('name')
     p.set_defaults(run=admin_create_user)
-    p = admin.add_parser('create-key', help='prints the key alone on its last line')
+    p = admin.add_parser('create-key', help='make an API key; prints it alone on its last line')
     p.add_argument('--tenant')
     p.add_argument('--user')
-    p.add_argument('--operator', action='store_true')
+    p.add_argument('--operator', action='store_true', help='a key that operates the service (all tenants)')
     p.set_defaults(run=admin_create_key)
-    admin.add_parser('list-keys').set_defaults(run=admin_list_keys)
-    p = admin.add_parser('revoke-key')
-    p.add_argument('key', help='key id or its first 12 characters')
+    listing(admin, 'list-keys', admin_list_keys, 'list API keys (prefixes only, never the keys)')
+    p = admin.add_parser('revoke-key', help='revoke a key')
+    p.add_argument('key', help='key id, or any unique prefix of the key')
     p.set_defaults(run=admin_revoke_key)
     p = admin.add_parser('rotate-key', help='re-encrypt credentials under the newest key')
     p.add_argument('--generate', action='store_true', help='embedded mode: make the new key too')
     p.set_defaults(run=admin_rotate_key)
 
-    inspect = commands.add_parser('tasks', help='inspect and manage tasks').add_subparsers(dest='action', required=True)
-    p = inspect.add_parser('active')
+    inspect = commands.add_parser('tasks', help='inspect and manage tasks, queues and consumers',
+                                  description='Inspect and manage tasks, queues and consumers. Task ids may be '
+                                              'shortened to any unique prefix.') \
+        .add_subparsers(dest='action', required=True, metavar='ACTION')
+    p = listing(inspect, 'active', tasks_active, 'pending, running and retrying tasks, oldest first')
     p.add_argument('--limit', type=int, default=100)
-    p.set_defaults(run=tasks_active)
-    p = inspect.add_parser('status')
+    p = inspect.add_parser('status', help="one task's record, as JSON")
     p.add_argument('task_id')
     p.set_defaults(run=tasks_status)
-    inspect.add_parser('queues').set_defaults(run=tasks_queues)
-    p = inspect.add_parser('revoke')
+    listing(inspect, 'queues', tasks_queues, 'tasks waiting in the broker, by priority')
+    listing(inspect, 'workers', tasks_workers, 'consumers and their workers from heartbeats, and what each runs')
+    p = listing(inspect, 'stats', tasks_stats, 'tasks by name and state over a window, and the throughput')
+    p.add_argument('--hours', type=float, default=1.0, help='the window, in hours back from now (default 1)')
+    inspect.add_parser('ping', help='exit 0 and a line per live consumer; non-zero when none answers '
+                                    '(a health check)').set_defaults(run=tasks_ping)
+    p = inspect.add_parser('revoke', help='revoke a pending or retrying task')
     p.add_argument('task_id')
     p.set_defaults(run=tasks_revoke)
-    p = inspect.add_parser('dead', help='list dead letters (retries exhausted)')
+    p = listing(inspect, 'dead', tasks_dead, 'dead letters (retries exhausted), newest first')
     p.add_argument('--limit', type=int, default=100)
-    p.set_defaults(run=tasks_dead)
     p = inspect.add_parser('retry', help='run a failed, dead or revoked task again')
     p.add_argument('task_id')
     p.set_defaults(run=tasks_retry)

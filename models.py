@@ -438,6 +438,17 @@ class Blob(BaseModel):
         return bytes(cls.get_by_id(blob_id).data)  # PostgreSQL hands back a memoryview
 
 
+class MetricTotal(BaseModel):
+    """A counter of /metrics rolled up from the ledger: key is the metric and its labels, tab-separated.
+
+    The row 'watermark' holds the finished_at (epoch seconds) up to which the
+    ledger is counted in; records finished later are counted live at each
+    scrape (taskq/metrics.py says why).
+    """
+    key = pw.CharField(primary_key=True, max_length=200)
+    value = pw.DoubleField(default=0)
+
+
 class EmailFolder(TenantModel):
     """A mailbox folder and the IMAP state that makes the next sync incremental."""
     client = pw.ForeignKeyField(EmailClient, backref='folders', on_delete='CASCADE')
@@ -551,7 +562,7 @@ def iso(value):
 
 
 MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
-          DashboardSession, TaskRollup, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
+          DashboardSession, TaskRollup, MetricTotal, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
 
 
 # ---------------------------------------------------------------- writes that survive a lost connection
@@ -869,6 +880,12 @@ def accounts_rest_and_keys_remember(migrator):
             due = client.last_sync_at + datetime.timedelta(seconds=client.sync_interval) \
                 if client.last_sync_at else utcnow()
             EmailClient.update(next_sync_at=due, failures=0).where(EmailClient.id == client.id).execute()
+
+
+@migration(8)
+def metric_totals(migrator):
+    """Version 8: /metrics counters rolled up from the ledger."""
+    database.create_tables([MetricTotal])
 
 
 LATEST = len(MIGRATIONS)

@@ -59,7 +59,7 @@ run_pytest() {
 
 serve_both() {
     ensure_venv requirements.txt
-    "$PY" emailsvc.py migrate
+    "$PY" emailsvc.py migrate --banner   # one short banner; the first-key hint while no key exists
     # setsid: a terminal's Ctrl-C goes to its whole process group; the children
     # stay out of it and get SIGINT from the trap alone, once. (A second SIGINT
     # is Huey's "stop now", which would cut a running send in half.) SIGTERM,
@@ -69,17 +69,25 @@ serve_both() {
     setsid "$PY" emailsvc.py web &
     local web=$!
     trap 'kill -INT "$consumer" "$web" 2>/dev/null; wait "$consumer" "$web"; exit 0' INT TERM
-    local port="${EMAILSVC_SERVER_PORT:-8080}"
-    cat <<EOF
-emailsvc is starting on http://127.0.0.1:$port/  (embedded mode: SQLite under var/)
-  first key:  ./run.sh admin create-tenant acme && ./run.sh admin create-key --tenant acme --user alice
-  try:        curl -H "Authorization: Bearer <key>" http://127.0.0.1:$port/api/v1/accounts
-Ctrl-C stops both the web server and the consumer.
-EOF
     # Either child ending stops the other: a half-running service is worse than none.
     wait -n "$consumer" "$web" || true
     kill -INT "$consumer" "$web" 2>/dev/null || true
     wait "$consumer" "$web" 2>/dev/null || true
+}
+
+usage() {
+    cat <<'EOF'
+usage: ./run.sh [COMMAND] [ARGS]   (COMMAND --help says more)
+
+  (none)              web server + consumer on the embedded default; Ctrl-C stops both
+  web                 the HTTP API alone, in the foreground
+  consumer            the task consumer alone, in the foreground
+  migrate             upgrade the database schema
+  admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key
+  tasks ACTION        active, status, queues, workers, stats, ping, revoke, dead, retry, purge
+  test [PYTEST ARGS]  the whole suite, embedded and Redis + PostgreSQL modes
+  bench SCRIPT        a benchmark under bench/
+EOF
 }
 
 command=${1:-}
@@ -103,7 +111,10 @@ case "$command" in
         script=${1:?usage: ./run.sh bench SCRIPT [args]}
         shift
         exec "$PY" "bench/${script%.py}.py" "$@" ;;
+    -h|--help|help)
+        usage
+        exit 0 ;;
     *)
-        echo "usage: ./run.sh [web|consumer|admin|tasks|migrate|test|bench] ..." >&2
+        echo "run.sh: unknown command '$command'; ./run.sh --help lists the commands" >&2
         exit 2 ;;
 esac

@@ -8,6 +8,7 @@ signing secret and the credential key are generated into `var/` on first run.
 """
 import configparser
 import contextlib
+import ipaddress
 import os
 import secrets
 from pathlib import Path
@@ -33,6 +34,20 @@ SETTINGS = (  # key, type, default, meaning
     ('consumer.heartbeat_seconds', float, 5.0, 'how often each worker reports it is alive'),
     ('consumer.alive_seconds', float, 20.0, 'a worker silent for longer counts as gone'),
     ('consumer.recovery_grace', float, 30.0, 'seconds a dead worker\'s tasks wait before they run again elsewhere'),
+    ('consumer.startup_grace', float, 60.0, 'seconds after the web server starts during which no live consumer '
+                                            'is not yet a health failure (the consumer may still be starting)'),
+    ('consumer.max_tasks_per_worker', int, 1000, 'a worker process is replaced after this many tasks (0: never); '
+                                                 "Huey's -M"),
+    ('consumer.graceful_signal', str, 'INT', "INT | TERM: the signal that lets running tasks finish (the other one "
+                                             "interrupts them and queues them again); Huey's -g"),
+    ('consumer.shutdown_timeout', float, 60.0, 'seconds a graceful stop waits for running tasks before it '
+                                               "interrupts them (0: wait for ever); Huey's -t"),
+    ('health.max_wait_seconds', float, 900.0, '/health/detailed is degraded when the oldest waiting task has '
+                                              'waited longer (0: no limit)'),
+    ('metrics.allowed_networks', str, '', 'CIDR list (comma-separated) that may read /metrics without a key; '
+                                          'empty: an operator key is always needed'),
+    ('metrics.settle_seconds', float, 30.0, 'finished tasks older than this are rolled up into the stored '
+                                            'counters; newer ones are counted live (covers clock skew between hosts)'),
     ('retry.base_delay', float, 5.0, 'seconds before the first retry; doubles each attempt'),
     ('retry.max_delay', float, 600.0, 'cap of the retry delay in seconds'),
     ('retry.jitter', float, 0.2, 'fraction of the delay drawn at random, so retries spread out'),
@@ -62,6 +77,7 @@ SETTINGS = (  # key, type, default, meaning
 )
 CHOICES = {
     'consumer.worker_type': ('process', 'thread'),
+    'consumer.graceful_signal': ('INT', 'TERM'),
     'log.level': ('DEBUG', 'INFO', 'WARNING', 'ERROR'),
     'spam.auto_check': ('on', 'off'),
 }
@@ -147,6 +163,13 @@ def check_choice(key, value, source):
     if key == 'spam.threshold' and not is_threshold(value):
         raise ConfigError(f"{source} must be 'model' or a number from 0 to 1, got {value!r}; "
                           f'{how_to_fix(key, source)}')
+    if key == 'metrics.allowed_networks':
+        for item in filter(None, (part.strip() for part in value.split(','))):
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ConfigError(f'{source}: {item!r} is not a network (like 10.0.0.0/8 or 127.0.0.1); '
+                                  f'{how_to_fix(key, source)}') from None
     choices = CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '

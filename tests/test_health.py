@@ -63,3 +63,53 @@ def test_database_down_is_503_for_health_and_api(broken_database, make_key, uniq
     assert resp.status == 503 and resp.json['database']['ok'] is False
     assert_api_error(broken_database.as_key('esk_any').get('/api/v1/accounts'), 503, 'unavailable')
     assert broken_database.get('/health').status == 200  # liveness does not depend on it
+
+
+def ping():
+    import subprocess
+    import sys
+    from tests.conftest import ROOT
+    return subprocess.run([sys.executable, 'emailsvc.py', 'tasks', 'ping'], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_no_live_consumer_is_degraded_after_the_start_up_grace_and_ping_fails(consumer):
+    import datetime
+    import uuid
+
+    import models
+    from taskq import ledger
+    answered = ping()
+    assert answered.returncode == 0 and f':{consumer.proc.pid}: pong (2 workers' in answered.stdout
+    strict = WebServer(STATE['workdir'], name='web-no-grace', EMAILSVC_CONSUMER_STARTUP_GRACE='0',
+                       EMAILSVC_HEALTH_MAX_WAIT_SECONDS='5')
+    lenient = WebServer(STATE['workdir'], name='web-grace', EMAILSVC_CONSUMER_STARTUP_GRACE='300')
+    waiting = uuid.uuid4().hex
+    try:
+        assert strict.client.get('/health/detailed').json['reasons'] == []
+        consumer.stop()
+        resp = strict.client.get('/health/detailed')
+        assert resp.status == 503 and resp.json['status'] == 'degraded'
+        assert resp.json['reasons'] == ['no live consumer'] and resp.json['consumers']['alive'] == 0
+        assert resp.json['database'] == {'ok': True}  # today's fields stay
+        starting = lenient.client.get('/health/detailed')
+        assert starting.status == 200 and starting.json['consumers']['starting'] is True
+        silent = ping()
+        assert silent.returncode != 0 and silent.stdout == ''
+        assert len(silent.stderr.strip().splitlines()) == 1 and 'no consumer answers' in silent.stderr
+        # A task waiting longer than health.max_wait_seconds is a reason of its own.
+        ledger.insert(waiting, state='pending', name='noop', args={},
+                      enqueued_at=models.utcnow() - datetime.timedelta(seconds=60))
+        waited = strict.client.get('/health/detailed').json
+        assert waited['queue']['oldest_waiting_seconds'] >= 60
+        assert any(reason.startswith('oldest waiting task has waited') for reason in waited['reasons'])
+    finally:
+        ledger.update(waiting, state='revoked', finished_at=models.utcnow())
+        strict.stop()
+        lenient.stop()
+        consumer.start()
+
+
+def test_outages_are_named_as_reasons(broken_broker, broken_database):
+    assert 'broker unreachable' in broken_broker.get('/health/detailed').json['reasons']
+    assert 'database unreachable' in broken_database.get('/health/detailed').json['reasons']

@@ -1,0 +1,73 @@
+"""The consumer's operations settings: workers recycled after N tasks, the graceful stop and its timeout."""
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import models
+import tasks
+from taskq import ledger
+from tests import probe_tasks
+from tests.conftest import ROOT, STATE, python_env, wait_for, wait_for_state
+
+# The consumer ./run.sh consumer runs (emailsvc.run_consumer's options), with the probe tasks registered.
+RUN = ('import tests.probe_tasks, emailsvc, tasks; '
+       'tasks.huey.create_consumer(**emailsvc.consumer_options(tasks.SETTINGS)).run()')
+
+
+@pytest.fixture
+def own_consumer(consumer):
+    """The session consumer stopped (it would take the tasks); start_consumer(**settings) runs ours."""
+    consumer.stop()
+    started = []
+
+    def start_consumer(**settings):
+        env = python_env(**{f'EMAILSVC_CONSUMER_{k.upper()}': str(v) for k, v in settings.items()})
+        log = STATE['workdir'] / 'consumer-options.log'
+        proc = subprocess.Popen([sys.executable, '-c', RUN], cwd=ROOT, env=env, stdout=log.open('ab'),
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        started.append(proc)
+        beats = models.ConsumerHeartbeat.select().where(models.ConsumerHeartbeat.consumer_pid == proc.pid)
+        wait_for(lambda: beats.count() >= settings.get('workers', 2), timeout=20, message='our consumer to beat')
+        return proc
+    yield start_consumer
+    for proc in started:  # the whole process group: a worker outliving its consumer would take later tasks
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    consumer.start()
+
+
+def test_a_worker_is_replaced_after_max_tasks(own_consumer):
+    own_consumer(workers=1, max_tasks_per_worker=3)
+    queued = [tasks.noop() for _ in range(7)]
+    records = [wait_for_state(task.id, 'succeeded') for task in queued]
+    workers = [record.worker for record in records]
+    assert len(set(workers)) == 3, workers       # 3 + 3 + 1 tasks: two recycles
+    assert all(workers.count(worker) <= 3 for worker in set(workers))
+
+
+def test_the_graceful_stop_waits_for_a_running_task_up_to_the_timeout(own_consumer):
+    proc = own_consumer(workers=1, shutdown_timeout=0.5, graceful_signal='INT')
+    task = tasks.huey.enqueue(probe_tasks.sleeps.s(1.9))  # under the tests' 2 s soft limit
+    wait_for_state(task.id, 'running')
+    stopping = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=20)
+    took = time.monotonic() - stopping
+    assert 0.45 < took < 1.6, took                    # waited for the timeout, not for the task
+    assert wait_for_state(task.id, 'pending').error.startswith('interrupted by consumer shutdown')
+    ledger.revoke(tasks.huey, task.id)  # not for the next consumer to sleep on
+
+
+def test_a_short_task_finishes_within_the_graceful_stop(own_consumer):
+    proc = own_consumer(workers=1, shutdown_timeout=20, graceful_signal='TERM')
+    task = tasks.huey.enqueue(probe_tasks.sleeps.s(1.5))
+    wait_for_state(task.id, 'running')
+    proc.send_signal(signal.SIGTERM)                  # the graceful signal when graceful_signal is TERM
+    assert proc.wait(timeout=20) == 0
+    assert wait_for_state(task.id, 'succeeded').attempts == 1
