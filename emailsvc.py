@@ -330,12 +330,22 @@ def account_dict(client, kinds_with_password):
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
-        'last_error': client.last_error, 'sync_task_id': client.sync_task_id,
+        'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
+        'sync_task_id': client.sync_task_id,
         # When periodic sync tries next: null while sync is off, or after a rejected login until a PATCH.
         'next_sync_at': models.iso(client.next_sync_at) if client.sync_enabled else None,
         'consecutive_failures': client.failures,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
+
+
+def error_code(last_error):
+    """The stable code tasks.error_text puts first ('tls_on_plain_port: ...'), or None."""
+    match = ERROR_CODE.match(last_error or '')
+    return match.group(1) if match else None
+
+
+ERROR_CODE = re.compile(r'([a-z][a-z_]{1,40}): ')
 
 
 def password_kinds(client_ids):
@@ -1223,6 +1233,79 @@ def generate_embedded_key():
     return keys
 
 
+SECRET_FILES = (('server.secret', 'secret.key'), ('security.credential_keys', 'fernet.key'))
+
+
+def admin_backup(args):
+    """Copy the embedded database, queue and generated secrets into a new 0700 directory while the
+    service runs: SQLite's online backup API copies a consistent snapshot, so nothing needs to stop."""
+    sources = [(label, settings_mod.sqlite_path(SETTINGS[key])) for label, key in
+               (('database', 'database.url'), ('queue', 'queue.url')) if settings_mod.is_embedded(SETTINGS[key])]
+    elsewhere = ' and '.join(what for what, key in (('the PostgreSQL database: use pg_dump', 'database.url'),
+                                                    ("the Redis queue: rely on Redis's own persistence (appendonly "
+                                                     'yes, or copy its RDB snapshot)', 'queue.url'))
+                             if not settings_mod.is_embedded(SETTINGS[key]))
+    if not sources:
+        fail(f'nothing here to back up: for {elsewhere}; the secrets are in your configuration', status=1)
+    import pathlib
+    for label, path in sources:
+        if not path.exists():
+            fail(f'no {label} at {path}: has the service run with these settings?')
+    target = pathlib.Path(args.dir)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        fail(f'{target} exists and is not an empty directory; give a new one (a backup never overwrites)')
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    target.chmod(0o700)
+    rows = [{'file': str(target / path.name), 'what': label, 'bytes': backup_sqlite(path, target / path.name)}
+            for label, path in sources]
+    for key, name in SECRET_FILES:   # only the generated ones: configured secrets live in your configuration
+        path = SETTINGS['paths.var'] / name
+        if path.exists() and path.read_text().strip() == SETTINGS[key]:
+            write_private(target / name, path.read_bytes())
+            rows.append({'file': str(target / name), 'what': key, 'bytes': path.stat().st_size})
+    show(args, rows, ('file', 'what', 'bytes'), '')
+    if not args.json:
+        print(f'backed up while running; to restore, stop the service and copy these files into '
+              f'{SETTINGS["paths.var"]}/' + (f'. Not here: {elsewhere}' if elsewhere else ''))
+
+
+def backup_sqlite(source, target):
+    """A consistent copy of a live SQLite database (the online backup API), as one 0600 file."""
+    import sqlite3
+    write_private(target, b'')
+    src = sqlite3.connect(source, timeout=30)   # exists (checked): connecting does not create it
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        dst.execute('PRAGMA journal_mode=DELETE')   # one self-contained file; the service sets WAL again on open
+    finally:
+        dst.close()
+        src.close()
+    return target.stat().st_size
+
+
+def write_private(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, 'wb') as handle:
+        handle.write(data)
+
+
+def admin_generate_secrets(args):
+    """A new payload-signing secret and credential key, for a scaled-out set-up (every host the same)."""
+    import secrets
+    from mailkit.credentials import new_key
+    values = {'server.secret': secrets.token_urlsafe(48), 'security.credential_keys': new_key()}
+    if args.ini:
+        for key, value in values.items():
+            section, name = key.split('.')
+            print(f'[{section}]\n{name} = {value}')
+        return
+    print('# the same on every web and consumer host; keep them secret (config.ini: ./run.sh admin '
+          'generate-secrets --ini)')
+    for key, value in values.items():
+        print(f'{settings_mod.env_name(key)}={value}')
+
+
 def tasks_status(args):
     models.migrate()
     print(json.dumps(find_task(args.task_id).to_dict(), indent=2))
@@ -1393,8 +1476,8 @@ def build_parser():
     p.add_argument('--banner', action='store_true', help=argparse.SUPPRESS)  # ./run.sh's start-up lines
     p.set_defaults(run=run_migrate)
 
-    admin = commands.add_parser('admin', help='tenants, users, API keys, key rotation',
-                                description='Tenants, users, API keys, key rotation.') \
+    admin = commands.add_parser('admin', help='tenants, users, API keys, key rotation, backup',
+                                description='Tenants, users, API keys, key rotation, backup, secrets.') \
         .add_subparsers(dest='action', required=True, metavar='ACTION')
     p = admin.add_parser('create-tenant', help='create a tenant')
     p.add_argument('name')
@@ -1415,6 +1498,13 @@ def build_parser():
     p = admin.add_parser('rotate-key', help='re-encrypt credentials under the newest key')
     p.add_argument('--generate', action='store_true', help='embedded mode: make the new key too')
     p.set_defaults(run=admin_rotate_key)
+    p = listing(admin, 'backup', admin_backup, 'copy the embedded database, queue and generated secrets into '
+                'a new directory, safely while the service runs')
+    p.add_argument('dir', help='a new (or empty) directory; made with mode 0700')
+    p = admin.add_parser('generate-secrets', help='print a new server secret and credential key for a '
+                         'scaled-out set-up')
+    p.add_argument('--ini', action='store_true', help='print config.ini lines instead of environment variables')
+    p.set_defaults(run=admin_generate_secrets)
 
     inspect = commands.add_parser('tasks', help='inspect and manage tasks, queues and consumers',
                                   description='Inspect and manage tasks, queues and consumers. Task ids may be '

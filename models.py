@@ -684,19 +684,44 @@ def delete_messages(query):
     return len(ids)
 
 
-def forget_messages(messages, permanent):
-    """After a delete on the server: permanent drops the rows (and unreferenced blobs),
-    soft marks them deleted until the next sync sees them in Trash. Returns how many."""
+def forget_messages(messages, permanent, moved=None):
+    """After a delete on the server; returns how many were deleted.
+
+    Permanent drops the rows (and unreferenced blobs). Soft: a message in
+    `moved` ({id: (folder id, UID)}) follows its move in place, keeping its id;
+    {id: None} was in Trash already and stays; any other is marked deleted
+    until the next sync sees it in Trash.
+    """
+    moved = moved or {}
     ids = [m.id for m in messages]
     if not permanent:
-        return sum(EmailMessage.update(is_deleted=True).where(EmailMessage.id.in_(chunk),
-                                                               EmailMessage.is_deleted == False)  # noqa: E712
-                   .execute() for chunk in chunks(ids, 500))
+        hidden = [i for i in ids if i not in moved]
+        places = {i: place for i, place in moved.items() if place is not None}
+        return move_in_place(places) + sum(
+            EmailMessage.update(is_deleted=True).where(EmailMessage.id.in_(chunk),
+                                                       EmailMessage.is_deleted == False)  # noqa: E712
+            .execute() for chunk in chunks(hidden, 500))
     blobs = {m.blob for m in messages} | {a.blob for a in Attachment.select(Attachment.blob)
                                            .where(Attachment.message.in_(ids))}
     count = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(ids)))
     drop_unreferenced_blobs(blobs)
     return count
+
+
+def move_in_place(places):
+    """Give messages their new folder and UID ({id: (folder id, uid)}) after a move on the server.
+
+    A sync that ran between the move and now may have stored the moved message
+    as new; that copy goes, so the message is there once, under its old id.
+    Returns how many moved.
+    """
+    with database.atomic():
+        for message_id, (folder_id, uid) in places.items():
+            delete_messages(EmailMessage.select().where(EmailMessage.folder == folder_id, EmailMessage.uid == uid,
+                                                        EmailMessage.id != message_id))
+            EmailMessage.update(folder=folder_id, uid=uid, is_deleted=False).where(EmailMessage.id == message_id) \
+                .execute()
+    return len(places)
 
 
 def drop_unreferenced_blobs(blob_ids):

@@ -83,7 +83,8 @@ usage: ./run.sh [COMMAND] [ARGS]   (COMMAND --help says more)
   web                 the HTTP API alone, in the foreground
   consumer            the task consumer alone, in the foreground
   migrate             upgrade the database schema
-  admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key
+  admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key,
+                      backup, generate-secrets
   tasks ACTION        active, status, queues, workers, stats, ping, revoke, dead, retry, purge
   test [PYTEST ARGS]  the whole suite, embedded and Redis + PostgreSQL modes
   bench SCRIPT        a benchmark under bench/

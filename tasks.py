@@ -21,7 +21,7 @@ from huey import crontab
 
 import models
 import taskq
-from mailkit import logs, mime, smtp, spam
+from mailkit import egress, logs, mime, smtp, spam
 from mailkit import settings as settings_mod
 from mailkit.credentials import CredentialError, Vault
 from mailkit.errors import AuthenticationFailed, FailNow, MailError, TemporaryMailError
@@ -114,6 +114,16 @@ def secret_of(client, kind):
     return row.secret
 
 
+def networks(key):
+    return [item.strip() for item in SETTINGS[key].split(',') if item.strip()]
+
+
+# Where mail servers may be: checked on the resolved address at connect time
+# (so a name that resolves elsewhere later cannot pass), refusing loopback,
+# link-local and cloud metadata addresses unless security.allowed_networks says.
+EGRESS = egress.Policy(networks('security.allowed_networks'), networks('security.denied_networks'))
+
+
 @functools.cache
 def mail_ssl_context():
     """One per process: building it reads the system's CA bundle (25 ms measured)."""
@@ -131,11 +141,11 @@ def open_incoming(client):
                client.incoming_username, secret)
         return imap_sessions.session(key, lambda: ImapSession(
             client.incoming_host, client.incoming_port, client.incoming_security, client.incoming_username,
-            decrypt(secret), timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context()))
+            decrypt(secret), timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context(), egress=EGRESS))
     # POP3 holds the maildrop locked while connected and deletes only at QUIT: never kept.
     return Pop3Session(client.incoming_host, client.incoming_port, client.incoming_security,
                        client.incoming_username, password_of(client, 'incoming'),
-                       timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context())
+                       timeout=SETTINGS['mail.timeout'], ssl_context=mail_ssl_context(), egress=EGRESS)
 
 
 def open_smtp(client):
@@ -145,7 +155,7 @@ def open_smtp(client):
     return smtp_sessions.session(key, lambda: smtp.SmtpConnection(
         client.smtp_host, client.smtp_port, client.smtp_security, client.smtp_username,
         decrypt(secret) if secret else None, timeout=SETTINGS['mail.timeout'],
-        ssl_context=mail_ssl_context()))
+        ssl_context=mail_ssl_context(), egress=EGRESS))
 
 
 
@@ -165,14 +175,21 @@ def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_
             else:
                 sync_pop3(session, client, counts, force_full_sync)
     except AuthenticationFailed as exc:
-        end_sync(client, 'auth_error', str(exc))
+        end_sync(client, 'auth_error', error_text(exc))
         raise
     except Exception as exc:
-        end_sync(client, 'error', f'{type(exc).__name__}: {exc}')
+        end_sync(client, 'error', error_text(exc))
         raise
     end_sync(client, 'idle', None)
     return dict(counts, status='success', sync_duration_seconds=round(time.monotonic() - started, 3),
                 timestamp=int(time.time() * 1000))
+
+
+def error_text(exc):
+    """An account's last_error: 'code: what happened: what to do' for a known failure (the API shows the
+    code apart, mailkit.errors lists them), 'ExceptionName: message' for anything else."""
+    code = getattr(exc, 'code', None)
+    return f'{code}: {exc}' if code else f'{type(exc).__name__}: {exc}'
 
 
 def end_sync(client, state, error, now=None):
@@ -566,8 +583,12 @@ def queue_send(client, user_id, clean, key=None, request_hash=None):
 def delete_emails(email_ids, tenant_id, user_id, permanent=False):
     """Move messages to Trash (soft), or expunge them for good (permanent), on the server and here.
 
-    Ids already deleted (or gone) are skipped, so running the same delete
-    twice deletes nothing more and `deleted_count` counts each message once.
+    A message moved to Trash keeps its id: its row follows it to the UID the
+    server gave it there (COPYUID), so readers find it in Trash at once and the
+    next sync neither loses it nor stores it again. Ids already deleted (or
+    gone), and a soft delete of what is in Trash already, are skipped, so
+    running the same delete twice deletes nothing more and `deleted_count`
+    counts each message once.
     """
     Message = models.EmailMessage
     query = Message.select().where(Message.id.in_(list(email_ids)),
@@ -580,32 +601,43 @@ def delete_emails(email_ids, tenant_id, user_id, permanent=False):
     deleted = 0
     for client_id, batch in by_client.items():
         client = models.EmailClient.get_by_id(client_id)
+        moved = {}
         with open_incoming(client) as session:
             if client.incoming_protocol == 'imap':
-                delete_on_imap(session, client, batch, permanent)
+                moved = delete_on_imap(session, client, batch, permanent)
             elif permanent:
                 session.delete(pop3_numbers(session, batch))
-        deleted += models.forget_messages(batch, permanent)
+        deleted += models.forget_messages(batch, permanent, moved)
     return {'status': 'success', 'deleted_count': deleted}
 
 
 def delete_on_imap(session, client, messages, permanent):
-    """One MOVE (or STORE + EXPUNGE) per folder, a UID set per command (RFC 6851, 4315)."""
+    """One MOVE (or STORE + EXPUNGE) per folder, a UID set per command (RFC 6851, 4315).
+
+    Returns, for a soft delete, {message id: (Trash folder id, its UID there)} for what moved with a
+    known UID, and {message id: None} for what is in Trash already (left alone)."""
     trash = models.EmailFolder.by_role(client.id, 'trash')
     by_folder = {}
     for message in messages:
         if message.uid is not None:
-            by_folder.setdefault(message.folder_id, []).append(message.uid)
-    for folder_id, uids in by_folder.items():
+            by_folder.setdefault(message.folder_id, []).append(message)
+    moved = {}
+    for folder_id, batch in by_folder.items():
+        if not permanent and trash is not None and folder_id == trash.id:
+            moved.update((m.id, None) for m in batch)
+            continue
         folder = models.EmailFolder.get_by_id(folder_id)
         try:
             session.select(folder.raw_name, readonly=False)
         except FolderGone:
             continue  # the folder and its messages are gone on the server already
-        if permanent or trash is None or folder.id == trash.id:
+        uids = [m.uid for m in batch]
+        if permanent or trash is None:
             session.expunge_uids(uids)
         else:
-            session.move(uids, trash.raw_name)
+            new_uids = session.move(uids, trash.raw_name)
+            moved.update((m.id, (trash.id, new_uids[m.uid])) for m in batch if m.uid in new_uids)
+    return moved
 
 
 def pop3_numbers(session, messages):
@@ -691,9 +723,11 @@ def move_to_role(client, message, role):
         return False
     with open_incoming(client) as session:
         session.select(folder.raw_name, readonly=False)
-        session.move([message.uid], target.raw_name)
-    # The next sync finds it in its new folder; until then it is hidden here.
-    models.EmailMessage.update(is_deleted=True).where(models.EmailMessage.id == message.id).execute()
+        new_uid = session.move([message.uid], target.raw_name).get(message.uid)
+    if new_uid is not None:   # the message keeps its id in its new folder
+        models.move_in_place({message.id: (target.id, new_uid)})
+    else:   # no UIDPLUS: the next sync finds it in its new folder; until then it is hidden here
+        models.EmailMessage.update(is_deleted=True).where(models.EmailMessage.id == message.id).execute()
     return True
 
 

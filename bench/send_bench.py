@@ -82,6 +82,7 @@ def main():
                EMAILSVC_DATABASE_URL=f'sqlite:///{workdir}/var/emailsvc.db',
                EMAILSVC_QUEUE_URL=f'sqlite:///{workdir}/var/queue.db', EMAILSVC_LOG_LEVEL='WARNING',
                EMAILSVC_SERVER_SECRET=os.urandom(24).hex(), EMAILSVC_MAIL_CA_FILES=str(smtp.cert_path),
+               EMAILSVC_SECURITY_ALLOWED_NETWORKS='127.0.0.0/8',
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode(), PYTHONPATH=str(ROOT))
     os.environ.update(env)
     import models

@@ -32,6 +32,7 @@ def environment(workdir, mode, smtp, dovecot):
                EMAILSVC_LOG_LEVEL='WARNING', EMAILSVC_SERVER_SECRET=os.urandom(24).hex(),
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode(),
                EMAILSVC_MAIL_CA_FILES=f'{smtp.cert_path},{dovecot.cert_path}',
+               EMAILSVC_SECURITY_ALLOWED_NETWORKS='127.0.0.0/8',
                EMAILSVC_CONSUMER_HEARTBEAT_SECONDS='1', EMAILSVC_CONSUMER_RECOVERY_GRACE='5',
                PYTHONPATH=str(ROOT))
     if mode == 'scaleout':

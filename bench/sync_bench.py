@@ -309,7 +309,8 @@ def child_env(workdir, name):
     env.update(EMAILSVC_VAR=str(var), EMAILSVC_SERVER_SECRET=os.urandom(24).hex(), EMAILSVC_LOG_LEVEL='WARNING',
                EMAILSVC_CONFIG=str(workdir / 'absent.ini'),
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode(),
-               EMAILSVC_DATABASE_URL=f'sqlite:///{var}/emailsvc.db', EMAILSVC_QUEUE_URL=f'sqlite:///{var}/queue.db')
+               EMAILSVC_DATABASE_URL=f'sqlite:///{var}/emailsvc.db', EMAILSVC_QUEUE_URL=f'sqlite:///{var}/queue.db',
+               EMAILSVC_SECURITY_ALLOWED_NETWORKS='127.0.0.0/8')   # the local Dovecot
     if 'EMAILSVC_MAIL_SYNC_BATCH' in os.environ:   # default 500, from mailkit/settings.py
         env['EMAILSVC_MAIL_SYNC_BATCH'] = os.environ['EMAILSVC_MAIL_SYNC_BATCH']
     return env

@@ -487,6 +487,39 @@ def _quote(value: str, field: str = 'folder name') -> str:
     return '"' + value.replace('\\', '\\\\').replace('"', '\\"') + '"'
 
 
+def copied_uids(responses) -> dict[int, int]:
+    """{source UID: destination UID} from COPYUID responses ('uidvalidity src-set dst-set', or a whole
+    reply text holding '[COPYUID uidvalidity src-set dst-set]'); the sets pair up in the order written."""
+    pairs: dict[int, int] = {}
+    for response in responses:
+        text = response.decode('ascii', 'replace') if isinstance(response, bytes) else str(response)
+        match = COPYUID.search(text)
+        if match:
+            source, target = _in_order(match.group(1)), _in_order(match.group(2))
+            if len(source) == len(target):   # a malformed reply maps nothing rather than the wrong messages
+                pairs.update(zip(source, target))
+    return pairs
+
+
+COPYUID = re.compile(r'(?:\[COPYUID |^)\d+ ([\d:,]+) ([\d:,]+)')
+
+
+def _in_order(text: str) -> list[int]:
+    """'5:3,9' -> [5, 4, 3, 9]: a UID set as written, where the order pairs source and destination."""
+    numbers: list[int] = []
+    for part in text.split(','):
+        low, _, high = part.partition(':')
+        first, last = int(low), int(high or low)
+        step = 1 if last >= first else -1
+        if abs(last - first) > MAX_COPIED:   # a hostile range must not allocate billions of ints
+            return []
+        numbers.extend(range(first, last + step, step))
+    return numbers
+
+
+MAX_COPIED = 100_000
+
+
 def _text(data) -> str:
     """The human text of a reply for error messages; imaplib hands over bytes, lists of bytes or str."""
     if isinstance(data, (list, tuple)):
@@ -894,16 +927,26 @@ class ImapSession:
                     self._run(f'{sign}flags {flags}', 'UID', 'STORE', uid_text, f'{sign}FLAGS.SILENT',
                               f'({" ".join(flags)})')
 
-    def move(self, uids: Iterable[int], target_raw_name: str) -> None:
-        """Move messages of the selected folder to another folder, a sequence set per command."""
+    def move(self, uids: Iterable[int], target_raw_name: str) -> dict[int, int]:
+        """Move messages of the selected folder to another folder, a sequence set per command.
+
+        Returns {UID here: UID in the target} for the messages the server names
+        in COPYUID (RFC 4315, UIDPLUS: untagged before MOVE's expunges, RFC 6851
+        4.3; in COPY's tagged reply), so a caller can follow a message it moved
+        instead of finding it again as a new one; empty without UIDPLUS.
+        """
         self._require_writable('moving messages')
         doing = f'moving messages to {target_raw_name!r}'
+        moved: dict[int, int] = {}
         for uid_text in uid_sets(uids):
             if 'MOVE' in self.capabilities:   # RFC 6851: atomic, one command
-                self._run(doing, 'UID', 'MOVE', uid_text, _quote(target_raw_name))
+                data = self._run(doing, 'UID', 'MOVE', uid_text, _quote(target_raw_name))
             else:
-                self._run(doing, 'UID', 'COPY', uid_text, _quote(target_raw_name))
+                data = self._run(doing, 'UID', 'COPY', uid_text, _quote(target_raw_name))
+            moved.update(copied_uids(self._untagged('COPYUID') + [_text(data)]))
+            if 'MOVE' not in self.capabilities:
                 self._expunge_set(uid_text)
+        return moved
 
     def expunge_uids(self, uids: Iterable[int]) -> None:
         """Delete messages of the selected folder for good."""

@@ -62,6 +62,11 @@ SETTINGS = (  # key, type, default, meaning
     ('limits.default_soft', int, 300, 'soft limit of every other task'),
     ('limits.default_hard', int, 330, 'hard limit of every other task'),
     ('security.credential_keys', str, GENERATED, 'Fernet keys, comma-separated, newest first; the first encrypts'),
+    ('security.allowed_networks', str, '', 'CIDR list (comma-separated) mail servers may be in although the '
+                                           'defaults refuse it (loopback, link-local, metadata); 127.0.0.0/8 '
+                                           'for a mail server on this machine'),
+    ('security.denied_networks', str, '', 'CIDR list (comma-separated) mail servers may never be in (e.g. your '
+                                          'private ranges: 10.0.0.0/8, 172.16.0.0/12, 192.168.0.0/16)'),
     ('mail.timeout', float, 30.0, 'seconds a mail server may take to answer before the attempt is retried'),
     ('mail.ca_files', str, '', 'extra CA certificates (PEM files, comma-separated) trusted for mail servers'),
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
@@ -163,7 +168,7 @@ def check_choice(key, value, source):
     if key == 'spam.threshold' and not is_threshold(value):
         raise ConfigError(f"{source} must be 'model' or a number from 0 to 1, got {value!r}; "
                           f'{how_to_fix(key, source)}')
-    if key == 'metrics.allowed_networks':
+    if key in ('metrics.allowed_networks', 'security.allowed_networks', 'security.denied_networks'):
         for item in filter(None, (part.strip() for part in value.split(','))):
             try:
                 ipaddress.ip_network(item, strict=False)

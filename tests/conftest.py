@@ -38,6 +38,8 @@ TEST_SETTINGS = {
     'EMAILSVC_LOG_LEVEL': 'INFO',
     'EMAILSVC_MAIL_SYNC_BATCH': '50',
     'EMAILSVC_MAIL_MAX_ATTACHMENT_MB': '1',
+    # The private mail servers listen on loopback, which the egress policy refuses by default.
+    'EMAILSVC_SECURITY_ALLOWED_NETWORKS': '127.0.0.0/8',
 }
 
 

@@ -115,3 +115,47 @@ def test_a_rotated_key_is_used_without_a_restart(tmp_path, smtp_server):
     finally:
         service.ctrl_c()
         service.wait_stopped()
+
+
+def test_tls_spoken_to_a_plain_port_fails_at_once_with_a_hint(user, mailbox, consumer):
+    resp = user.post('/api/v1/accounts', {
+        'email': f'{mailbox.user}@example.com',
+        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': mailbox.dovecot.imap_port,
+                     'security': 'tls', 'username': mailbox.user, 'password': PASSWORD}})
+    row = wait_for_state(resp.json['sync_task_id'], 'failed', 'retrying', 'dead', timeout=30)
+    assert (row.state, row.attempts) == ('failed', 1)   # retrying cannot help: no retry
+    account = user.get(f'/api/v1/accounts/{resp.json["id"]}').json
+    assert account['sync_state'] == 'error' and account['last_error_code'] == 'tls_on_plain_port'
+    assert 'try security "starttls" or "none", or port 993' in account['last_error']
+
+
+def test_a_rejected_login_says_so_by_its_code(user, mailbox, consumer):
+    account = create(user, mailbox, password='wrong')
+    wait_for_state(account['sync_task_id'], 'failed')
+    assert user.get(f'/api/v1/accounts/{account["id"]}').json['last_error_code'] == 'auth_rejected'
+
+
+def test_the_egress_policy_refuses_loopback_unless_allowed(tmp_path, smtp_server):
+    """The test session allows 127.0.0.0/8; a service with the default policy refuses the same server."""
+    service = Service(tmp_path, 'egress', ca_files=f'{STATE["dovecot"].cert_path},{smtp_server.cert_path}')
+    service.env.pop('EMAILSVC_SECURITY_ALLOWED_NETWORKS')
+    mailbox = Mailbox(STATE['dovecot'], 'egress' + tmp_path.name[-6:].replace('_', ''))
+    service.command('admin', 'create-tenant', 'egress')
+    key = service.command('admin', 'create-key', '--tenant', 'egress', '--user', 'alice').strip().splitlines()[-1]
+    service.start()
+    try:
+        api = service.api.as_key(key)
+        account = api.post('/api/v1/accounts', {
+            'email': f'{mailbox.user}@example.com',
+            'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': mailbox.dovecot.imap_port,
+                         'security': 'none', 'username': mailbox.user, 'password': PASSWORD}}).json
+        row = service.wait_task(api, account['sync_task_id'], 'failed')
+        assert row['attempts'] == 1 and 'is not an address this service may connect to' in row['error']
+        stored = api.get(f'/api/v1/accounts/{account["id"]}').json
+        where = f'127.0.0.1:{mailbox.dovecot.imap_port}'
+        assert stored['last_error'] == (f'destination_not_allowed: {where} is not an address this service may '
+                                        'connect to: the egress policy refuses loopback, link-local, metadata and '
+                                        "denied networks; use the mail server's public name")
+    finally:
+        service.ctrl_c()
+        service.wait_stopped()

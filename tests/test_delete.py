@@ -4,6 +4,7 @@ import models
 import tasks
 from tests.conftest import STATE, assert_api_error, wait_for_state
 from tests.test_imap import count_commands
+from tests.test_spam_api import folder_of_role
 from tests.test_sync import Mailbox, add_account, mailbox, message, messages, sync, user  # noqa: F401 (fixtures)
 
 
@@ -31,16 +32,20 @@ def synced(user, mailbox, count=3, protocol='imap'):
     return account, sorted(messages(user, account_id=account), key=lambda m: m['subject'])
 
 
-def test_soft_delete_moves_to_trash_on_the_server(user, mailbox, consumer):
+def test_soft_delete_moves_to_trash_on_the_server_and_keeps_the_id(user, mailbox, consumer):
     account, listed = synced(user, mailbox)
     assert delete(user, [listed[0]['id']]) == {'status': 'success', 'deleted_count': 1}
     assert server_subjects(mailbox, 'INBOX') == ['message 1', 'message 2']
     assert server_subjects(mailbox, 'Trash') == ['message 0']
-    assert [m['subject'] for m in messages(user, account_id=account)] == ['message 2', 'message 1']
+    inbox, trash = folder_of_role(user, account, 'inbox'), folder_of_role(user, account, 'trash')
+    assert [m['subject'] for m in messages(user, folder_id=inbox)] == ['message 2', 'message 1']
+    assert [m['id'] for m in messages(user, folder_id=trash)] == [listed[0]['id']]   # at once, same id
     assert delete(user, [listed[0]['id']])['deleted_count'] == 0  # the same delete again: nothing more
-    sync(user, account)
-    trash = next(f for f in user.get(f'/api/v1/accounts/{account}/folders').json['items'] if f['role'] == 'trash')
-    assert [m['subject'] for m in messages(user, folder_id=trash['id'])] == ['message 0']
+    assert server_subjects(mailbox, 'Trash') == ['message 0']
+    result = sync(user, account)
+    assert (result['messages_synced'], result['messages_deleted']) == (0, 0)   # neither a copy nor a loss
+    assert [m['id'] for m in messages(user, folder_id=trash)] == [listed[0]['id']]
+    assert user.get(f'/api/v1/messages/{listed[0]["id"]}').json['folder_id'] == trash
 
 
 def test_permanent_delete_expunges_and_drops_rows_and_blobs(user, mailbox, consumer):

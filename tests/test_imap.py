@@ -530,3 +530,9 @@ def test_writes_to_a_read_only_selection_are_refused(session):
     with pytest.raises(PermanentMailError, match='read-write'):
         session.expunge_uids([2])
     assert session.all_flags() == {1: (), 2: ()}
+
+
+def test_copied_uids_pair_source_and_target_in_the_order_written():
+    assert imap.copied_uids([b'7 1:3,9 20:23', 'Moved [COPYUID 7 5 30] done']) == {1: 20, 2: 21, 3: 22, 9: 23, 5: 30}
+    assert imap.copied_uids([b'7 3:1 10:12']) == {3: 10, 2: 11, 1: 12}
+    assert imap.copied_uids([b'7 1:3 20:21', b'7 1:4294967295 1:4294967295']) == {}  # mismatched or huge: nothing

@@ -22,6 +22,10 @@ def synced(api, mailbox, *raws):
     return account, {m['subject']: m for m in messages(api, account_id=account)}
 
 
+def folder_of_role(api, account, role):
+    return next(f['id'] for f in api.get(f'/api/v1/accounts/{account}/folders').json['items'] if f['role'] == role)
+
+
 def check(api, message_id):
     resp = api.post(f'/api/v1/messages/{message_id}/spam-check')
     assert resp.status == 202, resp.text
@@ -59,6 +63,14 @@ def test_report_moves_the_message_to_junk_on_the_server(user, mailbox, consumer)
     assert row.result['moved'] is True
     with mailbox.session() as s:
         assert s.select('INBOX').exists == 0 and s.select('Junk').exists == 1
+    # The message keeps its id in Junk at once, and the next sync neither loses it nor copies it.
+    message_id = listed['Lunch on Thursday?']['id']
+    junk = folder_of_role(user, account, 'junk')
+    assert [m['id'] for m in messages(user, folder_id=junk)] == [message_id]
+    sync(user, account)
+    assert [m['id'] for m in messages(user, folder_id=junk)] == [message_id]
+    assert [m['id'] for m in messages(user, account_id=account)] == [message_id]
+    assert user.get(f'/api/v1/messages/{message_id}').status == 200
     assert_api_error(user.post(f'/api/v1/messages/{listed["Lunch on Thursday?"]["id"]}/report',
                                {'verdict': 'maybe'}), 422, 'validation_failed')
 

@@ -39,7 +39,8 @@ class Service:
                         EMAILSVC_DATABASE_URL=f'sqlite:///{var}/emailsvc.db',
                         EMAILSVC_QUEUE_URL=f'sqlite:///{var}/queue.db',
                         EMAILSVC_MAIL_CA_FILES=ca_files,
-                        EMAILSVC_MAIL_TIMEOUT='30', PYTHONUNBUFFERED='1')
+                        EMAILSVC_MAIL_TIMEOUT='30', EMAILSVC_SECURITY_ALLOWED_NETWORKS='127.0.0.0/8',
+                        PYTHONUNBUFFERED='1')
         self.workdir.mkdir(parents=True)
         self.log = self.workdir / 'run.log'
         self.proc = None
