@@ -6,6 +6,7 @@ test-artefacts/ for a reviewer.
 """
 import http.client
 import io
+import os
 import pathlib
 import re
 import urllib.parse
@@ -17,7 +18,7 @@ import models
 import tasks
 from taskq import ledger
 from tests import probe_tasks
-from tests.conftest import ROOT, record, wait_for, wait_for_state
+from tests.conftest import ROOT, STATE, record, wait_for, wait_for_state
 
 ARTEFACTS = ROOT / 'test-artefacts'
 CHROMIUM_ARGS = ['--no-sandbox', '--headless', '--disable-gpu', '--disable-background-networking',
@@ -287,6 +288,62 @@ def test_stop_button_refuses_a_task_without_a_safe_point(watched, make_key, cons
     with pytest.raises(ledger.LedgerConflict, match='no point where it can stop'):
         ledger.stop(task.id, by='test')
     wait_for_state(task.id, 'succeeded', timeout=10)
+
+
+def fill_maildir(dovecot, user, count):
+    """`count` small messages written straight into the user's Maildir `new/` (appending them over
+    IMAP one by one takes far longer); Dovecot takes them in at the next SELECT."""
+    maildir = dovecot.maildir(user)
+    for sub in ('', 'cur', 'new', 'tmp'):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
+        os.chown(maildir / sub, dovecot.mail_user.pw_uid, dovecot.mail_user.pw_gid)
+    for i in range(count):
+        raw = (f'From: sender{i}@example.net\r\nTo: {user}@example.com\r\nSubject: message {i}\r\n'
+               f'Date: Mon, 7 Dec 2026 10:00:00 +0000\r\nMessage-ID: <{i}.{user}@example.net>\r\n'
+               f'\r\nBody of message {i}.\r\n').encode()
+        path = maildir / 'new' / f'1700000000.M{i}P1.emailsvc-test,S={len(raw)}'
+        path.write_bytes(raw)
+        os.chown(path, dovecot.mail_user.pw_uid, dovecot.mail_user.pw_gid)
+
+
+def stored_messages(tenant_id, account_id):
+    with models.tenant_scope(tenant_id):
+        return models.EmailMessage.select().where(models.EmailMessage.client == account_id).count()
+
+
+def test_stop_button_stops_a_running_sync(watched, make_key, client, consumer, unique):
+    key = make_key(unique)
+    tenant_id, _ = identity(key)
+    dovecot, total = STATE["dovecot"], 6000
+    dovecot.add_user(unique, 'dove-pw-1')
+    fill_maildir(dovecot, unique, total)  # before the account exists: creating it starts its first sync
+    resp = client.as_key(key).post('/api/v1/accounts', {
+        'email': f'{unique}@example.com',
+        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': dovecot.imap_port, 'security': 'none',
+                     'username': unique, 'password': 'dove-pw-1'}})
+    assert resp.status == 201, resp.text
+    account_id, task_id = resp.json['id'], resp.json['sync_task_id']
+    view = watched()
+    view.sign_in(key)
+    # The first batch committed: the sync is past its listing and stores in batches of 50.
+    wait_for(lambda: (row := record(task_id)) and row.state == 'running' and (row.progress_done or 0) > 0,
+             timeout=30, message=lambda: f'the sync to store its first batch (now {record(task_id).state})')
+    view.page.goto(f'/dashboard/tasks/{task_id}')
+    view.page.click('#stop-button')
+    assert view.page.inner_text('#notice').startswith('Stop requested')
+    row = wait_for_state(task_id, 'revoked', timeout=30)
+    assert row.error == 'stopped on request' and row.progress_total == total
+    view.page.wait_for_function("() => document.querySelector('#task-state').innerText === 'revoked'",
+                                timeout=10000)  # the page's own polling shows it
+    view.shot('task-stopped')
+    stored = stored_messages(tenant_id, account_id)
+    assert 0 < stored < total and stored % 50 == 0  # whole batches only
+    assert '"kind": "stop"' in row.history and '"by": "user alice' in row.history
+    resp = client.as_key(key).post(f'/api/v1/accounts/{account_id}/sync', {})
+    assert resp.status == 202, resp.text
+    later = wait_for_state(resp.json['task_id'], 'succeeded', timeout=60)
+    assert later.result['messages_synced'] == total - stored
+    assert stored_messages(tenant_id, account_id) == total
 
 
 def test_tenant_user_cannot_see_another_tenants_task_in_the_browser(watched, make_key, unique):
