@@ -193,8 +193,8 @@ class Consumer:
             self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+            except subprocess.TimeoutExpired:   # the whole group: a worker left behind would take later tests' tasks
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
 

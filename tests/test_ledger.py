@@ -93,11 +93,9 @@ def test_hard_time_limit_kills_the_worker_and_the_consumer_replaces_it(consumer)
 
 def test_hard_time_limit_kills_a_worker_that_cannot_reach_the_database(consumer):
     # Kill first, record after: a worker whose own ledger write fails must not outlive its hard limit.
-    workers_before = set(consumer.worker_pids())
     task = probe_tasks.ignores_soft_limit_without_database(30)
     row = wait_for_state(task.id, 'failed', timeout=15)
     assert 'hard time limit of 4s exceeded' in row.error
-    assert int(row.worker.split(':')[1]) in workers_before
     assert (row.finished_at - row.started_at).total_seconds() < 10
 
 
