@@ -149,7 +149,8 @@ def main():
           f'duplicates {max(0, received - args.n)}')
     print('  CPU per message: ' + ', '.join(f'{name} {seconds / args.n * 1000:.1f} ms' for name, seconds in cpu.items())
           + f' (the machine has {os.cpu_count()} cores)')
-    print(f'targets: >= 200 messages/s; received == {args.n}: {"met" if received == args.n else "NOT MET"}')
+    print(f'>= 200 messages/s {"met" if args.n / elapsed >= 200 else "NOT MET"}')
+    print(f'received == {args.n}, no duplicate {"met" if received == args.n else "NOT MET"}')
 
 
 if __name__ == '__main__':

@@ -152,6 +152,9 @@ def report(models, smtp, accepted, kills, elapsed, final=False):
     print(f'{"final" if final else f"{elapsed / 60:5.1f} min"}: accepted {len(accepted)}  completed {done}  '
           f'lost {lost}  duplicated {duplicated}  kills {kills}  throughput {done / elapsed:.1f} tasks/s',
           flush=True)
+    if final:
+        print(f'every accepted task final, lost 0 {"met" if lost == 0 else "NOT MET"}')
+        print(f'duplicated deliveries 0 {"met" if duplicated == 0 else "NOT MET"}')
 
 
 if __name__ == '__main__':
