@@ -424,10 +424,15 @@ class TaskRollup(BaseModel):
 
 
 class Blob(BaseModel):
-    """Content-addressed bytes (raw messages, attachments), stored once whatever refers to them.
+    """Bytes (raw messages, attachments, uploads), addressed by tenant and content.
 
-    Not tenant-scoped: a blob is reached only through a tenant's message or
-    attachment row, and its id is the SHA-256 of its content.
+    Not a TenantModel: a blob is reached only through a tenant's message,
+    attachment or upload row. Its id is the SHA-256 of the tenant and the
+    content (blob_id), so a tenant's copies are stored once but two tenants
+    never share a row: a shared row let one tenant's delete erase another's
+    upload (issue 13), and told a tenant whether another already held a file.
+    Rows from before that change (plain SHA-256 ids) stay valid: nothing
+    recomputes an id, and drop_unreferenced_blobs counts every tenant's rows.
     """
     id = pw.CharField(primary_key=True, max_length=64)
     data = pw.BlobField()
@@ -585,13 +590,17 @@ def with_reconnect(operation):
 # committed batch; (folder, uid) is unique, so a batch written twice stores
 # each message once.
 
-def blob_id(data):
-    return hashlib.sha256(data).hexdigest()
+def blob_id(tenant_id, data):
+    """The tenant's blob id for `data`: still 64 hex digits, never equal to another tenant's."""
+    return hashlib.sha256(b'emailsvc-blob\0%d\0' % tenant_id + data).hexdigest()
 
 
-def store_blobs(datas):
-    """Store each distinct content once; returns their ids in order."""
-    ids = [blob_id(d) for d in datas]
+def store_blobs(datas, tenant_id=None):
+    """Store each distinct content once per tenant (default: the scoped one); returns their ids in order."""
+    tenant_id = current_tenant() if tenant_id is None else tenant_id
+    if tenant_id is None:
+        raise ScopeError('store_blobs inside all_tenants() needs a tenant_id')
+    ids = [blob_id(tenant_id, d) for d in datas]
     rows = {i: {'id': i, 'data': d, 'size': len(d)} for i, d in zip(ids, datas)}
     existing = set()
     for chunk in chunks(list(rows), 500):
@@ -651,7 +660,7 @@ def store_messages(folder, items, key='uid', uidnext=None):
                    .where(EmailMessage.folder == folder.id, field.in_(keys))} if keys else set()
         fresh = [item for item in items if item[key] not in present]
         if fresh:
-            raw_ids = store_blobs([item.pop('raw') for item in fresh])
+            raw_ids = store_blobs([item.pop('raw') for item in fresh], folder.tenant_id)
             attachments = [item.pop('attachments') for item in fresh]
             for item, raw_id in zip(fresh, raw_ids):
                 item.update(blob=raw_id, folder=folder.id, client=folder.client_id, tenant_id=folder.tenant_id)
@@ -667,7 +676,7 @@ def store_attachments(folder, field, messages, attachments):
         return
     ids = dict(EmailMessage.select(field, EmailMessage.id)
                .where(EmailMessage.folder == folder.id, field.in_([m[field.name] for m in messages])).tuples())
-    blob_ids = iter(store_blobs([a.data for parts in attachments for a in parts]))
+    blob_ids = iter(store_blobs([a.data for parts in attachments for a in parts], folder.tenant_id))
     rows = [{'message': ids[message[field.name]], 'filename': a.filename, 'content_type': a.content_type,
              'content_id': a.content_id, 'disposition': a.disposition, 'size': len(a.data),
              'blob': next(blob_ids), 'tenant_id': folder.tenant_id}
@@ -725,10 +734,17 @@ def move_in_place(places):
 
 
 def drop_unreferenced_blobs(blob_ids):
+    """Delete those of `blob_ids` that no message, attachment or upload of any tenant refers to.
+
+    Every tenant's rows count: blobs stored before ids included the tenant may
+    be shared. The outbox refers to bytes only through uploads (a queued
+    send's attachment_ids name Upload rows), so counting uploads covers it.
+    """
     with all_tenants():
         for chunk in chunks(list(blob_ids), 500):
             used = {m.blob for m in EmailMessage.select(EmailMessage.blob).where(EmailMessage.blob.in_(chunk))}
             used |= {a.blob for a in Attachment.select(Attachment.blob).where(Attachment.blob.in_(chunk))}
+            used |= {u.blob for u in Upload.select(Upload.blob).where(Upload.blob.in_(chunk))}
             Blob.delete().where(Blob.id.in_([b for b in chunk if b not in used])).execute()
 
 
