@@ -31,6 +31,7 @@ import tasks
 from mailkit import logs, smtp
 from mailkit import settings as settings_mod
 from mailkit.credentials import key_list
+from mailkit.errors import InvalidSetting, check_setting
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
 from taskq import ledger, metrics
 
@@ -91,9 +92,17 @@ def not_found(kind, ident):
 REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 
 
+def header(name, default=None):
+    """A request header as text. Bottle decodes header bytes as UTF-8 and raises on anything else
+    (a 500, before any key is checked); here such bytes become U+FFFD, which no key, request id,
+    Idempotency-Key or file name takes for a valid one."""
+    value = bottle.request.environ.get('HTTP_' + name.upper().replace('-', '_'))
+    return default if value is None else value.encode('latin-1').decode('utf-8', 'replace')
+
+
 @app.hook('before_request')
 def start_request():
-    given = bottle.request.get_header('X-Request-ID', '')
+    given = header('X-Request-ID', '')
     logs.request_id.set(given if REQUEST_ID.match(given) else logs.new_request_id())
 
 
@@ -112,8 +121,7 @@ class Caller:
 
 
 def authenticate():
-    header = bottle.request.get_header('Authorization', '')
-    scheme, _, key = header.partition(' ')
+    scheme, _, key = header('Authorization', '').partition(' ')
     if scheme.lower() != 'bearer' or not key.strip():
         raise ApiError(401, 'unauthorized', 'Send "Authorization: Bearer <api key>"; create a key with '
                                             './run.sh admin create-key.')
@@ -131,6 +139,9 @@ def api(method, path, operator_only=False, user_only=False):
     def decorate(handler):
         def scoped(**kwargs):
             caller = authenticate()
+            for name, value in kwargs.items():   # Bottle's <id:int> takes any length; the database does not
+                if isinstance(value, int) and not 0 < value <= MAX_ID:
+                    raise not_found(PATH_IDS.get(name, name), value)
             if operator_only and not caller.operator:
                 raise ApiError(403, 'forbidden', 'This needs an operator key.')
             if user_only and caller.operator:
@@ -143,6 +154,14 @@ def api(method, path, operator_only=False, user_only=False):
         app.route(path, method)(scoped)
         return handler
     return decorate
+
+
+MAX_ID = 2 ** 63 - 1   # the largest id a BIGINT holds
+PATH_IDS = {'client_id': 'account', 'message_id': 'message', 'attachment_id': 'attachment'}
+
+
+def is_id(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
 
 
 def caller():
@@ -183,6 +202,8 @@ def json_body():
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ApiError(400, 'invalid_json', 'The request body is not valid JSON.') from None
+    except RecursionError:   # json.loads recurses once per nesting level
+        raise ApiError(400, 'invalid_json', 'The request body nests too deeply to be read.') from None
     if not isinstance(body, dict):
         raise ApiError(422, 'invalid_body', 'The request body must be a JSON object.')
     return body
@@ -228,11 +249,24 @@ def want_str(fields, name, value, pattern=None, hint='', required=True, limit=32
         fields.fail(name, 'is required' if value is None else 'must be a non-empty string')
     elif len(value) > limit:
         fields.fail(name, f'must be at most {limit} characters')
+    elif has_control(value):
+        # CR/LF in a username or password became IMAP/POP3 commands of their own (issue 13);
+        # refused here, so a bad setting never becomes a task that fails later.
+        fields.fail(name, 'must not contain control characters (line breaks, tabs, NUL)')
     elif pattern and not pattern.match(value.strip()):
         fields.fail(name, hint)
     else:
         return value.strip()
     return None
+
+
+def has_control(value):
+    """True if `value` holds a C0 control character or DEL: mailkit.errors.check_setting's rule."""
+    try:
+        check_setting('value', value)
+    except InvalidSetting:
+        return True
+    return False
 
 
 def want_int(fields, name, value, low, high):
@@ -251,7 +285,7 @@ def want_choice(fields, name, value, choices):
 
 def want_object(fields, name, value, allowed):
     if not isinstance(value, dict):
-        fields.fail(name, 'must be an object')
+        fields.fail(name, 'is required' if value is None else 'must be an object')
         return {}
     fields.only(value, allowed, prefix=f'{name}.')
     return value
@@ -262,9 +296,14 @@ SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
 ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam')
 
 
+# Changing any of these sends the stored password somewhere else: the request must give it again.
+REACHING = ('protocol', 'host', 'port', 'security', 'username')
+
+
 def validate_server(fields, prefix, given, current, allowed):
     """Merge `given` over `current` (PATCH) and check every field of one server."""
-    server = dict(current, **want_object(fields, prefix, given, allowed))
+    given = want_object(fields, prefix, given, allowed)
+    server = dict(current, **given)
     clean = {}
     if 'protocol' in allowed:
         clean['protocol'] = want_choice(fields, f'{prefix}.protocol', server.get('protocol'), ('imap', 'pop3'))
@@ -274,6 +313,10 @@ def validate_server(fields, prefix, given, current, allowed):
     clean['username'] = want_str(fields, f'{prefix}.username', server.get('username'))
     if 'password' in given or not current:
         clean['password'] = want_str(fields, f'{prefix}.password', server.get('password'), limit=1024)
+    elif any(clean.get(key) not in (None, current.get(key)) for key in REACHING):
+        # Else a stolen key could point the account at its own server and collect the stored password.
+        fields.fail(f'{prefix}.password', 'give the password again when changing the host, port, security '
+                                          'or username')
     return clean
 
 
@@ -391,6 +434,10 @@ def store_passwords(client, passwords, dropped_smtp):
 @api('POST', '/api/v1/accounts', user_only=True)
 def create_account():
     clean = validate_account(json_body())
+    limit = SETTINGS['accounts.max_per_user']
+    if EmailClient.select().where(EmailClient.user_id == caller().user_id).count() >= limit:
+        raise ApiError(409, 'account_limit', f'This user has {limit} accounts, the most allowed '
+                                             '(accounts.max_per_user); delete one first.')
     with models.database.atomic():
         client = EmailClient(user_id=caller().user_id)
         passwords = apply_account(client, clean)
@@ -420,7 +467,7 @@ def get_account(client_id):
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 
 
-@api('PATCH', '/api/v1/accounts/<client_id:int>')
+@api('PATCH', '/api/v1/accounts/<client_id:int>', user_only=True)
 def update_account(client_id):
     client = one(EmailClient, client_id, 'account')
     clean = validate_account(json_body(), client)
@@ -437,7 +484,7 @@ def update_account(client_id):
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 
 
-@api('DELETE', '/api/v1/accounts/<client_id:int>')
+@api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True)
 def delete_account(client_id):
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
@@ -449,14 +496,14 @@ def delete_account(client_id):
 
 # ================================================================ sync, folders and messages
 
-@api('POST', '/api/v1/accounts/<client_id:int>/sync')
+@api('POST', '/api/v1/accounts/<client_id:int>/sync', user_only=True)
 def start_sync(client_id):
     client = one(EmailClient, client_id, 'account')
     body = json_body()
     fields = Fields()
     fields.only(body, ('folder_id', 'force_full_sync'))
     folder_id = body.get('folder_id')
-    if folder_id is not None and (isinstance(folder_id, bool) or not isinstance(folder_id, int)):
+    if folder_id is not None and not is_id(folder_id):
         fields.fail('folder_id', 'must be a folder id or null')
     force = body.get('force_full_sync', False)
     if not isinstance(force, bool):
@@ -511,7 +558,7 @@ def addresses(pairs):
     return [{'name': name, 'address': address} for name, address in pairs]
 
 
-@api('GET', '/api/v1/messages')
+@api('GET', '/api/v1/messages', user_only=True)
 def list_messages():
     """Newest first (by id); `cursor` is the last id of the previous page."""
     Message = models.EmailMessage
@@ -550,7 +597,7 @@ def delete_messages():
     fields.only(body, ('email_ids', 'permanent'))
     ids = body.get('email_ids')
     if not isinstance(ids, list) or not ids or len(ids) > 5000 or \
-            not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            not all(is_id(i) for i in ids):
         fields.fail('email_ids', 'must be a list of 1 to 5000 message ids')
     permanent = body.get('permanent', False)
     if not isinstance(permanent, bool):
@@ -574,7 +621,7 @@ def one_message(message_id):
     return message
 
 
-@api('GET', '/api/v1/messages/<message_id:int>')
+@api('GET', '/api/v1/messages/<message_id:int>', user_only=True)
 def get_message(message_id):
     m = one_message(message_id)
     body = message_summary(m)
@@ -606,13 +653,13 @@ def report_message(message_id):
     return accepted(tasks.file_report(message.id, caller().tenant_id, caller().user_id, verdict).id)
 
 
-@api('GET', '/api/v1/messages/<message_id:int>/raw')
+@api('GET', '/api/v1/messages/<message_id:int>/raw', user_only=True)
 def get_raw_message(message_id):
     message = one_message(message_id)
     return download(models.Blob.content(message.blob), 'message/rfc822', f'message-{message.id}.eml')
 
 
-@api('GET', '/api/v1/messages/<message_id:int>/attachments/<attachment_id:int>')
+@api('GET', '/api/v1/messages/<message_id:int>/attachments/<attachment_id:int>', user_only=True)
 def get_attachment(message_id, attachment_id):
     message = one_message(message_id)
     attachment = models.Attachment.get_or_none(models.Attachment.id == attachment_id,
@@ -631,6 +678,8 @@ def download(data, content_type, filename):
     bottle.response.content_type = content_type if SAFE_TYPE.match(content_type or '') else 'application/octet-stream'
     bottle.response.set_header('Content-Disposition', content_disposition(filename))
     bottle.response.set_header('X-Content-Type-Options', 'nosniff')
+    # Mail is written by strangers: an HTML or SVG part opened in the browser must not run as our origin.
+    bottle.response.set_header('Content-Security-Policy', 'sandbox')
     return data
 
 
@@ -650,6 +699,13 @@ def upload_attachment():
     """A file for sending: multipart form field `file`, or the raw body with ?filename=."""
     filename, content_type, data = uploaded_file(SETTINGS['mail.max_attachment_mb'] * 1024 * 1024,
                                                  f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
+    quota = SETTINGS['mail.upload_quota_mb'] * 1024 * 1024
+    held = models.Upload.select(pw.fn.COALESCE(pw.fn.SUM(models.Upload.size), 0)) \
+        .where(models.Upload.user_id == caller().user_id).scalar()
+    if held + len(data) > quota:
+        raise ApiError(413, 'upload_quota_exceeded', f'Uploads of this user would exceed '
+                       f'{SETTINGS["mail.upload_quota_mb"]} MB (mail.upload_quota_mb); unused uploads expire after '
+                       f'{SETTINGS["mail.upload_ttl_hours"]} hours.')
     blob_id = models.store_blobs([data])[0]
     upload = models.Upload.create(user_id=caller().user_id, filename=filename, content_type=content_type,
                                   size=len(data), blob=blob_id)
@@ -666,16 +722,34 @@ def uploaded_file(limit, too_large):
             raise ApiError(400, 'invalid_multipart', f'The multipart body cannot be read: {exc}') from None
         if upload is None:
             raise ApiError(422, 'validation_failed', 'file: is required', fields={'file': 'is required'})
-        return clean_filename(upload.raw_filename), upload.content_type or 'application/octet-stream', \
+        return clean_filename(upload.raw_filename), attachment_type(upload.content_type), \
             read_capped(upload.file, limit, too_large)
-    filename = bottle.request.query.getunicode('filename') or bottle.request.get_header('X-Filename')
+    filename = bottle.request.query.getunicode('filename') or header('X-Filename')
     if not filename:
         raise ApiError(422, 'validation_failed', 'filename: give ?filename= with a raw body',
                        fields={'filename': 'is required with a raw body'})
     # urllib and curl label a bare body as a form; it is not one.
-    known = SAFE_TYPE.match(ctype) and ctype != 'application/x-www-form-urlencoded'
-    content_type = ctype if known else 'application/octet-stream'
-    return clean_filename(filename), content_type, read_capped(bottle.request.body, limit, too_large)
+    given = '' if ctype == 'application/x-www-form-urlencoded' else bottle.request.content_type
+    return clean_filename(filename), attachment_type(given), read_capped(bottle.request.body, limit, too_large)
+
+
+# RFC 2045 5.1: type "/" subtype *(";" parameter), tokens or quoted strings, nothing else (no CR, LF or NUL).
+TOKEN = r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,127}"
+TYPE_TOKEN = r'[A-Za-z0-9!#$&^_.+-]{1,127}'   # mailkit.smtp's, so a stored type always attaches
+MEDIA_TYPE = re.compile(rf'^({TYPE_TOKEN})/({TYPE_TOKEN})(?:[ \t]*;[ \t]*{TOKEN}=(?:{TOKEN}|"[\x20\x21\x23-\x5b\x5d-\x7e]{{0,255}}"))*'
+                        rf'[ \t]*\Z')
+
+
+def attachment_type(given):
+    """The bare type/subtype a send can attach (its parameters dropped); 422 for anything else."""
+    if not given or not given.strip():
+        return 'application/octet-stream'
+    match = MEDIA_TYPE.match(given.strip()) if len(given) <= 1024 else None
+    if match is None or match.group(1).lower() in ('multipart', 'message'):
+        raise ApiError(422, 'validation_failed', 'content_type: must be type/subtype with optional parameters '
+                       '(not multipart/* or message/*); application/octet-stream fits any file',
+                       fields={'content_type': 'must be a media type like application/pdf'})
+    return f'{match.group(1)}/{match.group(2)}'.lower()
 
 
 def clean_filename(name):
@@ -717,7 +791,7 @@ def validate_send(body):
         else:
             clean[name] = value
     ids = body.get('attachment_ids') or []
-    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, list) or not all(is_id(i) for i in ids):
         fields.fail('attachment_ids', 'must be a list of attachment ids')
         ids = []
     clean['attachment_ids'] = sorted(set(ids))
@@ -745,9 +819,10 @@ def send_message(client_id):
     client = one(EmailClient, client_id, 'account')
     if not client.smtp_host:
         raise ApiError(422, 'no_smtp', f'account {client.id} has no SMTP server; add one with PATCH')
-    key = bottle.request.get_header('Idempotency-Key')
-    if key is not None and not 0 < len(key) <= 255:
-        raise ApiError(422, 'invalid_idempotency_key', 'Idempotency-Key must be 1 to 255 characters.')
+    key = header('Idempotency-Key')
+    if key is not None and not IDEMPOTENCY_KEY.match(key):
+        raise ApiError(422, 'invalid_idempotency_key', 'Idempotency-Key must be 1 to 255 printable ASCII '
+                                                       'characters.')
     clean = validate_send(json_body())
     check_attachments_and_size(clean)
     fingerprint = request_hash(client, clean) if key else None
@@ -757,6 +832,9 @@ def send_message(client_id):
         return accepted(tasks.queue_send(client, caller().user_id, clean, key, fingerprint))
     except tasks.KeyInUse as taken:
         return replay(taken.outbox, fingerprint)
+
+
+IDEMPOTENCY_KEY = re.compile(r'^[\x20-\x7e]{1,255}\Z')
 
 
 def request_hash(client, clean):

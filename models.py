@@ -38,7 +38,7 @@ def open_database(url):
     """A pooled peewee database for a sqlite:/// or postgresql:// URL."""
     if url.startswith('sqlite:'):
         path = mailkit_settings.sqlite_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        mailkit_settings.make_private_file(path)   # 0600 in a 0700 var/: mail and credentials live here
         # WAL lets the web server read while a worker writes; busy_timeout
         # makes a writer wait for the lock instead of failing with "locked".
         # Transactions begin IMMEDIATE: a deferred one that read first and

@@ -755,10 +755,36 @@ def periodic_sync(now=None):
 
 @service_task(priority=10, retries=0, periodic=crontab(minute='0'))
 def cleanup_stale_results(now=None):
-    """Clear ledger results older than queue.results_ttl; drop records past queue.history_days."""
-    results_removed, history_removed = ledger.prune(now or models.utcnow(), SETTINGS['queue.results_ttl'],
+    """Clear ledger results older than queue.results_ttl; drop records past queue.history_days;
+    delete uploads unused for mail.upload_ttl_hours."""
+    now = now or models.utcnow()
+    results_removed, history_removed = ledger.prune(now, SETTINGS['queue.results_ttl'],
                                                     SETTINGS['queue.history_days'])
-    return {'status': 'ok', 'results_removed': results_removed, 'history_removed': history_removed}
+    return {'status': 'ok', 'results_removed': results_removed, 'history_removed': history_removed,
+            'uploads_removed': expire_uploads(now)}
+
+
+def expire_uploads(now):
+    """Delete uploads older than mail.upload_ttl_hours that no send still to go out names, then their
+    blobs unless something else refers to them; returns how many uploads went."""
+    cutoff = now - datetime.timedelta(hours=SETTINGS['mail.upload_ttl_hours'])
+    Upload, Outbox, Record = models.Upload, models.Outbox, models.TaskRecord
+    removed = 0
+    with models.all_tenants():
+        stale = dict(Upload.select(Upload.id, Upload.blob).where(Upload.created_at < cutoff).tuples())
+        if not stale:
+            return 0
+        # A send names its uploads only in its task arguments: those of a send waiting, running or
+        # retrying (by the ledger), or whose outbox row says it has not gone out yet, keep theirs.
+        waiting = Outbox.select(Outbox.task_id).where(Outbox.state.in_(('accepting', 'queued', 'sending')))
+        unfinished = (Record.name == send_email.name) & Record.state.not_in(ledger.FINAL_STATES)
+        for (args,) in Record.select(Record.args).where(Record.id.in_(waiting) | unfinished).tuples().iterator():
+            for upload_id in (args or {}).get('attachment_ids') or ():
+                stale.pop(upload_id, None)
+        for chunk in models.chunks(list(stale), 500):
+            removed += Upload.delete().where(Upload.id.in_(chunk)).execute()
+        models.drop_unreferenced_blobs(set(stale.values()))
+    return removed
 
 
 @service_task(priority=3, retries=0)

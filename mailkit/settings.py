@@ -72,7 +72,10 @@ SETTINGS = (  # key, type, default, meaning
     ('mail.sync_batch', int, 500, 'messages fetched and committed together during a sync'),
     ('mail.max_attachment_mb', int, 25, 'largest file POST /api/v1/attachments accepts (413 beyond)'),
     ('mail.max_message_mb', int, 35, 'largest message send accepts: bodies plus attachments'),
+    ('mail.upload_quota_mb', int, 200, 'megabytes of uploads (POST /api/v1/attachments) one user may hold (413 beyond)'),
+    ('mail.upload_ttl_hours', float, 24.0, 'hours after which an upload no queued send refers to is deleted'),
     ('sync.max_backoff', float, 21600.0, 'longest pause, in seconds, before periodic sync retries a failing account'),
+    ('accounts.max_per_user', int, 100, 'mail accounts one user may add (409 account_limit beyond)'),
     ('api.idempotency_hours', float, 24.0, 'hours an Idempotency-Key of a send is remembered'),
     ('spam.model_path', str, 'data/spam_base.json', 'base spam model (python -m mailkit.spam_train makes it)'),
     ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
@@ -202,9 +205,26 @@ def fill_generated(values, path):
         values[key] = read_or_create_secret(values['paths.var'] / filename, make)
 
 
+def make_private_dir(path):
+    """Create `path` (var/, say) readable by this user only; an existing one is left as it is."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+
+def make_private_file(path):
+    """Create an empty `path` with mode 0600 (and its directory 0700) unless it exists.
+
+    SQLite makes a new database file, and its -wal and -shm beside it, with the
+    umask's mode (0644: readable by every local user); made here first, they
+    all get 0600, since SQLite gives its journals the database file's mode.
+    """
+    make_private_dir(path.parent)
+    if not path.exists():
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+
+
 def read_or_create_secret(path, make):
     """Return the secret in `path`, creating it (mode 0600) on first run."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     if not path.exists():
         # Written aside and linked into place, so a web server and a consumer
         # starting together never read a half-written file or make two keys.

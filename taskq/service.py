@@ -166,7 +166,7 @@ def make_huey(settings):
                   results=False, utc=True, settings=settings)
     if settings_mod.is_embedded(url):
         path = settings_mod.sqlite_path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        settings_mod.make_private_file(path)   # 0600 in a 0700 var/: payloads name accounts and messages
         return LedgerHuey(storage_class=WakingSqliteStorage, filename=str(path), timeout=15, **common)
     if url.startswith(('redis:', 'rediss:', 'unix:')):
         # Redis wakes blocked workers by itself (BZPOPMIN); health_check_interval

@@ -71,10 +71,11 @@ def test_other_users_account_in_same_tenant_is_404(client, account, make_key):
     assert_api_error(bob.get(f'/api/v1/accounts/{account["id"]}'), 404, 'not_found')
 
 
-def test_operator_sees_every_tenant_but_cannot_create_accounts(client, account, make_key):
+def test_operator_sees_every_tenant_but_cannot_create_or_change_accounts(client, account, make_key):
     operator = client.as_key(make_key(operator=True))
     assert operator.get(f'/api/v1/accounts/{account["id"]}').json['email'] == 'alice@example.com'
     assert_api_error(operator.post('/api/v1/accounts', ACCOUNT), 403, 'forbidden')
+    assert_api_error(operator.patch(f'/api/v1/accounts/{account["id"]}', {'sync_interval': 600}), 403, 'forbidden')
 
 
 # ---------------------------------------------------------------- accounts
@@ -98,7 +99,8 @@ def test_list_get_update_delete(alice, account):
     assert [a['id'] for a in alice.get('/api/v1/accounts').json['items']] == [account['id']]
     assert alice.get(f'/api/v1/accounts/{account["id"]}').json == account
     resp = alice.patch(f'/api/v1/accounts/{account["id"]}',
-                       {'sync_interval': 900, 'incoming': {'port': 143, 'security': 'starttls'}})
+                       {'sync_interval': 900, 'incoming': {'port': 143, 'security': 'starttls',
+                                                           'password': 'incoming-S3cret!'}})
     assert resp.status == 200, resp.text
     assert (resp.json['sync_interval'], resp.json['incoming']['port'], resp.json['incoming']['security'],
             resp.json['incoming']['host']) == (900, 143, 'starttls', 'imap.example.com')
