@@ -1092,8 +1092,12 @@ def observed(wsgi_app):
 # ================================================================ command line
 
 def serve_web(args):
-    import waitress
+    from mailkit import webserver
     logs.configure(SETTINGS['log.level'])
+    if SETTINGS['server.max_request_body_mb'] <= SETTINGS['mail.max_attachment_mb']:
+        fail(f'server.max_request_body_mb ({SETTINGS["server.max_request_body_mb"]}) must be more than '
+             f'mail.max_attachment_mb ({SETTINGS["mail.max_attachment_mb"]}), or uploads the API allows are refused; '
+             f'raise it in config.ini or EMAILSVC_SERVER_MAX_REQUEST_BODY_MB')
     try:
         models.migrate()
     except UNAVAILABLE as exc:
@@ -1106,8 +1110,7 @@ def serve_web(args):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.default_int_handler)
     try:
-        server = waitress.create_server(observed(app), host=host, port=port, threads=SETTINGS['server.threads'],
-                                        ident='emailsvc')
+        server = webserver.create_server(observed(app), **waitress_options(SETTINGS), host=host, port=port)
     except OSError as exc:
         fail(f'cannot listen on {host}:{port}: {exc.strerror or exc}; is another server using that port? '
              f'Choose another with server.port or EMAILSVC_SERVER_PORT')
@@ -1120,6 +1123,22 @@ def serve_web(args):
         logger.info('web server stopped')
     finally:
         server.close()
+
+
+def waitress_options(settings):
+    """waitress's limits from the settings, so slow or huge requests cannot take the server (issue 13).
+
+    Defaults of waitress 3.0 that made trouble: 100 connections (100 clients
+    trickling a byte now and then blocked everyone else), 120 s of silence
+    before a connection is dropped, and request bodies up to 1 GiB spooled to
+    disk before the app could look at the key. poll() instead of select(),
+    which fails on descriptors past 1024.
+    """
+    timeout = settings['server.channel_timeout']
+    return dict(threads=settings['server.threads'], ident='emailsvc', asyncore_use_poll=True,
+                connection_limit=settings['server.connection_limit'], channel_timeout=timeout,
+                cleanup_interval=max(1, min(30, timeout // 2)),  # how often waitress looks for silent connections
+                max_request_body_size=settings['server.max_request_body_mb'] * 1024 * 1024)
 
 
 def consumer_options(settings):

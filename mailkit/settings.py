@@ -23,6 +23,11 @@ SETTINGS = (  # key, type, default, meaning
     ('server.port', int, 8080, 'port the web server listens on'),
     ('server.threads', int, 8, 'waitress worker threads'),
     ('server.max_body_kb', int, 10240, 'largest JSON request body accepted (413 beyond)'),
+    ('server.max_request_body_mb', int, 30, 'largest request body waitress reads (413 before reading it); '
+     'more than mail.max_attachment_mb'),
+    ('server.connection_limit', int, 500, 'connections waitress keeps open at once (slow clients included); '
+     'below the open-file limit, ulimit -n'),
+    ('server.channel_timeout', int, 30, 'seconds a connection may send nothing, mid-request or idle, before it is closed'),
     ('server.secret', str, GENERATED, 'signs task payloads; 32+ random characters, the same on every host'),
     ('database.url', str, 'sqlite:///var/emailsvc.db', 'peewee db_url; postgresql://user:pw@host/db when scaled out'),
     ('queue.url', str, 'sqlite:///var/queue.db', 'huey storage; redis://host:6379/0 when scaled out'),
