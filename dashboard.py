@@ -238,7 +238,7 @@ def roll_up(now):
     with models.all_tenants():
         finished = (TaskRecord.select(TaskRecord.finished_at, TaskRecord.state, TaskRecord.user_id)
                     .where(TaskRecord.finished_at >= minute_start(start), TaskRecord.finished_at < minute_start(until),
-                           TaskRecord.state.in_(ledger.FINAL_STATES)).tuples())
+                           finished_in_final_state()).tuples())
         for finished_at, state, user_id in finished:
             minute = epoch_minute(finished_at)
             counts['all', minute, state] += 1
@@ -248,6 +248,16 @@ def roll_up(now):
     with models.database.atomic():
         for chunk in models.chunks(rows, 200):
             TaskRollup.insert_many(chunk).on_conflict_ignore().execute()  # another web process got there first
+
+
+def finished_in_final_state():
+    """`state IN (final states)`, leaving the index choice to the finished_at range: SQLite would walk
+    the (state, enqueued_at) index, most of the ledger (1M records: seconds per overview). A unary
+    plus keeps the column out of SQLite's choice; PostgreSQL rejects `+text` and chooses well itself."""
+    state = TaskRecord.state
+    if not isinstance(models.database.obj, pw.PostgresqlDatabase):
+        state = pw.NodeList((pw.SQL('+'), state), glue='')
+    return state.in_(ledger.FINAL_STATES)
 
 
 def finish_counts(viewer, now):
@@ -266,7 +276,7 @@ def finish_counts(viewer, now):
                                  .where(TaskRollup.scope == viewer.scope, TaskRollup.minute > current - 60).tuples()):
         minutes[minute][state] += count
     for finished_at, state in viewer.tasks(TaskRecord.finished_at, TaskRecord.state).where(
-            TaskRecord.finished_at >= minute_start(rolled_until), TaskRecord.state.in_(ledger.FINAL_STATES)).tuples():
+            TaskRecord.finished_at >= minute_start(rolled_until), finished_in_final_state()).tuples():
         minute = epoch_minute(finished_at)
         minutes[minute][state] += 1
         buckets[minute // 10][state] += 1
@@ -390,8 +400,10 @@ def history_page(viewer, filters):
         anchor = TaskRecord.get_or_none(TaskRecord.id == filters.cursor)
         if anchor is None:
             raise bottle.HTTPError(400, 'cursor is not a task id from a previous page.')
-        query = query.where((TaskRecord.enqueued_at < anchor.enqueued_at) |
-                            ((TaskRecord.enqueued_at == anchor.enqueued_at) & (TaskRecord.id < anchor.id)))
+        # The `<=` bound alone is what an index can range over; with only the OR below, SQLite
+        # walked every record newer than the cursor (a deep page at 1M records: 170 ms).
+        query = query.where(TaskRecord.enqueued_at <= anchor.enqueued_at,
+                            (TaskRecord.enqueued_at < anchor.enqueued_at) | (TaskRecord.id < anchor.id))
     rows = list(query.order_by(TaskRecord.enqueued_at.desc(), TaskRecord.id.desc()).limit(PAGE_SIZE + 1))
     return rows[:PAGE_SIZE], rows[PAGE_SIZE - 1].id if len(rows) > PAGE_SIZE else None
 

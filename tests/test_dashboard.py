@@ -143,6 +143,26 @@ def test_other_users_task_is_404_and_not_listed(web, make_key, unique):
     ledger.revoke(tasks.huey, task.id)
 
 
+def test_history_pages_through_ties_once_each(web, make_key, unique):
+    key = make_key(unique)
+    tenant_id, user_id = identity(key)
+    ids = [probe_tasks.sleeps.schedule((1,), dict(tenant_id=tenant_id, user_id=user_id), delay=600).id
+           for _ in range(120)]
+    same = models.utcnow().replace(microsecond=0)
+    for task_id in ids[40:100]:  # a run of equal enqueued_at across page boundaries: the id breaks the tie
+        ledger.update(task_id, enqueued_at=same)
+    cookie, seen, path = sign_in(web, key), [], f'/dashboard/tasks?state=pending&tenant={tenant_id}'
+    while path:
+        status, _, html = raw(web, 'GET', path, headers={'Cookie': cookie})
+        assert status == 200
+        seen += re.findall(r'<tr class="pending" data-task="([^"]+)"', html)
+        link = re.search(r'href="([^"]+)" id="next-page"', html)
+        path = link and link.group(1).replace('&amp;', '&')
+    assert sorted(seen) == sorted(ids) and len(seen) == len(ids)
+    for task_id in ids:
+        ledger.revoke(tasks.huey, task_id)
+
+
 # ---------------------------------------------------------------- in a real browser
 
 @pytest.fixture(scope='module')
@@ -279,14 +299,15 @@ def test_retry_button_reruns_a_dead_task(watched, make_key, consumer, unique):
 def test_stop_button_refuses_a_task_without_a_safe_point(watched, make_key, consumer, unique):
     key = make_key(unique)
     tenant_id, user_id = identity(key)
-    task = probe_tasks.crawls(15, 0.1, tenant_id=tenant_id, user_id=user_id)
+    task = probe_tasks.crawls(30, 0.1, tenant_id=tenant_id, user_id=user_id)  # 3 s: below the hard limit
     wait_for_state(task.id, 'running')
+    with pytest.raises(ledger.LedgerConflict, match='no point where it can stop'):
+        ledger.stop(task.id, by='test')
     view = watched()
     view.sign_in(make_key(operator=True))
     view.page.goto(f'/dashboard/tasks/{task.id}')
+    assert view.page.inner_text('#task-state') == 'running'  # shown while running, and still no button:
     assert view.page.locator('#stop-button').count() == 0  # only syncs and sends can stop midway
-    with pytest.raises(ledger.LedgerConflict, match='no point where it can stop'):
-        ledger.stop(task.id, by='test')
     wait_for_state(task.id, 'succeeded', timeout=10)
 
 
