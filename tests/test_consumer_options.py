@@ -47,7 +47,9 @@ def test_a_worker_is_replaced_after_max_tasks(own_consumer):
     queued = [tasks.noop() for _ in range(7)]
     records = [wait_for_state(task.id, 'succeeded') for task in queued]
     workers = [record.worker for record in records]
-    assert len(set(workers)) == 3, workers       # 3 + 3 + 1 tasks: two recycles
+    # 3 + 3 + 1 tasks: two recycles. (At least: a task an earlier test left in the queue counts
+    # towards a worker's three as well.) Without recycling one worker would run all seven.
+    assert len(set(workers)) >= 3, workers
     assert all(workers.count(worker) <= 3 for worker in set(workers))
 
 
