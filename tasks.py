@@ -491,7 +491,10 @@ def uploads_of(ids):
     uploads = list(models.Upload.select().where(models.Upload.id.in_(ids)))
     if len(uploads) != len(set(ids)):
         raise FailNow(f'attachments {sorted(set(ids) - {u.id for u in uploads})} no longer exist')
-    return [(u.filename, u.content_type, models.Blob.content(u.blob)) for u in uploads]
+    try:
+        return [(u.filename, u.content_type, models.Blob.content(u.blob)) for u in uploads]
+    except models.Blob.DoesNotExist:   # retrying cannot bring bytes back
+        raise FailNow(f'the content of attachments {sorted(ids)} is gone; upload them again') from None
 
 
 def copy_to_sent(client, raw):

@@ -27,6 +27,27 @@ def tenant_api(client, make_key, name):
     return api
 
 
+def sending_account(api, name):
+    """An account of `api`'s user that sends through the suite's SMTP server; its id."""
+    smtp_server = STATE['smtp']
+    smtp_server.add_user(name, PASSWORD)
+    resp = api.post('/api/v1/accounts', {
+        'email': f'{name}@example.com', 'sync_enabled': False,
+        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': STATE['dovecot'].imap_port,
+                     'security': 'none', 'username': name, 'password': PASSWORD},
+        'smtp': {'host': '127.0.0.1', 'port': smtp_server.port, 'security': 'starttls',
+                 'username': name, 'password': PASSWORD}})
+    assert resp.status == 201, resp.text
+    return resp.json['id']
+
+
+def send_with(api, account, upload_id):
+    resp = api.post(f'/api/v1/accounts/{account}/send', {'to': ['carol@example.net'], 'subject': 'report',
+                                                         'body_text': 'see attached', 'attachment_ids': [upload_id]})
+    assert resp.status == 202, resp.text
+    return wait_for_state(resp.json['task_id'], 'succeeded', 'failed', 'dead', timeout=20)
+
+
 def test_a_delete_in_one_tenant_keeps_the_same_bytes_in_another(client, make_key, unique, consumer):
     smtp_server = STATE['smtp']
     smtp_server.clear()
@@ -35,15 +56,7 @@ def test_a_delete_in_one_tenant_keeps_the_same_bytes_in_another(client, make_key
     bob = tenant_api(client, make_key, f'{unique}b')
 
     # Tenant A uploads the file and has an account to send it from.
-    smtp_server.add_user(f'{unique}a', PASSWORD)
-    resp = alice.post('/api/v1/accounts', {
-        'email': f'{unique}a@example.com', 'sync_enabled': False,
-        'incoming': {'protocol': 'imap', 'host': '127.0.0.1', 'port': STATE['dovecot'].imap_port,
-                     'security': 'none', 'username': f'{unique}a', 'password': PASSWORD},
-        'smtp': {'host': '127.0.0.1', 'port': smtp_server.port, 'security': 'starttls',
-                 'username': f'{unique}a', 'password': PASSWORD}})
-    assert resp.status == 201, resp.text
-    alice_account = resp.json['id']
+    alice_account = sending_account(alice, f'{unique}a')
     uploaded = upload(alice, data, 'report.pdf')
 
     # Tenant B receives the same bytes as an attachment, then deletes that message for good.
@@ -63,11 +76,7 @@ def test_a_delete_in_one_tenant_keeps_the_same_bytes_in_another(client, make_key
     assert models.Blob.get_or_none(models.Blob.id == bob_blob) is None   # B's copy went with B's message
 
     # A's send still carries A's upload.
-    resp = alice.post(f'/api/v1/accounts/{alice_account}/send',
-                      {'to': ['carol@example.net'], 'subject': 'report', 'body_text': 'see attached',
-                       'attachment_ids': [uploaded['id']]})
-    assert resp.status == 202, resp.text
-    row = wait_for_state(resp.json['task_id'], 'succeeded', 'failed', 'dead', timeout=20)
+    row = send_with(alice, alice_account, uploaded['id'])
     assert row.state == 'succeeded', row.error
     (sent,) = smtp_server.received()
     parsed = email.message_from_bytes(sent['data'], policy=email.policy.default)
@@ -91,3 +100,14 @@ def test_one_tenants_copies_are_stored_once_and_kept_while_an_upload_refers_to_t
         models.Upload.delete().where(models.Upload.id == upload.id).execute()
     models.drop_unreferenced_blobs([first])
     assert models.Blob.get_or_none(models.Blob.id == first) is None
+
+
+def test_a_send_whose_upload_lost_its_bytes_fails_at_once(client, make_key, unique, consumer):
+    alice = tenant_api(client, make_key, unique)
+    account = sending_account(alice, unique)
+    uploaded = upload(alice, os.urandom(32), 'gone.bin')
+    with models.all_tenants():
+        blob = models.Upload.get_by_id(uploaded['id']).blob
+    models.Blob.delete().where(models.Blob.id == blob).execute()   # as the cross-tenant delete used to
+    row = send_with(alice, account, uploaded['id'])
+    assert (row.state, row.attempts) == ('failed', 1) and 'upload them again' in row.error
