@@ -22,6 +22,8 @@ fails if any of it changes:
   holds one per listening address.
 """
 import json
+import socket
+import time
 
 import waitress
 from waitress.channel import HTTPChannel
@@ -37,21 +39,60 @@ class JsonError:
 
     def to_response(self, ident=None):
         error = self.error
-        code = 'internal' if error.code == 500 else f'http_{error.code}'
+        # 413 says what the API's own size checks say, so a client needs one code for a body too large.
+        code = {500: 'internal', 413: 'too_large'}.get(error.code, f'http_{error.code}')
         # The body of a 500 is waitress's fixed sentence (tracebacks are exposed only
         # with expose_tracebacks, which we never set); the others say what was wrong.
         body = json.dumps({'error': code, 'message': f'{error.reason}: {str(error.body).rstrip(".")}.'}).encode()
         return f'{error.code} {error.reason}', [('Content-Type', 'application/json')], body
 
 
+# After an error answer, how long a connection may go on sending what it had
+# started (the rest of a body too large) while we discard it. Seconds.
+LINGER_SECONDS = 10
+
+
 class JsonErrorTask(ErrorTask):
     def execute(self):
         self.request.error = JsonError(self.request.error)
         super().execute()
+        self.channel.linger_after_answer = True
 
 
 class JsonErrorChannel(HTTPChannel):
+    """A channel that answers waitress's errors as JSON, then closes gently.
+
+    waitress closes right after an error answer. If the client is still
+    sending (a body refused by its Content-Length), the unread bytes make the
+    kernel answer with RST, and a client that writes its whole body before
+    reading (urllib, requests) gets "connection reset" instead of the 413.
+    So, as nginx's lingering close does, we send FIN after the answer and
+    read and discard what still comes, until the client closes, for at most
+    LINGER_SECONDS (or server.channel_timeout of silence). Nothing is stored.
+    (Relies on waitress 3.0.2 closing through handle_close() and reading
+    through received(); wasyncore's recv() calls handle_close() at EOF.)
+    """
     error_task_class = JsonErrorTask
+    linger_after_answer = False
+    draining_until = None
+
+    def handle_close(self):
+        if self.linger_after_answer and self.draining_until is None and self.connected:
+            try:
+                self.socket.shutdown(socket.SHUT_WR)   # the answer, then FIN
+            except OSError:
+                return super().handle_close()
+            self.draining_until = time.monotonic() + LINGER_SECONDS
+            self.will_close = False
+            return None
+        return super().handle_close()
+
+    def received(self, data):
+        if self.draining_until is None:
+            return super().received(data)
+        if time.monotonic() > self.draining_until:
+            self.will_close = True   # handle_write closes it for good
+        return True
 
 
 def create_server(app, **adjustments):

@@ -71,7 +71,7 @@ START = b'GET /health HTTP/1.1\r\nHost: x\r\nX-Big: '
     (b'POST /api/v1/attachments HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n', 501, 'http_501'),
     (START + b'a' * (MAX_HEADER - len(START)), 431, 'http_431'),                        # headers too large
     (b'POST /api/v1/attachments HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % (BODY_LIMIT_MB << 20),
-     413, 'http_413'),                                                                  # body too large
+     413, 'too_large'),                                                                  # body too large
     (b'GET /api/v1/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 404, 'http_404'),   # Bottle's own
     (b'DELETE /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n', 405, 'http_405'),
 ], ids=['request-line', 'header', 'chunk', 'coding', 'headers-431', 'body-413', 'bottle-404', 'bottle-405'])
@@ -88,8 +88,17 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(server):
         started = time.monotonic()
         answer = read_answer(sock)       # not one byte of the 100 MB sent
     assert time.monotonic() - started < 2
-    assert_json_error(answer, 413, 'http_413')
+    assert_json_error(answer, 413, 'too_large')
     assert '/api/v1/attachments' not in server.log.read_text()   # the app (and its access log) never saw it
+
+
+def test_a_client_that_sends_its_whole_body_first_still_reads_the_413(server):
+    size = (BODY_LIMIT_MB + 3) << 20     # as urllib and requests do: the whole body, then read
+    with connect(server) as sock:
+        sock.sendall(b'POST /api/v1/attachments HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n' % size
+                     + b'x' * size)
+        sock.shutdown(socket.SHUT_WR)
+        assert_json_error(read_answer(sock), 413, 'too_large')
 
 
 def test_a_body_under_the_limit_reaches_the_app(server):
