@@ -21,7 +21,7 @@ def smtp_server():
 
 
 @pytest.fixture
-def sender(user, unique, smtp_server):
+def sender(user, unique, smtp_server, consumer):   # its first sync needs a consumer
     """An account with IMAP on the private Dovecot and SMTP (STARTTLS + AUTH) on the test server."""
     mailbox = Mailbox(STATE['dovecot'], unique)
     smtp_server.add_user(unique, PASSWORD)
