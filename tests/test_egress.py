@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from mailkit import egress, imap, pop3, smtp
 from mailkit.errors import AuthenticationFailed, PermanentMailError, TemporaryMailError
 from tests import services
+from tests.conftest import STATE
 
 LOOPBACK = egress.Policy(allowed_networks=['127.0.0.0/8', '::1/128'])
 PASSWORD = 'secret-pw'
@@ -266,14 +267,21 @@ def test_a_mail_server_that_turns_us_away_says_whether_to_retry(protocol, greeti
 
 
 @pytest.mark.parametrize('protocol', PROTOCOLS)
-def test_a_wrong_password_is_auth_rejected(dovecot, smtp_server, protocol):
-    plain, _ = ports(protocol, dovecot, smtp_server)
-    security = 'starttls' if protocol == 'smtp' else 'none'
-    context = dovecot.ssl_context() if protocol != 'smtp' else smtp_server.ssl_context()
-    for _ in range(5):   # Dovecot, on a loaded machine, sometimes answers "Temporary authentication failure"
-        error, _ = failure(lambda: open_session(protocol, '127.0.0.1', plain, security, context=context,
-                                                password='wrong-password-123'))
-        if not isinstance(error, TemporaryMailError):
-            break
+def test_a_wrong_password_is_auth_rejected(smtp_server, protocol):
+    # IMAP and POP3 against the session's Dovecot: in full-suite runs this module's own instance answered
+    # every wrong password with "Temporary authentication failure" (never when run alone; cause not found).
+    if protocol == 'smtp':
+        plain, context = smtp_server.port, smtp_server.ssl_context()
+        def attempt():
+            return open_session('smtp', '127.0.0.1', plain, 'starttls', context=context, password='wrong-password-123')
+    else:
+        server = STATE['dovecot']
+        server.add_user('egress-wrong', PASSWORD)
+        session = imap.ImapSession if protocol == 'imap' else pop3.Pop3Session
+        plain = server.imap_port if protocol == 'imap' else server.pop3_port
+        def attempt():
+            return session('127.0.0.1', plain, 'none', 'egress-wrong', 'wrong-password-123', timeout=5,
+                           ssl_context=server.ssl_context())
+    error, _ = failure(attempt)
     assert isinstance(error, AuthenticationFailed) and error.code == 'auth_rejected'
     assert 'check the username and password' in str(error) and 'wrong-password-123' not in str(error)
