@@ -11,7 +11,7 @@ from taskq import ledger
 from tests import probe_tasks, services
 from tests.conftest import MODE, STATE, assert_api_error, record, wait_for, wait_for_state
 from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
-from tests.test_sync import Mailbox, add_account, message, sync, user  # noqa: F401 (fixture)
+from tests.test_sync import FIRST_SYNC, Mailbox, add_account, message, sync, user  # noqa: F401 (fixture)
 
 
 def final(ids):
@@ -95,16 +95,16 @@ def test_imap_server_stopped_mid_sync_is_retried_and_stores_each_message_once(us
         for n in range(1500):
             s.append('INBOX', message(n, body='x' * 8000))
     account = add_account(user, mailbox)
-    task = tasks.sync_emails(account, *user.ids)
-    wait_for(lambda: (r := record(task.id)) and (r.progress_done or 0) >= 100, timeout=30, interval=0.005,
+    task_id = FIRST_SYNC.pop(account)   # the sync creating the account started
+    wait_for(lambda: (r := record(task_id)) and (r.progress_done or 0) >= 100, timeout=30, interval=0.005,
              message='the sync to commit a few batches')
     own_dovecot.stop()   # its imap processes first: the sync's connection goes with them
     try:
-        retrying = wait_for_state(task.id, 'retrying', timeout=20)
+        retrying = wait_for_state(task_id, 'retrying', timeout=20)
         assert 'connection' in retrying.error.lower() or 'closed' in retrying.error.lower(), retrying.error
     finally:
         own_dovecot.restart()
-    row = wait_for_state(task.id, 'succeeded', timeout=60)
+    row = wait_for_state(task_id, 'succeeded', timeout=60)
     assert row.attempts >= 2
     with models.all_tenants():
         uids = [m.uid for m in models.EmailMessage.select().where(models.EmailMessage.client == account)]
