@@ -10,6 +10,7 @@ then holds its 250 reply for 8 s; the group gets SIGINT once the message is
 delivered and the worker waits for that reply.
 """
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -80,9 +81,24 @@ class Service:
         return self.proc.wait(timeout)
 
     def kill(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """Stop it for good: Ctrl-C first, then SIGKILL to run.sh's group and to its children's, which
+        run.sh starts in sessions of their own (setsid), so run.sh's group alone would leave them running."""
+        if not self.proc or self.proc.poll() is not None:
+            return
+        children = child_pids(self.proc.pid)
+        self.ctrl_c()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            for group in [self.proc.pid, *children]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(group, signal.SIGKILL)
             self.proc.wait(10)
+
+
+def child_pids(pid):
+    listed = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(pid)], capture_output=True, text=True).stdout
+    return [int(line) for line in listed.split()]
 
 
 def send_and_stop(service, smtp_server):
