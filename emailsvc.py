@@ -1027,8 +1027,8 @@ HTTP_LATENCY = prometheus_client.Histogram(
     'emailsvc_http_request_duration_seconds', 'Time to answer a request in this web process, by route template',
     ['method', 'route'], registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-METRICS_NETWORKS = [ipaddress.ip_network(n.strip(), strict=False)
-                    for n in SETTINGS['metrics.allowed_networks'].split(',') if n.strip()]
+METRICS_NETWORKS = [ipaddress.ip_network(network, strict=False)
+                    for network in settings_mod.listed(SETTINGS['metrics.allowed_networks'])]
 
 
 @app.get('/metrics')

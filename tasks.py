@@ -114,21 +114,18 @@ def secret_of(client, kind):
     return row.secret
 
 
-def networks(key):
-    return [item.strip() for item in SETTINGS[key].split(',') if item.strip()]
-
-
 # Where mail servers may be: checked on the resolved address at connect time
 # (so a name that resolves elsewhere later cannot pass), refusing loopback,
 # link-local and cloud metadata addresses unless security.allowed_networks says.
-EGRESS = egress.Policy(networks('security.allowed_networks'), networks('security.denied_networks'))
+EGRESS = egress.Policy(settings_mod.listed(SETTINGS['security.allowed_networks']),
+                       settings_mod.listed(SETTINGS['security.denied_networks']))
 
 
 @functools.cache
 def mail_ssl_context():
     """One per process: building it reads the system's CA bundle (25 ms measured)."""
     context = ssl.create_default_context()
-    for path in filter(None, (p.strip() for p in SETTINGS['mail.ca_files'].split(','))):
+    for path in settings_mod.listed(SETTINGS['mail.ca_files']):
         context.load_verify_locations(path)
     return context
 

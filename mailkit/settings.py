@@ -177,7 +177,7 @@ def check_choice(key, value, source):
         raise ConfigError(f"{source} must be 'model' or a number from 0 to 1, got {value!r}; "
                           f'{how_to_fix(key, source)}')
     if key in ('metrics.allowed_networks', 'security.allowed_networks', 'security.denied_networks'):
-        for item in filter(None, (part.strip() for part in value.split(','))):
+        for item in listed(value):
             try:
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
@@ -241,6 +241,11 @@ def read_or_create_secret(path, make):
             os.link(temp, path)
         temp.unlink()
     return path.read_text().strip()
+
+
+def listed(value):
+    """The items of a comma-separated setting, blanks dropped: 'a, b,' -> ['a', 'b']."""
+    return [item.strip() for item in value.split(',') if item.strip()]
 
 
 def sqlite_path(url):
