@@ -207,9 +207,10 @@ def invalid(fields, code='validation_failed', status=422):
 
 
 def query_of(model):
-    """The query string as a `model` instance; 422 invalid_filter otherwise. Empty values count as
-    absent. Bottle hands over query text decoded as latin-1: here it becomes UTF-8 (bad bytes as U+FFFD)."""
-    params = {fix_text(key): fix_text(value) for key, value in bottle.request.query.items() if value != ''}
+    """The query string as a `model` instance; 422 invalid_filter otherwise (an empty value is a value:
+    `?limit=` is no number). Bottle hands over query text decoded as latin-1: here it becomes UTF-8 (bad
+    bytes as U+FFFD)."""
+    params = {fix_text(key): fix_text(value) for key, value in bottle.request.query.items()}
     value, fields = contract.validate(model, params)
     if fields:
         raise invalid(fields, 'invalid_filter')
@@ -649,7 +650,8 @@ UPLOAD_REQUEST = {
 
 @api('POST', '/api/v1/attachments', user_only=True, query=contract.UploadQuery, request=UPLOAD_REQUEST,
      answers={201: contract.Upload},
-     headers={'X-Filename': ({'type': 'string', 'maxLength': 255}, 'the file name, with a raw body')},
+     headers={'X-Filename': ({'type': 'string'}, 'the file name, with a raw body (instead of ?filename=); '
+                                                 'kept to its last path segment and 255 characters')},
      errors={400: 'invalid_multipart: the multipart body cannot be read', 413: 'upload_quota_exceeded: the '
              'user\'s uploads would pass mail.upload_quota_mb', 422: 'validation_failed: file, filename or '
              'content_type is missing or wrong'})
