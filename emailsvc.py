@@ -7,6 +7,7 @@ health, command line.
 import argparse
 import contextlib
 import datetime
+import functools
 import hashlib
 import ipaddress
 import json
@@ -25,6 +26,7 @@ import peewee as pw
 import prometheus_client
 import redis
 
+import contract
 import dashboard
 import models
 import tasks
@@ -132,21 +134,35 @@ def authenticate():
     return Caller(row)
 
 
-def api(method, path, operator_only=False, user_only=False):
-    """Route decorator: authenticate, refuse the wrong kind of key, then run the handler
-    inside the caller's tenant scope. `user_only`: the route acts for the user who owns
-    the accounts and mail (create, send, delete, report, upload); an operator key is refused."""
+def api(method, path, operator_only=False, user_only=False, body=None, query=None, answers=None, errors=None,
+        headers=None, request=None):
+    """Route decorator: authenticate, refuse the wrong kind of key, validate the query string and the
+    JSON body against their contract models, then run the handler inside the caller's tenant scope.
+
+    `user_only`: the route acts for the user who owns the accounts and mail (create, send, delete,
+    report, upload); an operator key is refused. `body` and `query` are contract models: the handler
+    receives the validated instances as `body=` and `query=`. `answers` ({status: model}) and
+    `errors` ({status: 'code: when'}, beyond the ones every route of its kind has) go into the OpenAPI
+    document, as do `headers` and a non-JSON `request` body; see contract.py."""
     def decorate(handler):
+        auth = 'operator' if operator_only else 'user' if user_only else 'any'
+        describe(method, path, handler, auth, body=body, query=query, answers=answers, errors=errors,
+                 headers=headers, request=request)
+
         def scoped(**kwargs):
             caller = authenticate()
             for name, value in kwargs.items():   # Bottle's <id:int> takes any length; the database does not
-                if isinstance(value, int) and not 0 < value <= MAX_ID:
+                if not (0 < value <= MAX_ID if isinstance(value, int) else printable_id(value)):
                     raise not_found(PATH_IDS.get(name, name), value)
             if operator_only and not caller.operator:
                 raise ApiError(403, 'forbidden', 'This needs an operator key.')
             if user_only and caller.operator:
                 raise ApiError(403, 'forbidden', 'This acts for the user who owns the account; use that user\'s '
                                                  'key, not an operator key.')
+            if query is not None:
+                kwargs['query'] = query_of(query)
+            if body is not None:
+                kwargs['body'] = valid(body, json_body())
             bottle.request.caller = caller
             scope = models.all_tenants() if caller.operator else models.tenant_scope(caller.tenant_id)
             with scope:
@@ -156,12 +172,57 @@ def api(method, path, operator_only=False, user_only=False):
     return decorate
 
 
-MAX_ID = 2 ** 63 - 1   # the largest id a BIGINT holds
+def describe(method, path, handler, auth, **parts):
+    """Put a route into the contract's table (the OpenAPI document is built from it)."""
+    contract.ROUTES.append(contract.Route(method, path, handler.__name__, handler.__doc__ or '', auth,
+                                          **{k: v for k, v in parts.items() if v is not None}))
+
+
+def public(method, path, answers, errors=None, auth='none'):
+    """A route outside the key scheme (health, metrics, the contract itself), in the document too."""
+    def decorate(handler):
+        describe(method, path, handler, auth, answers=answers, errors=errors)
+        app.route(path, method)(handler)
+        return handler
+    return decorate
+
+
+def printable_id(value):
+    """A text id from the path (a task id): 1 to 64 printable characters; PostgreSQL refuses NUL."""
+    return 0 < len(value) <= 64 and value.isprintable()
+
+
+def valid(model, data, prefix=()):
+    """`data` as a `model` instance, or 422 validation_failed naming every wrong field."""
+    value, fields = contract.validate(model, data, prefix)
+    if fields:
+        raise invalid(fields)
+    return value
+
+
+def invalid(fields, code='validation_failed', status=422):
+    """The 422 of a bad body: the first problem in the message, all of them in `fields`."""
+    first, problem = next(iter(fields.items()))
+    return ApiError(status, code, f'{first}: {problem}', fields=fields)
+
+
+def query_of(model):
+    """The query string as a `model` instance; 422 invalid_filter otherwise (an empty value is a value:
+    `?limit=` is no number). Bottle hands over query text decoded as latin-1: here it becomes UTF-8 (bad
+    bytes as U+FFFD)."""
+    params = {fix_text(key): fix_text(value) for key, value in bottle.request.query.items()}
+    value, fields = contract.validate(model, params)
+    if fields:
+        raise invalid(fields, 'invalid_filter')
+    return value
+
+
+def fix_text(text):
+    return text.encode('latin-1', 'replace').decode('utf-8', 'replace')
+
+
+MAX_ID = contract.MAX_ID
 PATH_IDS = {'client_id': 'account', 'message_id': 'message', 'attachment_id': 'attachment'}
-
-
-def is_id(value):
-    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= MAX_ID
 
 
 def caller():
@@ -217,137 +278,35 @@ def accepted(task_id, status=ledger.PENDING):
 
 # ================================================================ accounts
 
-EMAIL = re.compile(r'^[^@\s<>()",;]{1,64}@[A-Za-z0-9.-]{1,253}\.[A-Za-z0-9-]{2,63}$')
-HOST = re.compile(r'^[A-Za-z0-9._:-]{1,255}$')
-SECURITY = ('tls', 'starttls', 'none')
-
-
-class Fields:
-    """Collects field-level validation errors so the client sees all at once."""
-
-    def __init__(self):
-        self.errors = {}
-
-    def fail(self, field, message):
-        self.errors.setdefault(field, message)
-
-    def only(self, body, allowed, prefix=''):
-        """Fail each key of `body` that is not in `allowed`: a typo must not pass as an omission."""
-        for extra in sorted(set(body) - set(allowed)):
-            self.fail(f'{prefix}{extra}', 'is not a known field')
-
-    def check(self):
-        if self.errors:
-            first = next(iter(self.errors.items()))
-            raise ApiError(422, 'validation_failed', f'{first[0]}: {first[1]}', fields=self.errors)
-
-
-def want_str(fields, name, value, pattern=None, hint='', required=True, limit=320):
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        fields.fail(name, 'is required' if value is None else 'must be a non-empty string')
-    elif len(value) > limit:
-        fields.fail(name, f'must be at most {limit} characters')
-    elif has_control(value):
-        # CR/LF in a username or password became IMAP/POP3 commands of their own (issue 13);
-        # refused here, so a bad setting never becomes a task that fails later.
-        fields.fail(name, 'must not contain control characters (line breaks, tabs, NUL)')
-    elif pattern and not pattern.match(value.strip()):
-        fields.fail(name, hint)
-    else:
-        return value.strip()
-    return None
-
-
-def has_control(value):
-    """True if `value` holds a C0 control character or DEL: mailkit.errors.check_setting's rule."""
-    try:
-        check_setting('value', value)
-    except InvalidSetting:
-        return True
-    return False
-
-
-def want_int(fields, name, value, low, high):
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        fields.fail(name, f'must be an integer from {low} to {high}')
-        return None
-    return value
-
-
-def want_choice(fields, name, value, choices):
-    if value not in choices:
-        fields.fail(name, f'must be one of {", ".join(choices)}')
-        return None
-    return value
-
-
-def want_object(fields, name, value, allowed):
-    if not isinstance(value, dict):
-        fields.fail(name, 'is required' if value is None else 'must be an object')
-        return {}
-    fields.only(value, allowed, prefix=f'{name}.')
-    return value
-
-
-INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
-SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
-ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam')
-
-
 # Changing any of these sends the stored password somewhere else: the request must give it again.
 REACHING = ('protocol', 'host', 'port', 'security', 'username')
 
 
-def validate_server(fields, prefix, given, current, allowed):
-    """Merge `given` over `current` (PATCH) and check every field of one server."""
-    given = want_object(fields, prefix, given, allowed)
-    server = dict(current, **given)
-    clean = {}
-    if 'protocol' in allowed:
-        clean['protocol'] = want_choice(fields, f'{prefix}.protocol', server.get('protocol'), ('imap', 'pop3'))
-    clean['host'] = want_str(fields, f'{prefix}.host', server.get('host'), HOST, 'must be a host name or address', limit=255)
-    clean['port'] = want_int(fields, f'{prefix}.port', server.get('port'), 1, 65535)
-    clean['security'] = want_choice(fields, f'{prefix}.security', server.get('security'), SECURITY)
-    clean['username'] = want_str(fields, f'{prefix}.username', server.get('username'))
-    if 'password' in given or not current:
-        clean['password'] = want_str(fields, f'{prefix}.password', server.get('password'), limit=1024)
-    elif any(clean.get(key) not in (None, current.get(key)) for key in REACHING):
+def account_changes(body, client):
+    """The clean values of a PATCH: each server's given fields merged over the stored ones."""
+    clean = body.model_dump(exclude_unset=True, exclude={'incoming', 'smtp'})
+    fields = {}
+    if 'incoming' in body.model_fields_set:
+        clean['incoming'] = merged_server('incoming', body.incoming, incoming_of(client), contract.IncomingServer,
+                                          fields)
+    if 'smtp' in body.model_fields_set:
+        clean['smtp'] = body.smtp and merged_server('smtp', body.smtp, smtp_of(client), contract.SmtpServer, fields)
+    if fields:
+        raise invalid(fields)
+    return clean
+
+
+def merged_server(prefix, change, current, full, fields):
+    """A server's fields after a PATCH; a server added now is checked whole, as on create."""
+    given = change.model_dump(exclude_unset=True)
+    if not current:
+        server, problems = contract.validate(full, given, (prefix,))
+        fields.update(problems)
+        return server and server.model_dump()
+    if 'password' not in given and any(given.get(key) not in (None, current.get(key)) for key in REACHING):
         # Else a stolen key could point the account at its own server and collect the stored password.
-        fields.fail(f'{prefix}.password', 'give the password again when changing the host, port, security '
-                                          'or username')
-    return clean
-
-
-def validate_account(body, client=None):
-    """Check a create (client None) or update body; returns the clean values given."""
-    fields = Fields()
-    fields.only(body, ACCOUNT_FIELDS)
-    clean = {}
-    if client is None or 'email' in body:
-        clean['email'] = want_str(fields, 'email', body.get('email'), EMAIL, 'must be an email address')
-    if client is None or 'incoming' in body:
-        current = incoming_of(client) if client else {}
-        clean['incoming'] = validate_server(fields, 'incoming', body.get('incoming'), current, INCOMING_FIELDS)
-    if body.get('smtp') is not None:
-        current = smtp_of(client) if client and client.smtp_host else {}
-        clean['smtp'] = validate_server(fields, 'smtp', body['smtp'], current, SMTP_FIELDS)
-    elif 'smtp' in body:
-        clean['smtp'] = None
-    if 'sync_enabled' in body:
-        if not isinstance(body['sync_enabled'], bool):
-            fields.fail('sync_enabled', 'must be true or false')
-        clean['sync_enabled'] = body['sync_enabled']
-    if 'sync_interval' in body:
-        clean['sync_interval'] = want_int(fields, 'sync_interval', body['sync_interval'], 60, 86400)
-    for flag in ('copy_sent', 'move_spam'):
-        if flag in body:
-            if not isinstance(body[flag], bool):
-                fields.fail(flag, 'must be true or false')
-            clean[flag] = body[flag]
-    fields.check()
-    return clean
+        fields[f'{prefix}.password'] = 'give the password again when changing the host, port, security or username'
+    return dict(current, **given)
 
 
 def incoming_of(client):
@@ -431,9 +390,11 @@ def store_passwords(client, passwords, dropped_smtp):
         models.Credential.forget(client, 'smtp')
 
 
-@api('POST', '/api/v1/accounts', user_only=True)
-def create_account():
-    clean = validate_account(json_body())
+@api('POST', '/api/v1/accounts', user_only=True, body=contract.AccountCreate, answers={201: contract.Account},
+     errors={409: 'account_limit: the user has accounts.max_per_user accounts'})
+def create_account(body):
+    """Add a mail account; its first sync starts at once when sync is enabled."""
+    clean = body.model_dump(exclude_unset=True)
     limit = SETTINGS['accounts.max_per_user']
     if EmailClient.select().where(EmailClient.user_id == caller().user_id).count() >= limit:
         raise ApiError(409, 'account_limit', f'This user has {limit} accounts, the most allowed '
@@ -454,23 +415,30 @@ def start_sync_now(client):
     client.sync_task_id, _, _ = tasks.queue_sync(client, client.user_id)
 
 
-@api('GET', '/api/v1/accounts')
+@api('GET', '/api/v1/accounts', answers={200: contract.Accounts})
 def list_accounts():
+    """The caller's accounts (an operator sees every tenant's, without secrets)."""
     rows = list(own(EmailClient.select(), EmailClient).order_by(EmailClient.id))
     kinds = password_kinds([row.id for row in rows])
     return {'items': [account_dict(row, kinds.get(row.id, set())) for row in rows]}
 
 
-@api('GET', '/api/v1/accounts/<client_id:int>')
+@api('GET', '/api/v1/accounts/<client_id:int>', answers={200: contract.Account})
 def get_account(client_id):
+    """One account: settings, sync state, never a password."""
     client = one(EmailClient, client_id, 'account')
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 
 
-@api('PATCH', '/api/v1/accounts/<client_id:int>', user_only=True)
-def update_account(client_id):
+@api('PATCH', '/api/v1/accounts/<client_id:int>', user_only=True, body=contract.AccountUpdate,
+     answers={200: contract.Account})
+def update_account(client_id, body):
+    """Change an account: the fields given replace the stored ones.
+
+    Changing a server's protocol, host, port, security or username needs its password in the same
+    request (422 otherwise); a new server or password starts a sync at once."""
     client = one(EmailClient, client_id, 'account')
-    clean = validate_account(json_body(), client)
+    clean = account_changes(body, client)
     with models.database.atomic():
         passwords = apply_account(client, clean)
         reaching_changed = bool(passwords) or 'incoming' in clean or 'smtp' in clean
@@ -484,8 +452,9 @@ def update_account(client_id):
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 
 
-@api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True)
+@api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True, answers={204: None})
 def delete_account(client_id):
+    """Delete an account with its passwords, folders and mail."""
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
         models.Credential.forget(client)
@@ -496,19 +465,12 @@ def delete_account(client_id):
 
 # ================================================================ sync, folders and messages
 
-@api('POST', '/api/v1/accounts/<client_id:int>/sync', user_only=True)
-def start_sync(client_id):
+@api('POST', '/api/v1/accounts/<client_id:int>/sync', user_only=True, body=contract.SyncBody,
+     answers={202: contract.Accepted})
+def start_sync(client_id, body):
+    """Sync now (one folder, or all); while a sync is queued or running, its task is the answer."""
     client = one(EmailClient, client_id, 'account')
-    body = json_body()
-    fields = Fields()
-    fields.only(body, ('folder_id', 'force_full_sync'))
-    folder_id = body.get('folder_id')
-    if folder_id is not None and not is_id(folder_id):
-        fields.fail('folder_id', 'must be a folder id or null')
-    force = body.get('force_full_sync', False)
-    if not isinstance(force, bool):
-        fields.fail('force_full_sync', 'must be true or false')
-    fields.check()
+    folder_id, force = body.folder_id, body.force_full_sync
     if folder_id is not None and not models.EmailFolder.get_or_none(
             models.EmailFolder.id == folder_id, models.EmailFolder.client == client.id):
         raise not_found('folder', folder_id)
@@ -521,8 +483,9 @@ def own_clients():
     return own(EmailClient.select(EmailClient.id), EmailClient)
 
 
-@api('GET', '/api/v1/accounts/<client_id:int>/folders')
+@api('GET', '/api/v1/accounts/<client_id:int>/folders', answers={200: contract.Folders})
 def list_folders(client_id):
+    """An account's folders with their message and unread counts."""
     client = one(EmailClient, client_id, 'account')
     Message = models.EmailMessage
     counts = {folder_id: (total, unread or 0) for folder_id, total, unread in Message.select(
@@ -532,15 +495,6 @@ def list_folders(client_id):
     folders = models.EmailFolder.select().where(models.EmailFolder.client == client.id).order_by(models.EmailFolder.name)
     return {'items': [{'id': f.id, 'name': f.name, 'role': f.role, 'total': counts.get(f.id, (0, 0))[0],
                        'unread': counts.get(f.id, (0, 0))[1]} for f in folders]}
-
-
-def query_flag(name):
-    raw = bottle.request.query.get(name)
-    if raw is None:
-        return None
-    if raw not in ('true', 'false'):
-        raise ApiError(422, 'invalid_filter', f'{name} must be true or false.')
-    return raw == 'true'
 
 
 def message_summary(m):
@@ -558,52 +512,43 @@ def addresses(pairs):
     return [{'name': name, 'address': address} for name, address in pairs]
 
 
-@api('GET', '/api/v1/messages', user_only=True)
-def list_messages():
-    """Newest first (by id); `cursor` is the last id of the previous page."""
+@api('GET', '/api/v1/messages', user_only=True, query=contract.MessageQuery, answers={200: contract.Messages})
+def list_messages(query):
+    """The caller's messages, newest first (by id); `cursor` is the last id of the previous page."""
     Message = models.EmailMessage
-    params = bottle.request.query
+    params = query
     query = Message.select().where(Message.client.in_(own_clients()), Message.is_deleted == False)  # noqa: E712
-    for name, field in (('account_id', Message.client), ('folder_id', Message.folder)):
-        if params.get(name):
-            query = query.where(field == query_int(name, None, 1, 2 ** 62))
-    for name, field in (('unread', Message.is_read), ('flagged', Message.is_flagged)):
-        wanted = query_flag(name)
-        if wanted is not None:
-            query = query.where(field == (not wanted if name == 'unread' else wanted))
-    if params.get('from'):
-        query = query.where(Message.from_addr.contains(params['from']) | Message.from_name.contains(params['from']))
-    if params.get('q'):
-        text = params['q']
-        query = query.where(Message.subject.contains(text) | Message.from_addr.contains(text) |
-                            Message.from_name.contains(text))
-    if params.get('since'):
-        query = query.where(Message.date >= parse_since(params['since']))
-    if params.get('until'):
-        query = query.where(Message.date < parse_since(params['until']))
-    if params.get('cursor'):
-        query = query.where(Message.id < query_int('cursor', None, 1, 2 ** 62))
-    limit = query_int('limit', 50, 1, 500)
+    for value, field in ((params.account_id, Message.client), (params.folder_id, Message.folder)):
+        if value:
+            query = query.where(field == value)
+    if params.unread is not None:
+        query = query.where(Message.is_read == (not params.unread))
+    if params.flagged is not None:
+        query = query.where(Message.is_flagged == params.flagged)
+    if params.from_:
+        query = query.where(Message.from_addr.contains(params.from_) | Message.from_name.contains(params.from_))
+    if params.q:
+        query = query.where(Message.subject.contains(params.q) | Message.from_addr.contains(params.q) |
+                            Message.from_name.contains(params.q))
+    if params.since:
+        query = query.where(Message.date >= params.since)
+    if params.until:
+        query = query.where(Message.date < params.until)
+    if params.cursor:
+        query = query.where(Message.id < params.cursor)
+    limit = params.limit
     rows = list(query.order_by(Message.id.desc()).limit(limit + 1))
     more = len(rows) > limit
     rows = rows[:limit]
     return {'items': [message_summary(m) for m in rows], 'next_cursor': str(rows[-1].id) if more else None}
 
 
-@api('POST', '/api/v1/messages/delete', user_only=True)
-def delete_messages():
-    body = json_body()
-    fields = Fields()
-    fields.only(body, ('email_ids', 'permanent'))
-    ids = body.get('email_ids')
-    if not isinstance(ids, list) or not ids or len(ids) > 5000 or \
-            not all(is_id(i) for i in ids):
-        fields.fail('email_ids', 'must be a list of 1 to 5000 message ids')
-    permanent = body.get('permanent', False)
-    if not isinstance(permanent, bool):
-        fields.fail('permanent', 'must be true or false')
-    fields.check()
-    ids = sorted(set(ids))
+@api('POST', '/api/v1/messages/delete', user_only=True, body=contract.DeleteBody,
+     answers={202: contract.Accepted}, errors={404: 'not_found: some ids are not the caller\'s messages '
+                                                    '(`missing_ids`); nothing is deleted'})
+def delete_messages(body):
+    """Delete messages (to Trash, or for good with `permanent`), on the server too."""
+    ids, permanent = sorted(set(body.email_ids)), body.permanent
     Message = models.EmailMessage
     found = {m.id for m in Message.select(Message.id).where(Message.id.in_(ids), Message.client.in_(own_clients()))}
     missing = [i for i in ids if i not in found]
@@ -621,8 +566,9 @@ def one_message(message_id):
     return message
 
 
-@api('GET', '/api/v1/messages/<message_id:int>', user_only=True)
+@api('GET', '/api/v1/messages/<message_id:int>', user_only=True, answers={200: contract.Message})
 def get_message(message_id):
+    """One message: headers, text and HTML bodies, attachments."""
     m = one_message(message_id)
     body = message_summary(m)
     body.update(cc=addresses(m.cc_addrs), reply_to=addresses(m.reply_to), in_reply_to=m.in_reply_to,
@@ -634,33 +580,35 @@ def get_message(message_id):
     return body
 
 
-@api('POST', '/api/v1/messages/<message_id:int>/spam-check', user_only=True)
+@api('POST', '/api/v1/messages/<message_id:int>/spam-check', user_only=True, answers={202: contract.Accepted})
 def spam_check(message_id):
+    """Score a message for spam (a task; its result holds the verdict)."""
     message = one_message(message_id)
     return accepted(tasks.check_spam(message.id, caller().tenant_id, caller().user_id).id)
 
 
-@api('POST', '/api/v1/messages/<message_id:int>/report', user_only=True)
-def report_message(message_id):
+@api('POST', '/api/v1/messages/<message_id:int>/report', user_only=True, body=contract.ReportBody,
+     answers={202: contract.Accepted})
+def report_message(message_id, body):
     """The user says spam or ham: the tenant's model learns it; on IMAP the message moves."""
     message = one_message(message_id)
-    body = json_body()
-    verdict = body.get('verdict')
-    if verdict not in ('spam', 'ham') or set(body) - {'verdict'}:
-        raise ApiError(422, 'validation_failed', 'verdict: must be "spam" or "ham"',
-                       fields={'verdict': 'must be "spam" or "ham"'})
+    verdict = body.verdict
     tasks.learn_report(message, verdict)
     return accepted(tasks.file_report(message.id, caller().tenant_id, caller().user_id, verdict).id)
 
 
-@api('GET', '/api/v1/messages/<message_id:int>/raw', user_only=True)
+@api('GET', '/api/v1/messages/<message_id:int>/raw', user_only=True,
+     answers={200: ('message/rfc822', contract.BINARY)})
 def get_raw_message(message_id):
+    """The message as received (RFC 5322 bytes), as a sandboxed download."""
     message = one_message(message_id)
     return download(models.Blob.content(message.blob), 'message/rfc822', f'message-{message.id}.eml')
 
 
-@api('GET', '/api/v1/messages/<message_id:int>/attachments/<attachment_id:int>', user_only=True)
+@api('GET', '/api/v1/messages/<message_id:int>/attachments/<attachment_id:int>', user_only=True,
+     answers={200: ('*/*', contract.BINARY)})
 def get_attachment(message_id, attachment_id):
+    """An attachment's bytes, with its own content type, as a sandboxed download."""
     message = one_message(message_id)
     attachment = models.Attachment.get_or_none(models.Attachment.id == attachment_id,
                                                models.Attachment.message == message.id)
@@ -694,11 +642,24 @@ def content_disposition(filename):
 
 # ================================================================ sending
 
-@api('POST', '/api/v1/attachments', user_only=True)
-def upload_attachment():
-    """A file for sending: multipart form field `file`, or the raw body with ?filename=."""
+UPLOAD_REQUEST = {
+    'multipart/form-data': {'schema': {'type': 'object', 'properties': {'file': contract.BINARY}, 'required': ['file']}},
+    'application/octet-stream': {'schema': contract.BINARY},
+}
+
+
+@api('POST', '/api/v1/attachments', user_only=True, query=contract.UploadQuery, request=UPLOAD_REQUEST,
+     answers={201: contract.Upload},
+     headers={'X-Filename': ({'type': 'string'}, 'the file name, with a raw body (instead of ?filename=); '
+                                                 'kept to its last path segment and 255 characters')},
+     errors={400: 'invalid_multipart: the multipart body cannot be read', 413: 'upload_quota_exceeded: the '
+             'user\'s uploads would pass mail.upload_quota_mb', 422: 'validation_failed: file, filename or '
+             'content_type is missing or wrong'})
+def upload_attachment(query):
+    """Upload a file for sending: multipart form field `file`, or the raw body with ?filename=."""
     filename, content_type, data = uploaded_file(SETTINGS['mail.max_attachment_mb'] * 1024 * 1024,
-                                                 f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.')
+                                                 f'Attachments may be at most {SETTINGS["mail.max_attachment_mb"]} MB.',
+                                                 query.filename)
     quota = SETTINGS['mail.upload_quota_mb'] * 1024 * 1024
     held = models.Upload.select(pw.fn.COALESCE(pw.fn.SUM(models.Upload.size), 0)) \
         .where(models.Upload.user_id == caller().user_id).scalar()
@@ -713,7 +674,7 @@ def upload_attachment():
     return {'id': upload.id, 'filename': filename, 'content_type': content_type, 'size': len(data)}
 
 
-def uploaded_file(limit, too_large):
+def uploaded_file(limit, too_large, filename):
     ctype = (bottle.request.content_type or '').split(';')[0].strip().lower()
     if ctype == 'multipart/form-data':
         try:
@@ -724,7 +685,7 @@ def uploaded_file(limit, too_large):
             raise ApiError(422, 'validation_failed', 'file: is required', fields={'file': 'is required'})
         return clean_filename(upload.raw_filename), attachment_type(upload.content_type), \
             read_capped(upload.file, limit, too_large)
-    filename = bottle.request.query.getunicode('filename') or header('X-Filename')
+    filename = filename or header('X-Filename')
     if not filename:
         raise ApiError(422, 'validation_failed', 'filename: give ?filename= with a raw body',
                        fields={'filename': 'is required with a raw body'})
@@ -757,45 +718,13 @@ def clean_filename(name):
     return ''.join(ch for ch in name if ch.isprintable()).strip()[:255] or 'attachment'
 
 
-SEND_FIELDS = ('to', 'cc', 'bcc', 'subject', 'body_text', 'body_html', 'attachment_ids')
-
-
-def want_addresses(fields, name, value):
-    if value is None:
-        return []
-    if not isinstance(value, list) or len(value) > 500:
-        fields.fail(name, 'must be a list of at most 500 email addresses')
-        return []
-    clean = []
-    for index, text in enumerate(value):
-        try:
-            smtp.parse_address(text)
-            clean.append(text.strip())
-        except (ValueError, TypeError, AttributeError) as exc:
-            fields.fail(f'{name}[{index}]', str(exc))
-    return clean
-
-
-def validate_send(body):
-    fields = Fields()
-    fields.only(body, SEND_FIELDS)
-    clean = {name: want_addresses(fields, name, body.get(name)) for name in ('to', 'cc', 'bcc')}
-    if not (clean['to'] or clean['cc'] or clean['bcc']) and not fields.errors:
-        fields.fail('to', 'give at least one recipient in to, cc or bcc')
-    for name, limit in (('subject', 998), ('body_text', None), ('body_html', None)):
-        value = body.get(name)
-        if value is not None and not isinstance(value, str):
-            fields.fail(name, 'must be a string')
-        elif limit and value and (len(value) > limit or '\n' in value or '\r' in value):
-            fields.fail(name, f'must be one line of at most {limit} characters')
-        else:
-            clean[name] = value
-    ids = body.get('attachment_ids') or []
-    if not isinstance(ids, list) or not all(is_id(i) for i in ids):
-        fields.fail('attachment_ids', 'must be a list of attachment ids')
-        ids = []
-    clean['attachment_ids'] = sorted(set(ids))
-    fields.check()
+def send_fields(body):
+    """The clean values of a send, in the form its Idempotency-Key fingerprint has always hashed."""
+    clean = {name: [text.strip() for text in getattr(body, name) or []] for name in ('to', 'cc', 'bcc')}
+    if not (clean['to'] or clean['cc'] or clean['bcc']):
+        raise invalid({'to': 'give at least one recipient in to, cc or bcc'})
+    clean.update(subject=body.subject, body_text=body.body_text, body_html=body.body_html,
+                 attachment_ids=sorted(set(body.attachment_ids or [])))
     return clean
 
 
@@ -814,8 +743,15 @@ def check_attachments_and_size(clean):
                        fields={'body_text': 'bodies and attachments together are too large'})
 
 
-@api('POST', '/api/v1/accounts/<client_id:int>/send', user_only=True)
-def send_message(client_id):
+@api('POST', '/api/v1/accounts/<client_id:int>/send', user_only=True, body=contract.SendBody,
+     answers={202: contract.Accepted},
+     headers={'Idempotency-Key': ({'type': 'string', 'pattern': r'^[\x20-\x7e]{1,255}$'},
+                                  'the same key again gets the first request\'s task, not a second message')},
+     errors={409: 'idempotency_key_in_use: a request with this key is still being accepted',
+             422: 'no_smtp: the account has no SMTP server; invalid_idempotency_key; idempotency_key_reused: '
+                  'the key was used for another request; unknown_attachments'})
+def send_message(client_id, body):
+    """Send a message from an account (a task); attachments are uploaded first."""
     client = one(EmailClient, client_id, 'account')
     if not client.smtp_host:
         raise ApiError(422, 'no_smtp', f'account {client.id} has no SMTP server; add one with PATCH')
@@ -823,7 +759,7 @@ def send_message(client_id):
     if key is not None and not IDEMPOTENCY_KEY.match(key):
         raise ApiError(422, 'invalid_idempotency_key', 'Idempotency-Key must be 1 to 255 printable ASCII '
                                                        'characters.')
-    clean = validate_send(json_body())
+    clean = send_fields(body)
     check_attachments_and_size(clean)
     fingerprint = request_hash(client, clean) if key else None
     if key and (earlier := tasks.earlier_send(caller().user_id, key)):
@@ -859,44 +795,22 @@ def replay(earlier, fingerprint):
 
 # ================================================================ tasks
 
-def parse_since(value):
-    try:
-        since = datetime.datetime.fromisoformat(value.replace('Z', '+00:00'))
-    except ValueError:
-        raise ApiError(422, 'invalid_filter', f'since must be an ISO 8601 time, got {value!r}.') from None
-    if since.tzinfo:
-        since = since.astimezone(datetime.timezone.utc).replace(tzinfo=None)
-    return since
+@api('GET', '/api/v1/tasks', query=contract.TaskQuery, answers={200: contract.Tasks},
+     errors={422: 'invalid_cursor: cursor is not a task id from a previous page'})
+def list_tasks(query):
+    """Tasks from the ledger, newest first; `cursor` is the last id of the previous page.
 
-
-def query_int(name, default, low, high):
-    raw = bottle.request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ApiError(422, 'invalid_filter', f'{name} must be an integer from {low} to {high}.')
-    return value
-
-
-@api('GET', '/api/v1/tasks')
-def list_tasks():
-    """Newest first; `cursor` is the last id of the previous page."""
+    A user key sees its user's tasks; an operator key every task. Dead letters: ?state=dead."""
+    params = query
     query = own(TaskRecord.select(), TaskRecord)
-    params = bottle.request.query
-    if params.get('state'):
-        if params.state not in ledger.TASK_STATES:
-            raise ApiError(422, 'invalid_filter', f'state must be one of {", ".join(ledger.TASK_STATES)}.')
+    if params.state:
         query = query.where(TaskRecord.state == params.state)
-    if params.get('name'):
+    if params.name:
         query = query.where(TaskRecord.name == params.name)
-    if params.get('since'):
-        query = query.where(TaskRecord.enqueued_at >= parse_since(params.since))
-    limit = query_int('limit', 50, 1, 500)
-    if params.get('cursor'):
+    if params.since:
+        query = query.where(TaskRecord.enqueued_at >= params.since)
+    limit = params.limit
+    if params.cursor:
         anchor = TaskRecord.get_or_none(TaskRecord.id == params.cursor)
         if anchor is None:
             raise ApiError(422, 'invalid_cursor', 'cursor is not a task id from a previous page.')
@@ -908,12 +822,14 @@ def list_tasks():
     return {'items': [row.to_dict() for row in rows], 'next_cursor': rows[-1].id if more else None}
 
 
-@api('GET', '/api/v1/tasks/<task_id>')
+@api('GET', '/api/v1/tasks/<task_id>', answers={200: contract.Task})
 def get_task(task_id):
+    """One task's ledger record: state, attempts, progress, result or error."""
     return one(TaskRecord, task_id, 'task').to_dict()
 
 
-@api('DELETE', '/api/v1/tasks/<task_id>')
+@api('DELETE', '/api/v1/tasks/<task_id>', answers={200: contract.Task, 204: None},
+     errors={409: 'not_revocable: the task is running'})
 def revoke_or_purge_task(task_id):
     """A waiting task is revoked (200); a finished one, a dead letter say, is purged from the ledger (204)."""
     record = one(TaskRecord, task_id, 'task')
@@ -925,8 +841,10 @@ def revoke_or_purge_task(task_id):
     return TaskRecord.get_by_id(record.id).to_dict()
 
 
-@api('POST', '/api/v1/tasks/<task_id>/retry')
+@api('POST', '/api/v1/tasks/<task_id>/retry', answers={202: contract.Accepted},
+     errors={409: 'not_retryable: the task succeeded, or is waiting or running'})
 def retry_task(task_id):
+    """Run a failed, dead or revoked task again, on the same record."""
     record = one(TaskRecord, task_id, 'task')
     with conflict_as_409():
         ledger.requeue(tasks.huey, record)
@@ -943,12 +861,13 @@ def conflict_as_409():
 
 # ================================================================ health
 
-@app.get('/health')
+@public('GET', '/health', answers={200: contract.Health})
 def health():
+    """Liveness: the web process answers."""
     return {'status': 'ok'}
 
 
-@app.get('/health/detailed')
+@public('GET', '/health/detailed', answers={200: contract.HealthDetailed, 503: contract.HealthDetailed})
 def health_detailed():
     """Database, broker, live consumers and queue; 503 `degraded` with every reason when one is wrong."""
     report = {'database': probe(models.check_database), 'broker': probe(check_broker)}
@@ -1011,6 +930,36 @@ def live_consumers(now=None):
         return metrics.live_consumers(SETTINGS['consumer.alive_seconds'], now)
 
 
+# ================================================================ the contract: OpenAPI document and reference page
+
+API_DESCRIPTION = ('A multi-tenant email background-processing service: accounts, sync, mail, sending, and the '
+                   'task ledger. Send "Authorization: Bearer <api key>"; every error is JSON {"error": code, '
+                   '"message": text, "fields"?: {field: problem}}.')
+
+
+@functools.cache
+def openapi_text():
+    """The document, built once: every route has registered itself by the first request."""
+    return json.dumps(contract.document('emailsvc API', '1', API_DESCRIPTION), indent=1)
+
+
+@public('GET', '/api/v1/openapi.json', answers={200: ('application/json', {'type': 'object'})})
+def openapi_document():
+    """The API's contract as an OpenAPI 3.1 document; no key needed (it holds no data)."""
+    bottle.response.content_type = 'application/json'
+    return openapi_text()
+
+
+@public('GET', '/api/v1/docs', answers={200: ('text/html', {'type': 'string'})})
+def api_reference():
+    """The API reference page, rendered here from the same document; no key needed, no script, works offline."""
+    # No script at all on this page; its one stylesheet is inline.
+    bottle.response.set_header('Content-Security-Policy', "default-src 'none'; style-src 'unsafe-inline'; "
+                                                          "frame-ancestors 'none'")
+    return bottle.template('api_docs', template_lookup=[dashboard.VIEWS], doc=json.loads(openapi_text()),
+                           type_text=contract.type_text, ref_name=contract.ref_name)
+
+
 # ================================================================ metrics and access log
 #
 # Task and mail counters come from the shared database (taskq/metrics.py says
@@ -1031,7 +980,9 @@ METRICS_NETWORKS = [ipaddress.ip_network(network, strict=False)
                     for network in settings_mod.listed(SETTINGS['metrics.allowed_networks'])]
 
 
-@app.get('/metrics')
+@public('GET', '/metrics', auth='metrics', answers={200: ('text/plain', {'type': 'string'})},
+        errors={401: 'unauthorized: no key (and not from metrics.allowed_networks)',
+                403: 'forbidden: a user key', 503: 'unavailable: the database is unreachable'})
 def prometheus_metrics():
     """Prometheus text format, for an operator key or a client in metrics.allowed_networks."""
     if not from_allowed_network():

@@ -298,7 +298,8 @@ def plan_folder(session, folder, state, counts, force_full_sync):
         return []  # CONDSTORE: nothing was added, changed or expunged since we last looked
     stored = models.folder_uids(folder)
     if state.highestmodseq and folder.highestmodseq and 'QRESYNC' in session.enabled:
-        gone, changed = set(state.vanished), state.changed
+        # Membership, not a set: VANISHED may name a range of billions of UIDs (mailkit.imap.UidSet).
+        gone, changed = {uid for uid in stored if uid in state.vanished}, state.changed
     else:
         gone = stored - set(session.uids())
         changed = (session.changed_flags(folder.highestmodseq) if state.highestmodseq and folder.highestmodseq

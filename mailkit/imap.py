@@ -91,10 +91,15 @@ characters are refused before anything is sent (InvalidSetting). A rejected
 login is AuthenticationFailed; a dropped connection and BYE are
 TemporaryMailError (the session is unusable afterwards); NO replies are judged by their response code (RFC 5530, see
 `_reply_error`), BAD replies are PermanentMailError (we sent something the
-server cannot parse: resending it will not help).
+server cannot parse: resending it will not help). What a server sends is
+checked as it is read: a number of more than 20 digits or a malformed
+sequence set is a ProtocolError (permanent), never a ValueError from deep
+inside; a sequence set from the server stays a list of ranges (UidSet), so
+`VANISHED 1:4294967295` costs two numbers, not four billion.
 """
 
 import base64
+import bisect
 import contextlib
 import dataclasses
 import datetime
@@ -126,6 +131,13 @@ class FolderGone(MailError):
     """The folder no longer exists on the server: forget it, or find it again with folders()."""
 
 
+class ProtocolError(PermanentMailError):
+    """The server sent something IMAP does not allow (a number of thousands of digits, a malformed
+    sequence set); asking again gets the same answer."""
+
+    code = 'protocol_error'
+
+
 # ---------------------------------------------------------------- values
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,7 +157,7 @@ class FolderState:
     uidnext: int | None           # RFC 3501 servers must send it; a few old ones do not
     highestmodseq: int | None     # None without CONDSTORE, or for a folder with NOMODSEQ
     writable: bool                # False after EXAMINE, or when the server granted READ-ONLY
-    vanished: list[int] = dataclasses.field(default_factory=list)                  # QRESYNC only
+    vanished: 'UidSet' = dataclasses.field(default_factory=lambda: UidSet())       # QRESYNC only
     changed: dict[int, tuple[str, ...]] = dataclasses.field(default_factory=dict)  # QRESYNC only
 
 
@@ -208,7 +220,84 @@ def _decode_mutf7_run(name: str, encoded: str) -> str:
         raise ValueError(f'invalid modified UTF-7 in folder name {shown(name)}: {exc}') from exc
 
 
-# ---------------------------------------------------------------- sequence sets (RFC 3501, section 9)
+# ---------------------------------------------------------------- numbers and sequence sets (RFC 3501, section 9)
+
+# RFC 3501's numbers are 32-bit and RFC 7162's mod-sequences 63-bit: 20 digits hold both. Checked
+# before int(), which refuses strings of more than 4,300 digits with a ValueError (CPython's guard
+# against quadratic conversion) that would otherwise escape from the middle of a sync.
+_NUMBER = re.compile(r'[0-9]{1,20}')
+_SEQUENCE_SET = re.compile(r'[0-9]{1,20}(?::[0-9]{1,20})?(?:,[0-9]{1,20}(?::[0-9]{1,20})?)*+')
+# A set from the server expanded into a list (UID SEARCH / ESEARCH ALL) has at most one member
+# per message in the folder; past this many, it is a hostile or broken server, not a mailbox.
+MAX_SET_MEMBERS = 2_000_000
+
+
+def number(token: str | bytes, what: str = 'a number') -> int:
+    """A number the server sent; ProtocolError for anything that is not 1 to 20 ASCII digits."""
+    text = token.decode('ascii', 'replace') if isinstance(token, (bytes, bytearray)) else str(token)
+    if not _NUMBER.fullmatch(text):
+        raise ProtocolError(f'the server sent {shown(text, 40)} where {what} belongs')
+    return int(text)
+
+
+class UidSet:
+    """A sequence set from the server as sorted, merged (low, high) ranges: membership and length
+    without expanding it. RFC 7162 (3.2.10) lets VANISHED name UIDs that never existed, so a range
+    of four billion is legal there, and must cost what its text costs."""
+
+    __slots__ = ('ranges', '_lows')
+
+    def __init__(self, ranges: Iterable[tuple[int, int]] = ()):
+        merged: list[list[int]] = []
+        for low, high in sorted((min(a, b), max(a, b)) for a, b in ranges):
+            if merged and low <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], high)
+            else:
+                merged.append([low, high])
+        self.ranges = tuple((low, high) for low, high in merged)
+        self._lows = [low for low, _ in self.ranges]
+
+    @classmethod
+    def parse(cls, text: str | bytes) -> 'UidSet':
+        """'1:3,7,9:8' (a range may be written high:low); ProtocolError for anything else."""
+        if isinstance(text, (bytes, bytearray)):
+            text = text.decode('ascii', 'replace')
+        if not _SEQUENCE_SET.fullmatch(text):   # one check of the whole text: every int() below is safe
+            raise ProtocolError(f'the server sent {shown(text, 40)} where a sequence set belongs')
+        ranges = []
+        for part in text.split(','):
+            low, _, high = part.partition(':')
+            ranges.append((int(low), int(high or low)))
+        return cls(ranges)
+
+    def __contains__(self, uid) -> bool:
+        at = bisect.bisect_right(self._lows, uid) - 1
+        return at >= 0 and uid <= self.ranges[at][1]
+
+    def __len__(self) -> int:
+        return sum(high - low + 1 for low, high in self.ranges)
+
+    def __iter__(self) -> Iterator[int]:
+        for low, high in self.ranges:
+            yield from range(low, high + 1)
+
+    def __or__(self, other: 'UidSet') -> 'UidSet':
+        return UidSet(self.ranges + other.ranges)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, UidSet):
+            return self.ranges == other.ranges
+        if isinstance(other, (list, tuple)):   # the length first: never expand a huge set to compare
+            return len(self) == len(other) and list(self) == sorted(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f'UidSet({uid_set_text(self.ranges)!r})'
+
+
+def uid_set_text(ranges: Iterable[tuple[int, int]]) -> str:
+    return ','.join(_range_text(low, high) for low, high in ranges)
+
 
 def _ranges(uids: Iterable[int]) -> list[tuple[int, int]]:
     ranges: list[list[int]] = []
@@ -226,7 +315,7 @@ def _range_text(low: int, high: int) -> str:
 
 def uid_set(uids: Iterable[int]) -> str:
     """The shortest sequence set for uids: [1, 2, 3, 5] -> '1:3,5'."""
-    return ','.join(_range_text(low, high) for low, high in _ranges(uids))
+    return uid_set_text(_ranges(uids))
 
 
 def uid_sets(uids: Iterable[int], max_length: int = MAX_SET_LENGTH) -> list[str]:
@@ -244,18 +333,14 @@ def uid_sets(uids: Iterable[int], max_length: int = MAX_SET_LENGTH) -> list[str]
     return sets
 
 
-def parse_sequence_set(text: str | bytes) -> list[int]:
-    """'1:3,7,9:8' -> [1, 2, 3, 7, 8, 9] (a range may be written high:low)."""
-    if isinstance(text, bytes):
-        text = text.decode('ascii')
-    numbers: list[int] = []
-    for part in text.split(','):
-        low, _, high = part.partition(':')
-        first, last = int(low), int(high or low)
-        if first > last:
-            first, last = last, first
-        numbers.extend(range(first, last + 1))
-    return numbers
+def parse_sequence_set(text: str | bytes, limit: int = MAX_SET_MEMBERS) -> list[int]:
+    """'1:3,7,9:8' -> [1, 2, 3, 7, 8, 9] (a range may be written high:low); ProtocolError for a
+    malformed set or one of more than `limit` members."""
+    members = UidSet.parse(text)
+    if len(members) > limit:
+        raise ProtocolError(f'the server sent a set of {len(members)} UIDs, more than a folder holds '
+                            f'(at most {limit})')
+    return list(members)
 
 
 # ---------------------------------------------------------------- folder roles
@@ -426,9 +511,9 @@ def parse_fetch(data: list) -> Iterator[FetchedMessage]:
         size = fields.get(b'RFC822.SIZE')
         date = fields.get(b'INTERNALDATE')
         modseq = fields.get(b'MODSEQ')
-        yield FetchedMessage(int(uid), flag_tuple, int(size) if size else len(raw),
+        yield FetchedMessage(number(uid, 'a UID'), flag_tuple, number(size, 'a size') if size else len(raw),
                              parse_internaldate(date[1:-1]) if date else None,
-                             int(modseq[1:-1]) if modseq else None, raw)
+                             number(modseq[1:-1], 'a MODSEQ') if modseq else None, raw)
 
 
 def parse_flag_updates(data: list) -> dict[int, tuple[str, ...]]:
@@ -440,7 +525,7 @@ def parse_flag_updates(data: list) -> dict[int, tuple[str, ...]]:
             continue
         fields = dict(_FETCH_ITEM.findall(line))
         if b'UID' in fields and b'FLAGS' in fields:
-            changes[int(fields[b'UID'])] = _flag_tuple(fields[b'FLAGS'])
+            changes[number(fields[b'UID'], 'a UID')] = _flag_tuple(fields[b'FLAGS'])
     return changes
 
 
@@ -450,7 +535,7 @@ def parse_sizes(data: list) -> dict[int, int]:
     for item in data:
         fields = dict(_FETCH_ITEM.findall(item[0] if isinstance(item, tuple) else item or b''))
         if b'UID' in fields and b'RFC822.SIZE' in fields:
-            sizes[int(fields[b'UID'])] = int(fields[b'RFC822.SIZE'])
+            sizes[number(fields[b'UID'], 'a UID')] = number(fields[b'RFC822.SIZE'], 'a size')
     return sizes
 
 
@@ -475,8 +560,16 @@ def parse_esearch(data: list) -> list[int]:
     for line in data:
         match = re.search(rb'\bALL ([0-9:,]+)', line or b'')
         if match:
-            uids.extend(parse_sequence_set(match.group(1)))
+            uids.extend(parse_sequence_set(match.group(1), MAX_SET_MEMBERS - len(uids)))
     return sorted(uids)
+
+
+def vanished_uids(lines: list) -> UidSet:
+    """The UIDs of VANISHED responses ('(EARLIER) 1:3,7'), as ranges: never expanded."""
+    uids = UidSet()
+    for line in lines:
+        uids |= UidSet.parse(_text(line).replace('(EARLIER)', '').strip())
+    return uids
 
 
 def _quote(value: str, field: str = 'folder name') -> str:
@@ -509,7 +602,8 @@ def _in_order(text: str) -> list[int]:
     numbers: list[int] = []
     for part in text.split(','):
         low, _, high = part.partition(':')
-        first, last = int(low), int(high or low)
+        first = number(low, 'a UID')
+        last = number(high, 'a UID') if high else first
         step = 1 if last >= first else -1
         if abs(last - first) > MAX_COPIED:   # a hostile range must not allocate billions of ints
             return []
@@ -709,6 +803,9 @@ class ImapSession:
                 from exc
         except imaplib.IMAP4.error as exc:   # a BAD reply, or a reply imaplib cannot parse
             raise PermanentMailError(f'{self.where} rejected {doing}: {_text(exc.args)}') from exc
+        except ValueError as exc:   # imaplib's int() of a literal's size of 4,301+ digits: the stream is lost
+            self._lost = True
+            raise ProtocolError(f'{self.where} sent a reply that is not IMAP while {doing}') from exc
         except ssl.SSLCertVerificationError as exc:   # before OSError: the SSL errors subclass it
             self._lost = True
             raise PermanentMailError(f'{self.where} presented a certificate we do not trust: '
@@ -817,8 +914,7 @@ class ImapSession:
             uidnext=self._last_number(untagged, 'UIDNEXT'),
             highestmodseq=None if 'NOMODSEQ' in untagged else self._last_number(untagged, 'HIGHESTMODSEQ'),
             writable=writable,
-            vanished=sorted(uid for line in untagged.get('VANISHED', [])
-                            for uid in parse_sequence_set(_text(line).replace('(EARLIER)', '').strip())),
+            vanished=vanished_uids(untagged.get('VANISHED', [])),
             changed=parse_flag_updates(untagged.get('FETCH', [])))
         # imaplib checks its own state before each command; SELECT via _simple_command does not set it.
         self.conn.state = 'SELECTED'
@@ -831,10 +927,8 @@ class ImapSession:
         values = untagged.get(name)
         if not values:
             return None
-        try:
-            return int(_text(values[-1]).split()[0])
-        except (ValueError, IndexError):   # a server's garbage is reported as missing, not as a crash
-            return None
+        words = _text(values[-1]).split()
+        return number(words[0], name) if words else None
 
     # -------------------------------------------------- reading
 
@@ -855,7 +949,7 @@ class ImapSession:
             self._run(doing, 'UID', 'SEARCH', 'RETURN', '(ALL)', *criteria)
             return parse_esearch(self._untagged('ESEARCH'))
         self._run(doing, 'UID', 'SEARCH', *criteria)
-        return sorted(int(number) for line in self._untagged('SEARCH') for number in (line or b'').split())
+        return sorted(number(token, 'a UID') for line in self._untagged('SEARCH') for token in (line or b'').split())
 
     def fetch(self, uids: Iterable[int], batch: int = 500,
               batch_bytes: int = BATCH_BYTES) -> Iterator[FetchedMessage]:
@@ -916,7 +1010,7 @@ class ImapSession:
         when = imaplib.Time2Internaldate(date) if date else None
         data = self._call(f'appending to {raw_name!r}', self.conn.append, _quote(raw_name), flag_list, when, raw)
         match = re.search(r'\[APPENDUID \d+ (\d+)\]', _text(data))   # RFC 4315: [APPENDUID uidvalidity uid]
-        return int(match.group(1)) if match else None
+        return number(match.group(1), 'a UID') if match else None
 
     def store_flags(self, uids: Iterable[int], add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
         """Add and remove flags on messages of the selected folder."""

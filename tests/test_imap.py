@@ -11,6 +11,7 @@ import itertools
 import socket
 import ssl
 import subprocess
+import threading
 import time
 
 import pytest
@@ -536,3 +537,105 @@ def test_copied_uids_pair_source_and_target_in_the_order_written():
     assert imap.copied_uids([b'7 1:3,9 20:23', 'Moved [COPYUID 7 5 30] done']) == {1: 20, 2: 21, 3: 22, 9: 23, 5: 30}
     assert imap.copied_uids([b'7 3:1 10:12']) == {3: 10, 2: 11, 1: 12}
     assert imap.copied_uids([b'7 1:3 20:21', b'7 1:4294967295 1:4294967295']) == {}  # mismatched or huge: nothing
+
+
+# ---------------------------------------------------------------- a hostile server's numbers and sets
+
+class ScriptedServer:
+    """An IMAP server on loopback that answers each command with the untagged lines a test gives it:
+    what Dovecot never sends, a hostile server can. One connection, served by a thread."""
+
+    GREETING = b'* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] scripted\r\n'
+    CAPABILITIES = b'* CAPABILITY IMAP4rev1 CONDSTORE QRESYNC ESEARCH UIDPLUS\r\n'
+
+    def __init__(self, replies):
+        self.replies = {b'LOGIN': [self.CAPABILITIES], b'ENABLE': [b'* ENABLED QRESYNC\r\n'],
+                        **{command.encode(): lines for command, lines in replies.items()}}
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        conn, _ = self.listener.accept()
+        with conn, conn.makefile('rb') as lines:
+            conn.sendall(self.GREETING)
+            for line in lines:
+                tag, command = (line.split() + [b'', b''])[:2]
+                command = command.upper()
+                conn.sendall(b''.join(self.replies.get(command, [])))
+                conn.sendall(tag + (b' OK done\r\n' if command != b'LOGOUT' else b' OK bye\r\n'))
+                if command == b'LOGOUT':
+                    return
+
+    def session(self):
+        return imap.ImapSession('127.0.0.1', self.port, 'none', 'user', 'pw', timeout=5)
+
+    def close(self):
+        self.listener.close()
+        self.thread.join(5)
+
+
+SELECTED = [b'* 3 EXISTS\r\n', b'* OK [UIDVALIDITY 7] ok\r\n', b'* OK [UIDNEXT 4] ok\r\n',
+            b'* OK [HIGHESTMODSEQ 90] ok\r\n', b'* OK [READ-WRITE] ok\r\n']
+DIGITS = b'9' * 5000   # int() refuses strings of more than 4,300 digits
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def start(**replies):
+        servers.append(ScriptedServer(replies))
+        return servers[-1]
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_a_vanished_range_of_four_billion_uids_stays_two_numbers(scripted):
+    server = scripted(EXAMINE=[b'* VANISHED (EARLIER) 1:4294967295,7\r\n'] + SELECTED)
+    started = time.monotonic()
+    with server.session() as session:
+        state = session.select('INBOX', qresync=(7, 80))
+    assert time.monotonic() - started < 2
+    assert state.vanished.ranges == ((1, 4294967295),)
+    assert len(state.vanished) == 4294967295 and 3 in state.vanished and 4294967296 not in state.vanished
+
+
+def test_an_esearch_set_larger_than_any_folder_is_a_protocol_error(scripted):
+    server = scripted(EXAMINE=SELECTED, UID=[b'* ESEARCH (TAG "x") UID ALL 1:4294967295\r\n'])
+    started = time.monotonic()
+    with server.session() as session:
+        session.select('INBOX')
+        with pytest.raises(imap.ProtocolError, match='more than a folder holds'):
+            session.uids()
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize('command, reply, call', [
+    ('EXAMINE', [b'* ' + DIGITS + b' EXISTS\r\n'] + SELECTED[1:], lambda s: None),
+    ('UID', [b'* ESEARCH (TAG "x") UID ALL 1:' + DIGITS + b'\r\n'], lambda s: s.uids()),
+    ('UID', [b'* 1 FETCH (UID ' + DIGITS + b' FLAGS (\\Seen))\r\n'], lambda s: s.all_flags()),
+    ('UID', [b'* 1 FETCH (UID 1 RFC822.SIZE ' + DIGITS + b' BODY[] {3}\r\nabc)\r\n'], lambda s: list(s.fetch([1]))),
+    ('UID', [b'* 1 FETCH (UID 1 BODY[] {' + DIGITS + b'}\r\n'], lambda s: list(s.fetch([1]))),
+])
+def test_a_number_of_thousands_of_digits_is_a_protocol_error(scripted, command, reply, call):
+    server = scripted(**{command: reply, **({} if command == 'EXAMINE' else {'EXAMINE': SELECTED})})
+    with server.session() as session:
+        with pytest.raises(imap.ProtocolError) as caught:
+            call(session.select('INBOX') and session)
+    assert caught.value.code == 'protocol_error' and len(str(caught.value)) < 200
+
+
+def test_numbers_and_sets_from_the_server_are_checked():
+    assert imap.number(b'4294967295') == 4294967295
+    for bad in (DIGITS, b'', b'-1', b'12a', '١٢'):   # the last: Arabic-Indic digits, which int() would take
+        with pytest.raises(imap.ProtocolError):
+            imap.number(bad)
+    assert imap.UidSet.parse('9:7,1,2') == [1, 2, 7, 8, 9]
+    assert imap.UidSet.parse('5:1,3:9').ranges == ((1, 9),)
+    with pytest.raises(imap.ProtocolError):
+        imap.UidSet.parse('1:*')
+    with pytest.raises(imap.ProtocolError, match='more than a folder holds'):
+        imap.parse_sequence_set('1:4294967295')
