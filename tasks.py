@@ -487,9 +487,15 @@ def domain_of(client):
 
 def move_outbox(outbox, state, taken_ok=False, **fields):
     """Move the row from the (state, attempt) this run last saw; SendTaken if another run moved it first,
-    unless `taken_ok` (this run is past its end-of-data mark or never reached it: nothing to stop)."""
-    if not models.Outbox.change(outbox.id, expect={'state': outbox.state, 'attempt': outbox.attempt},
-                                state=state, **fields):
+    unless `taken_ok` (this run is past its end-of-data mark or never reached it: nothing to stop).
+
+    A run that finds the row `sending` marks it `unknown` under the same attempt,
+    not knowing whether that attempt's run lives; if it does, the outcome is
+    still that run's to record, so the owner of `sending` moves `unknown` too."""
+    def moved(from_state):
+        return models.Outbox.change(outbox.id, expect={'state': from_state, 'attempt': outbox.attempt},
+                                    state=state, **fields)
+    if not moved(outbox.state) and not (outbox.state == 'sending' and moved('unknown')):
         if not taken_ok:
             raise SendTaken(f'another run of this send took outbox {outbox.id} first; this one stopped before '
                             'the end-of-data mark')

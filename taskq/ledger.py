@@ -337,10 +337,15 @@ def report_progress(done, total):
 SAFE_POINT_CHECKS = []
 
 
-def raise_if_stop_requested():
-    """Raise Stopped when a person has asked the running task to stop (call it at safe points only)."""
+def at_safe_point():
+    """Run the worker's safe-point checks (its lease): a run whose worker was taken for dead ends here."""
     for check in SAFE_POINT_CHECKS:
         check()
+
+
+def raise_if_stop_requested():
+    """Raise Stopped when a person has asked the running task to stop (call it at safe points only)."""
+    at_safe_point()
     sql = f'SELECT "stop_requested_at" FROM "task_record" WHERE "id" = {models.database.param}'
     row = models.database.execute_sql(sql, (logs.task_id.get(),)).fetchone()
     if row and row[0] is not None:
