@@ -32,6 +32,26 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
+def clock_sql(offset_seconds=0.0):
+    """The database's own clock as an SQL expression (naive UTC, as the columns hold it).
+
+    Heartbeats and recovery compare times written by different hosts, so they
+    stamp and judge them with this one clock, never a host's. PostgreSQL's is
+    the server's; SQLite has no server, and its clock is the calling process's,
+    which in the embedded mode is the one host's. `offset_seconds` moves it.
+    """
+    offset = float(offset_seconds)
+    if isinstance(database.obj, pw.PostgresqlDatabase):
+        return f"(clock_timestamp() AT TIME ZONE 'UTC' + interval '{offset!r} seconds')"
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{offset!r} seconds')"
+
+
+def database_now():
+    """The database's clock now (naive UTC)."""
+    value = database.execute_sql(f'SELECT {clock_sql()}').fetchone()[0]
+    return value if isinstance(value, datetime.datetime) else pw.format_date_time(value, pw.DateTimeField.formats)
+
+
 # ---------------------------------------------------------------- database
 
 def open_database(url):
@@ -144,12 +164,14 @@ class BaseModel(pw.Model):
         return rows[0] if rows else None
 
     @classmethod
-    def change(cls, row_id, **fields):
-        """UPDATE one row by id; returns the number of rows changed (0: not this tenant's, or gone)."""
+    def change(cls, row_id, expect=None, **fields):
+        """UPDATE one row by id, only while its fields equal `expect` (a compare-and-set) when given;
+        returns the number of rows changed (0: not this tenant's, gone, or no longer as expected)."""
         tenant = cls._tenant()
-        sql = _change_sql(cls, database.param, tuple(fields), tenant is not None)
+        where = {'id': row_id, **(expect or {})}
+        sql = _change_sql(cls, database.param, tuple(fields), tenant is not None, tuple(where))
         params = [cls._meta.fields[name].db_value(value) for name, value in fields.items()]
-        return database.execute_sql(sql, params + cls._scoped_values(tenant, {'id': row_id})).rowcount
+        return database.execute_sql(sql, params + cls._scoped_values(tenant, where)).rowcount
 
     @classmethod
     def _scoped_values(cls, tenant, equals):
@@ -207,9 +229,9 @@ def _find_sql(model, param, names, scoped):
 
 
 @functools.lru_cache(maxsize=256)
-def _change_sql(model, param, names, scoped):
+def _change_sql(model, param, names, scoped, where=('id',)):
     sets = ', '.join(f'"{model._meta.fields[name].column_name}" = {param}' for name in names)
-    return f'UPDATE "{model._meta.table_name}" SET {sets} WHERE {_where(model, param, ("id",), scoped)}'
+    return f'UPDATE "{model._meta.table_name}" SET {sets} WHERE {_where(model, param, where, scoped)}'
 
 
 # ---------------------------------------------------------------- models
@@ -533,10 +555,13 @@ class Outbox(TenantModel):
     """One row per accepted send: its Message-ID and how far delivery got.
 
     accepting (an Idempotency-Key request until its task is queued) -> queued
-    -> sending (the SMTP transaction has begun) -> sent | failed.
+    -> sending (the message is about to get its end-of-data mark) -> sent | failed | unknown;
+    sending -> queued when the transaction surely failed (a retry may send).
     A retry that finds `sent` returns the stored result; one that finds
     `sending` cannot know whether the server took the message, and refuses
     to send it again (state `unknown`) rather than risk a duplicate.
+    `attempt` counts the runs that took the row to `sending`; every move is a
+    compare-and-set on (state, attempt) (tasks.py, send and outbox).
     """
     client = pw.ForeignKeyField(EmailClient, on_delete='CASCADE')
     user_id = pw.IntegerField()
@@ -545,6 +570,7 @@ class Outbox(TenantModel):
     request_hash = pw.CharField(max_length=64, null=True)  # of the request that used the key
     message_id = pw.CharField(max_length=255)
     state = pw.CharField(max_length=10, default='queued')
+    attempt = pw.IntegerField(default=0)
     recipients = JSONField(default=list)
     refused = JSONField(default=dict)
     error = pw.TextField(null=True)
@@ -927,6 +953,13 @@ def accounts_rest_and_keys_remember(migrator):
 def metric_totals(migrator):
     """Version 8: /metrics counters rolled up from the ledger."""
     database.create_tables([MetricTotal])
+
+
+@migration(9)
+def outbox_attempts(migrator):
+    """Version 9 (the recovery branch's; renumber at merge): the outbox counts attempts, for its
+    compare-and-set moves."""
+    return missing_columns(migrator, Outbox.attempt)
 
 
 LATEST = len(MIGRATIONS)

@@ -27,7 +27,7 @@ ensure_venv() {
 }
 
 # Debian packages the tests start as real servers.
-TEST_PACKAGES=(redis-server postgresql dovecot-imapd dovecot-pop3d chromium)
+TEST_PACKAGES=(redis-server postgresql dovecot-imapd dovecot-pop3d chromium faketime)
 
 ensure_test_packages() {
     local missing=() package

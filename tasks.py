@@ -413,11 +413,25 @@ def queue_sync(client, user_id, folder_id=None, force_full_sync=False):
 
 
 # ---------------------------------------------------------------- send and outbox
+#
+# Two runs of one send can meet: a stale run of a worker taken for dead beside
+# its re-run, or a broker's duplicate. The outbox row decides which of them may
+# deliver. Every move of it is a compare-and-set on the (state, attempt) the
+# run last saw: the move to `sending`, made just before the end-of-data mark,
+# also takes the next attempt number, so of two runs that read the same row
+# exactly one gets there, and the other stops before its end-of-data mark,
+# which is the only thing that can make a server deliver. Each later move
+# (sent, unknown, failed, back to queued) names the attempt that owns the row.
+
+class SendTaken(TemporaryMailError):
+    """Another run of this send moved its outbox row first; this one stopped without delivering.
+    Worth retrying: the next attempt finds the other run's outcome."""
+
 
 def stop_or_mark_sending(outbox):
     """Before the end-of-data mark: the last moment a send can still be stopped, and the first it cannot."""
     ledger.raise_if_stop_requested()
-    mark_outbox(outbox, 'sending')
+    move_outbox(outbox, 'sending', attempt=outbox.attempt + 1)
 
 
 @service_task(priority=8, retries=3)
@@ -429,7 +443,8 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
     if outbox.state == 'sent':
         return sent_result(outbox)  # a re-run of a finished send: nothing goes out again
     if outbox.state in ('sending', 'unknown'):
-        models.Outbox.update(state='unknown').where(models.Outbox.id == outbox.id).execute()
+        if outbox.state == 'sending':
+            move_outbox(outbox, 'unknown', taken_ok=True)
         raise FailNow(f'delivery of {outbox.message_id} is unknown: an earlier attempt stopped during the SMTP '
                       'transaction; not sent again, to avoid a duplicate')
     raw = smtp.compose(sender=('', client.email), to=to, cc=cc or [], bcc=bcc or [], subject=subject,
@@ -439,16 +454,19 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
         with open_smtp(client) as session:
             result = session.send(client.email, outbox.recipients, raw,
                                   before_commit=lambda: stop_or_mark_sending(outbox))
+    except SendTaken:
+        raise   # the row is the other run's: this one leaves it alone
     except smtp.DeliveryUnknown as exc:
-        mark_outbox(outbox, 'unknown', error=str(exc))
+        move_outbox(outbox, 'unknown', taken_ok=True, error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc
     except TemporaryMailError as exc:
-        mark_outbox(outbox, 'queued', error=str(exc))  # the transaction never completed: a retry is safe
+        # The transaction never completed: a retry is safe.
+        move_outbox(outbox, 'queued', taken_ok=True, error=str(exc))
         raise
     except Exception as exc:
-        mark_outbox(outbox, 'failed', error=f'{type(exc).__name__}: {exc}')
+        move_outbox(outbox, 'failed', taken_ok=True, error=f'{type(exc).__name__}: {exc}')
         raise
-    mark_outbox(outbox, 'sent', sent_at=models.utcnow(), refused=result.refused)
+    move_outbox(outbox, 'sent', taken_ok=True, sent_at=models.utcnow(), refused=result.refused)
     copy_to_sent(client, raw)
     return sent_result(outbox)
 
@@ -468,8 +486,22 @@ def domain_of(client):
     return client.email.rpartition('@')[2] or 'localhost'
 
 
-def mark_outbox(outbox, state, **fields):
-    models.Outbox.change(outbox.id, state=state, **fields)
+def move_outbox(outbox, state, taken_ok=False, **fields):
+    """Move the row from the (state, attempt) this run last saw; SendTaken if another run moved it first,
+    unless `taken_ok` (this run is past its end-of-data mark or never reached it: nothing to stop).
+
+    A run that finds the row `sending` marks it `unknown` under the same attempt,
+    not knowing whether that attempt's run lives; if it does, the outcome is
+    still that run's to record, so the owner of `sending` moves `unknown` too."""
+    def moved(from_state):
+        return models.Outbox.change(outbox.id, expect={'state': from_state, 'attempt': outbox.attempt},
+                                    state=state, **fields)
+    if not moved(outbox.state) and not (outbox.state == 'sending' and moved('unknown')):
+        if not taken_ok:
+            raise SendTaken(f'another run of this send took outbox {outbox.id} first; this one stopped before '
+                            'the end-of-data mark')
+        logger.warning('outbox %s left as another run of task %s set it (this run ends %s)',
+                       outbox.id, outbox.task_id, state)
     outbox.state = state
     for name, value in fields.items():
         setattr(outbox, name, value)

@@ -151,7 +151,7 @@ def timed_sync(models, tasks, ids, worker_pids=(), interval=0.001):
             raise RuntimeError(f'sync {task_id} not done after {DEADLINE} s (state {state})')
         time.sleep(interval)
     row = ledger_row(models, task_id)
-    worker = int(row.worker.rsplit(':', 1)[1])
+    worker = int(row.worker.split(":")[1])
     return {'wall_s': (row.finished_at - row.enqueued_at).total_seconds(), 'result': row.result,
             'worker': worker, 'rss_sampled_kb': peaks.get(worker, 0), 'hwm_kb': proc_kb(worker, 'VmHWM')}
 

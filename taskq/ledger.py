@@ -16,6 +16,14 @@ A record's life:
     failed | dead | revoked -> pending                      (requeue: a re-run, same id)
     running (its worker gone) -> pending                    (requeue: recovery, same id)
 
+A run owns its record from its claim on: the claim moves the record from
+pending or retrying to running under the worker's name, and only while that
+worker's heartbeat row exists (taskq.workers: the row is the worker's lease);
+every later write of the run is a compare-and-set on (running, that worker).
+A second copy of a task (a broker duplicate, a stale run) finds the record
+taken and does not run; a run whose worker was declared dead and whose task
+was re-queued writes nothing more.
+
 Payload arguments are stored redacted: no secret ever reaches the ledger.
 """
 import collections
@@ -28,7 +36,7 @@ import threading
 import traceback
 
 from huey import signals as S
-from huey.exceptions import TaskTimeout
+from huey.exceptions import CancelExecution, TaskTimeout
 
 import models
 from mailkit import logs
@@ -181,7 +189,9 @@ class DeferredLedger:
         with self.lock:
             if not self.waiting:   # behind earlier writes, a write would overtake them
                 try:
-                    update(task_id, **fields)
+                    if not update(task_id, **fields):
+                        logger.warning('ledger write for task %s not made: the record is no longer as this '
+                                       'run left it', task_id)
                     return
                 except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
                     logger.warning('ledger write for task %s deferred until the database answers: %s',
@@ -191,27 +201,77 @@ class DeferredLedger:
     def replay(self):
         """Make the waiting writes, oldest first; stop at the first failure (the next beat tries again)."""
         with self.lock:
-            while self.waiting:
-                task_id, fields = self.waiting[0]
-                update(task_id, **fields)
-                self.waiting.popleft()
+            self._replay()
+
+    def _replay(self):
+        while self.waiting:
+            task_id, fields = self.waiting[0]
+            made = update(task_id, **fields)
+            self.waiting.popleft()
+            if made:
                 logger.info('deferred ledger write for task %s made', task_id)
+            else:
+                logger.warning('deferred ledger write for task %s dropped: the record is no longer this '
+                               "run's (its worker was taken for dead and the task re-queued)", task_id)
+
+    def claim(self, task_id, worker, **fields):
+        """Make the run's claim, after the writes waiting before it; True if this run owns the record.
+        Raises the database's error when it cannot answer."""
+        with self.lock:
+            self._replay()
+            values = _row_values(fields)
+            sql = _claim_sql(models.database.param, tuple(values))
+            params = (*values.values(), worker, task_id, *CLAIMABLE, worker)
+            return models.with_reconnect(lambda: models.database.execute_sql(sql, params).rowcount) == 1
 
 
 deferred = DeferredLedger()
+CLAIMABLE = (PENDING, RETRYING)
+
+
+@functools.lru_cache(maxsize=8)
+def _claim_sql(param, columns):
+    """pending|retrying -> running under `worker`, only while the worker's lease (heartbeat row) exists."""
+    sets = ', '.join(f'"{c}" = {param}' for c in columns)
+    return (f'UPDATE "task_record" SET "state" = \'{RUNNING}\', "attempts" = "attempts" + 1, {sets}, '
+            f'"worker" = {param} WHERE "id" = {param} AND "state" IN ({param}, {param}) '
+            f'AND EXISTS (SELECT 1 FROM "consumer_heartbeat" WHERE "id" = {param})')
+
+
+def claim(huey, task):
+    """Take the task's record for this run (pre-execute); CancelExecution when another run has it,
+    it is no longer waiting, or the database cannot say. A cancelled copy that was the task's
+    only one is found by recovery (pending, and not in the broker) and queued again."""
+    worker = huey.worker_id()
+    task.ledger_started_at = models.utcnow()  # for the attempt's line in the history, should it retry
+    try:
+        owned = deferred.claim(task.id, worker, started_at=task.ledger_started_at, retries_left=task.retries,
+                               next_retry_at=None, finished_at=None)
+    except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
+        logger.warning('task %s not run: its claim could not be made (%s); recovery queues it again',
+                       task.id, str(exc).strip())
+        raise CancelExecution(retry=False) from None
+    if not owned:
+        logger.warning('task %s not run: its record is %s, not waiting for this copy', task.id, state_of(task.id))
+        raise CancelExecution(retry=False)
 
 
 def install(huey):
     """Record every task's life from `huey`'s signals (in the worker processes)."""
+
+    def finish(task_id, **fields):
+        """A write of this run: only while the record is still running under this worker."""
+        deferred.write(task_id, only_states=(RUNNING,), expect={'worker': huey.worker_id()}, **fields)
 
     @huey.signal(S.SIGNAL_EXECUTING)
     def running(signal_name, task):
         # Every log line from here to the end of the run carries the task's ids.
         logs.task_id.set(task.id)
         logs.request_id.set(getattr(task, 'request_id', None))
-        task.ledger_started_at = models.utcnow()  # for the attempt's line in the history, should it retry
-        deferred.write(task.id, state=RUNNING, started_at=task.ledger_started_at, worker=huey.worker_id(),
-                       attempts=INCREMENT, retries_left=task.retries, next_retry_at=None, finished_at=None)
+
+    @huey.pre_execute()
+    def claim_record(task):
+        claim(huey, task)
 
     @huey.post_execute()
     def forget_task_ids(task, value, exc):
@@ -220,7 +280,7 @@ def install(huey):
 
     @huey.signal(S.SIGNAL_COMPLETE)
     def succeeded(signal_name, task):
-        deferred.write(task.id, state=SUCCEEDED, finished_at=models.utcnow(),
+        finish(task.id, state=SUCCEEDED, finished_at=models.utcnow(),
                        result=getattr(task, 'ledger_result', None), error=None, traceback=None)
 
     @huey.signal(S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT)
@@ -230,15 +290,15 @@ def install(huey):
         task.ledger_error = (f'{type(exc).__name__}: {exc}',
                              ''.join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         if isinstance(exc, Stopped):
-            deferred.write(task.id, state=REVOKED, finished_at=models.utcnow(), error=str(exc), traceback=None,
-                           retries_left=0)
+            finish(task.id, state=REVOKED, finished_at=models.utcnow(), error=str(exc), traceback=None,
+                   retries_left=0)
             return
         if task.retries:
             return  # SIGNAL_RETRYING follows and records the retry
         gave_up = isinstance(exc, NO_RETRY) or not type(task).default_retries
         error, tb = task.ledger_error
-        deferred.write(task.id, state=FAILED if gave_up else DEAD, finished_at=models.utcnow(),
-                       error=error, traceback=tb, retries_left=0)
+        finish(task.id, state=FAILED if gave_up else DEAD, finished_at=models.utcnow(),
+               error=error, traceback=tb, retries_left=0)
 
     @huey.signal(S.SIGNAL_RETRYING)
     def retrying(signal_name, task):
@@ -248,12 +308,12 @@ def install(huey):
         now = models.utcnow()
         attempt = history_line('attempt', at=getattr(task, 'ledger_started_at', None), ended=now,
                                worker=huey.worker_id(), error=error)
-        deferred.write(task.id, state=RETRYING, error=error, traceback=tb, retries_left=task.retries - 1,
-                       next_retry_at=now + datetime.timedelta(seconds=delay), history=Append(attempt))
+        finish(task.id, state=RETRYING, error=error, traceback=tb, retries_left=task.retries - 1,
+               next_retry_at=now + datetime.timedelta(seconds=delay), history=Append(attempt))
 
     @huey.signal(S.SIGNAL_REVOKED, S.SIGNAL_EXPIRED)
-    def revoked(signal_name, task):
-        deferred.write(task.id, state=REVOKED if signal_name == S.SIGNAL_REVOKED else FAILED,
+    def revoked(signal_name, task):   # before any claim: the record waits (or a person revoked it)
+        deferred.write(task.id, only_states=(*CLAIMABLE, REVOKED), state=REVOKED if signal_name == S.SIGNAL_REVOKED else FAILED,
                        finished_at=models.utcnow(),
                        error=None if signal_name == S.SIGNAL_REVOKED else 'expired before it ran')
 
@@ -263,7 +323,8 @@ def install(huey):
         with models.all_tenants():
             row = Record.get_or_none(Record.id == task.id)
         if row is not None:
-            requeue(huey, row, from_states=(RUNNING,), reason='interrupted by consumer shutdown; re-queued')
+            requeue(huey, row, from_states=(RUNNING,), expect={'worker': huey.worker_id()},
+                    reason='interrupted by consumer shutdown; re-queued')
 
 
 def report_progress(done, total):
@@ -271,8 +332,20 @@ def report_progress(done, total):
     update(logs.task_id.get(), progress_done=done, progress_total=total)
 
 
+# Checks a worker adds at every safe point (taskq.workers: a run whose worker
+# was taken for dead ends there instead of going on beside its re-run).
+SAFE_POINT_CHECKS = []
+
+
+def at_safe_point():
+    """Run the worker's safe-point checks (its lease): a run whose worker was taken for dead ends here."""
+    for check in SAFE_POINT_CHECKS:
+        check()
+
+
 def raise_if_stop_requested():
     """Raise Stopped when a person has asked the running task to stop (call it at safe points only)."""
+    at_safe_point()
     sql = f'SELECT "stop_requested_at" FROM "task_record" WHERE "id" = {models.database.param}'
     row = models.database.execute_sql(sql, (logs.task_id.get(),)).fetchone()
     if row and row[0] is not None:
@@ -431,12 +504,14 @@ def release_sync(client_id, task_id):
 
 # ---------------------------------------------------------------- recovery's reads
 
-def orphaned_running(cutoff):
-    """Running records whose worker has not beaten since `cutoff` (or never did)."""
-    alive = models.ConsumerHeartbeat.select(models.ConsumerHeartbeat.id) \
-        .where(models.ConsumerHeartbeat.last_seen >= cutoff)
-    return list(Record.select().where(Record.state == RUNNING, Record.started_at < cutoff,
-                                      Record.worker.not_in(alive)))
+def running_workers():
+    """The workers that have running records, by name."""
+    return {row[0] for row in Record.select(Record.worker).where(Record.state == RUNNING).distinct().tuples()}
+
+
+def running_under(worker):
+    """The running records of `worker`."""
+    return list(Record.select().where(Record.state == RUNNING, Record.worker == worker))
 
 
 def stale_waiting(cutoff, count=False):

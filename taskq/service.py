@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import random
+import secrets
 import signal
 import tempfile
 import threading
@@ -138,8 +139,8 @@ class LedgerHuey(Huey):
 
     @staticmethod
     def worker_id():
-        """This worker process's name in heartbeats and records: host:pid."""
-        return f'{HOST}:{os.getpid()}'
+        """This worker process's name in heartbeats and records: host:pid:consumer id."""
+        return f'{HOST}:{os.getpid()}:{CONSUMER_ID}'
 
     def queue_depth(self):
         """Tasks waiting in the broker, by priority."""
@@ -150,6 +151,11 @@ class LedgerHuey(Huey):
 
 
 HOST = os.uname().nodename
+# Hostnames repeat (containers, clones) and so do pids (each container's start
+# at 1): with a random id drawn once per consumer, which its forked workers
+# inherit, a worker's name is unique on any number of hosts. A boot id would
+# not do: containers on one kernel share it, and may share hostname and pid too.
+CONSUMER_ID = secrets.token_hex(6)
 
 
 def jittered(delay, cap, jitter, rand=random.random):
@@ -238,7 +244,8 @@ class Watchdog:
     def _kill(self):
         try:
             note = kill_note_path(os.getppid(), os.getpid())
-            note.write_text(json.dumps({'task_id': self.task.id, 'seconds': self.seconds}))
+            note.write_text(json.dumps({'task_id': self.task.id, 'seconds': self.seconds,
+                                        'worker': LedgerHuey.worker_id()}))
         finally:  # not even a full disk keeps the worker alive past its limit
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -258,11 +265,11 @@ class LedgerConsumer(Consumer):
 
 def record_kill(note):
     """Mark the task named in a watchdog's note failed; the note stays until the write is made."""
-    worker = f'{HOST}:{note.stem.rpartition("-")[2]}'
     try:
         killed = json.loads(note.read_text())
     except ValueError:
         return  # caught between the watchdog's open and write: the next check reads it whole
+    worker = killed['worker']
     try:
         ledger.update(killed['task_id'], only_states=(ledger.RUNNING,), expect={'worker': worker},
                       state=ledger.FAILED, finished_at=models.utcnow(),

@@ -1,37 +1,92 @@
-"""Workers' heartbeats and the recovery of tasks whose worker died.
+"""Workers' leases and the recovery of tasks whose worker is gone.
 
 Huey is at-most-once: a task dequeued by a worker that dies is gone. The
-ledger and the heartbeats make it at-least-once without adding a write to
-the hot path: a task's record already says `running` and which worker
-(host:pid) runs it, and every worker already refreshes its heartbeat every
-few seconds. On each beat, each worker also looks for
+ledger and the workers' leases make it at-least-once, and this module makes
+sure that "at least once" never becomes "twice at once".
 
-  - `running` records whose worker has not beaten for recovery_grace
-    seconds (SIGKILL, OOM, a lost host);
-  - `pending` or `retrying` records older than the grace that are in neither
-    the broker's queue nor its schedule (a worker died between dequeue and
-    its first signal; a scheduler died between taking a retry off the
-    schedule and queueing it; a web process died after the ledger insert);
+The lease
+---------
+Each worker process names itself `host:pid:consumer id` (taskq.service: the
+random consumer id keeps names apart when hostnames and pids repeat, as they
+do in containers) and registers a row in `consumer_heartbeat` before it takes
+a task. Every `heartbeat_seconds` it renews the row: an UPDATE that stamps
+`last_seen` with the database's clock (models.clock_sql), never a host's.
+The row is the worker's lease:
 
-and queues them again under the same id, its attempt count kept. Several
-workers may find the same orphan: a conditional UPDATE on the record decides
-which one requeues it. Running a task twice is safe because every task is
-idempotent (sync stores by UID, send consults its outbox, delete skips what
-is gone). SIGTERM needs none of this: the interrupted task is requeued at once
-(the ledger's interrupted signal). A sync's claim on its account lapses with
-its task's ledger state, so no lock outlives a dead worker.
+  L1. A run starts only by its claim (ledger.claim): one statement that moves
+      the record from pending or retrying to running under the worker's name,
+      and only while the worker's row exists.
+  L2. A renewal is an UPDATE of an existing row. A worker whose renewal
+      changes no row has been fenced: it kills its own process at once (the
+      consumer starts a fresh worker, with a fresh name). A run also checks
+      its lease at every safe point (ledger.raise_if_stop_requested) once the
+      lease is older than half the grace, with the same consequence.
+  L3. Every write of a run after its claim is a compare-and-set on
+      (running, its worker) (ledger), and a send's delivery is a
+      compare-and-set on the outbox row's (state, attempt) (tasks.py).
 
-Recovery leaves live workers' records alone, so a live worker must never
-leave a finished task `running`: its ledger writes wait, in order, while the
-database is away and its heartbeat thread makes them when it is back
-(ledger.DeferredLedger); a broker outage between a task's end and its end
-signals is logged and passed over (LedgerHuey.delete).
+Recovery (every worker, after each successful renewal)
+------------------------------------------------------
+A taker T requeues the running records of worker W only after one of:
+
+  R1. W's row is gone: it was fenced (by a taker that died before it
+      re-queued), or W deleted it when it stopped. Either way W renews no
+      more (L2) and claims no more (L1).
+  R2. T fences W itself: it deletes W's row with a compare-and-set on the
+      exact `last_seen` stamp it observed, and only if
+        a. by the database's clock that stamp is older than recovery_grace;
+        b. T has seen that same stamp for recovery_grace on its own
+           monotonic clock, every observation made while T's own renewals
+           kept succeeding without a gap over half the grace (a failed or
+           slow renewal forgets every observation), and T renewed within the
+           last half grace.
+Then T moves each of W's records running -> pending with a compare-and-set
+on (running, worker W), and queues it again under the same id.
+
+Invariant: a task never has two runs that can both make an effect. Proof:
+a second run needs a second claim (L1), which needs the record pending,
+which (for a running record) only R1/R2's requeue makes, and only after W's
+row was deleted. Deleting the row is final for W: its renewal changes no row
+and it dies (L2), its claims fail (L1), and each of its writes is refused
+once the record is re-queued (L3); if W's final write lands first, the
+requeue's compare-and-set fails and there is no second run. Between the
+fence and W's death, W's run can still compute (a process resumed by SIGCONT
+runs until its next beat or safe point), but every effect it could make goes
+through a compare-and-set that the new run's claim or the outbox's attempt
+refuses. R1 also needs L1's order in the reads: recovery reads which
+workers hold running records BEFORE it reads the rows, so a worker that
+registered and claimed in between is never taken for one without a row.
+
+Why R2 cannot take a live worker's task (liveness, and no needless kill):
+a live worker changes its stamp every heartbeat_seconds, far less than the
+grace, so no taker sees one stamp for a whole grace. A host's clock skew
+changes nothing: stamps and the age test (a) use the database's one clock
+(in the embedded mode, the host's, which (b) makes harmless), and (b)
+measures only intervals on T's own monotonic clock. After a database outage
+every taker's observations start again when its own renewals succeed again
+(b), so each waits a full grace after the outage, long enough for every live
+worker to renew; a taker that was stopped or cut off itself judges no one
+until it has renewed again and watched a whole grace. A worker that is only
+slow (SIGSTOP longer than the grace) is indistinguishable from a dead one: it
+is fenced, and when it resumes it dies at its next beat or safe point (L2).
+
+Pending or retrying records older than the grace that are in neither the
+broker's queue nor its schedule (a worker died between dequeue and claim; a
+claim refused during an outage; a scheduler died between taking a retry off
+the schedule and queueing it) are queued again after two checks in a row;
+their later claim (L1) keeps a duplicate copy from running.
+
+SIGTERM needs none of this: the interrupted task is requeued at once (the
+ledger's interrupted signal). A sync's claim on its account lapses with its
+task's ledger state, so no lock outlives a dead worker.
 """
 import datetime
 import logging
 import os
 import re
+import signal
 import threading
+import time
 
 import models
 from mailkit import logs
@@ -39,97 +94,203 @@ from taskq import ledger
 from taskq.service import HOST
 
 logger = logging.getLogger('emailsvc.tasks')
+H = models.ConsumerHeartbeat
 
 
-class Heartbeat:
-    """A worker's proof of life: its row's last_seen moves every few seconds; each beat also recovers orphans."""
+class Fenced(Exception):
+    """This worker's lease row is gone: another worker took it for dead and re-queued its tasks."""
+
+
+class Lease:
+    """This worker's row in consumer_heartbeat: registered once, renewed with the database's clock.
+
+    It also keeps what its recovery needs to know about itself: when the last
+    renewal began (monotonic) and whether the renewals have run unbroken.
+    """
 
     def __init__(self, huey):
         self.huey = huey
-        self.interval = huey.settings['consumer.heartbeat_seconds']
-        self.recovery = Recovery(huey)
-        self.stop = threading.Event()
+        self.max_gap = huey.settings['consumer.recovery_grace'] / 2
+        self.lock = threading.Lock()
+        self.registered = False
+        self.renewed_at = None    # monotonic start of the last successful renewal
+        self.unbroken = False     # False after a failed or slow renewal, until the next one succeeds in time
         # What the dashboard shows of this worker: kept in memory by the task
-        # signals and written with the beat, so the hot path writes nothing more.
+        # signals and written with the renewal, so the hot path writes nothing more.
         self.current_task, self.tasks_done = None, 0
+
+    def renew(self):
+        """Register or renew; raises Fenced if the row is gone, the database's error if it cannot answer."""
+        with self.lock:
+            started = time.monotonic()
+            try:
+                self._write()
+            except Exception:
+                self.unbroken = False
+                raise
+            ended = time.monotonic()
+            in_time = self.renewed_at is not None and started - self.renewed_at <= self.max_gap \
+                and ended - started <= self.max_gap
+            self.unbroken, self.renewed_at = in_time, started
+
+    def _write(self):
+        clock = models.clock_sql()
+        fields = dict(tasks_done=self.tasks_done, current_task=self.current_task, rss_kb=rss_kb())
+        with models.database.connection_context():
+            if not self.registered:
+                # Inserted once, before any claim (L1); a lost answer to the insert finds the row on retry.
+                H.insert(id=self.huey.worker_id(), host=HOST, pid=os.getpid(), consumer_pid=os.getppid(),
+                         started_at=models.pw.SQL(clock), last_seen=models.pw.SQL(clock), **fields) \
+                    .on_conflict_ignore().execute()
+                self.registered = True
+                return
+            if not H.update(last_seen=models.pw.SQL(clock), **fields).where(H.id == self.huey.worker_id()).execute():
+                raise Fenced(self.huey.worker_id())
+
+    def fresh(self):
+        """True while this worker's own renewals run unbroken and the last one began within half the grace."""
+        return self.unbroken and time.monotonic() - self.renewed_at <= self.max_gap
+
+    def check(self):
+        """At a run's safe point: once the lease is older than half the grace, renew it now; die if fenced."""
+        if self.renewed_at is not None and time.monotonic() - self.renewed_at <= self.max_gap:
+            return
+        try:
+            self.renew()
+        except Fenced:
+            die_fenced(self.huey.worker_id())
+        except (models.pw.OperationalError, models.pw.InterfaceError):
+            # The database is away for this run as for any taker; every effect the
+            # run could make waits on a compare-and-set in it (L3), so it goes on.
+            pass
+
+    def end(self):
+        with self.lock:
+            models.with_reconnect(lambda: H.delete().where(H.id == self.huey.worker_id()).execute())
+
+
+def die_fenced(worker):
+    logger.error('worker %s was taken for dead and its tasks re-queued; it stops now', worker)
+    logging.shutdown()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Heartbeat:
+    """The worker's heartbeat thread: replays deferred ledger writes, renews the lease, recovers orphans."""
+
+    def __init__(self, huey):
+        self.interval = huey.settings['consumer.heartbeat_seconds']
+        self.lease = Lease(huey)
+        self.recovery = Recovery(huey, self.lease)
+        self.stop = threading.Event()
 
     def start(self):
         threading.Thread(target=self.run, name='heartbeat', daemon=True).start()
 
     def run(self):
         while True:
-            try:
-                ledger.deferred.replay()
-                self.beat()
-                self.recovery.run()
-            except Exception:  # a database or broker outage must not end the thread
-                logger.exception('heartbeat or recovery failed; retrying in %ss', self.interval)
+            self.beat()
             if self.stop.wait(self.interval):
                 return
 
     def beat(self):
-        now = models.utcnow()
-        with models.database.connection_context():
-            models.ConsumerHeartbeat.insert(
-                id=self.huey.worker_id(), host=HOST, pid=os.getpid(), consumer_pid=os.getppid(),
-                started_at=now, last_seen=now,
-                tasks_done=self.tasks_done, current_task=self.current_task, rss_kb=rss_kb(),
-            ).on_conflict(conflict_target=[models.ConsumerHeartbeat.id],
-                          update={models.ConsumerHeartbeat.last_seen: now,
-                                  models.ConsumerHeartbeat.tasks_done: self.tasks_done,
-                                  models.ConsumerHeartbeat.current_task: self.current_task,
-                                  models.ConsumerHeartbeat.rss_kb: rss_kb()}).execute()
+        try:
+            ledger.deferred.replay()
+            self.lease.renew()
+            self.recovery.run()
+        except Fenced:
+            die_fenced(self.lease.huey.worker_id())
+        except Exception:  # a database or broker outage must not end the thread
+            logger.exception('heartbeat or recovery failed; retrying in %ss', self.interval)
 
     def end(self):
         self.stop.set()
-        models.with_reconnect(lambda: models.ConsumerHeartbeat.delete()
-                              .where(models.ConsumerHeartbeat.id == self.huey.worker_id()).execute())
+        self.lease.end()
 
 
 class Recovery:
-    """Finds the orphans of dead workers and of the broker and queues them again."""
+    """Finds the orphans of gone workers and of the broker and queues them again (R1, R2 above)."""
 
     # The first field of the signed envelope's message is the task id.
     PAYLOAD_ID = re.compile(rb'"\$msg":\["([^"]+)"')
 
-    def __init__(self, huey):
-        self.huey = huey
+    def __init__(self, huey, lease):
+        self.huey, self.lease = huey, lease
+        self.grace = huey.settings['consumer.recovery_grace']
+        self.observed = {}    # worker -> (its last_seen stamp, monotonic time this worker first saw it)
         self.suspects = set()  # ids that looked lost at the previous check
 
-    def run(self, now=None):
-        """Requeue the tasks of dead workers and the tasks the broker lost; returns their ids."""
-        now = now or models.utcnow()
-        cutoff = now - datetime.timedelta(seconds=self.huey.settings['consumer.recovery_grace'])
+    def run(self):
+        """Requeue the tasks of gone workers and the tasks the broker lost; returns their ids."""
+        if not self.lease.fresh():
+            self.observed = {}    # (b): observations count only inside one unbroken run of renewals
+            return []
         recovered = []
         with models.all_tenants():
-            for row in ledger.orphaned_running(cutoff):
-                if worker_alive_here(row.worker):
-                    continue  # a busy worker on this host whose beat is late: alive all the same
-                # Only while that dead worker still holds it: another worker may have
-                # re-queued it already, and a new run may be under way.
-                recovered += self.requeue(row, (ledger.RUNNING,), {'worker': row.worker},
-                                          f'worker {row.worker} died; re-queued')
-            # The broker is read before the ledger: a task a worker takes in between
-            # is then still 'pending' only for the instant before its first signal,
-            # and it must look lost on two checks in a row before it is re-queued.
-            lost = {}
-            if ledger.stale_waiting(cutoff, count=True):
-                in_broker = self.ids_in_broker()
-                lost = {r.id: r for r in ledger.stale_waiting(cutoff) if r.id not in in_broker}
-            for task_id in lost.keys() & self.suspects:
-                row = lost[task_id]
-                recovered += self.requeue(row, (row.state,), {'enqueued_at': row.enqueued_at},
-                                          'lost by the broker; re-queued')
-            self.suspects = lost.keys() - set(recovered)
+            for worker in self.gone_workers():
+                for row in ledger.running_under(worker):
+                    recovered += self.requeue(row, (ledger.RUNNING,), {'worker': worker},
+                                              f'worker {worker} stopped renewing its lease; re-queued')
+            recovered += self.lost_by_broker()
         if recovered:
             logger.warning('re-queued %d orphaned tasks: %s', len(recovered), ', '.join(recovered))
+        return recovered
+
+    def gone_workers(self):
+        """Workers holding running records whose lease is gone (R1) or that this worker fences now (R2)."""
+        busy = ledger.running_workers() - {self.huey.worker_id()}   # read first: see R1 above
+        leases = self.read_leases()
+        gone = [worker for worker in busy if worker not in leases]
+        for worker in busy & leases.keys():
+            stamp, seen_since, expired = leases[worker]
+            if expired and time.monotonic() - seen_since >= self.grace and self.lease.fresh() \
+                    and self.fence(worker, stamp):
+                gone.append(worker)
+        return gone
+
+    def read_leases(self):
+        """{worker: (stamp, monotonic first sight of that stamp, older than the grace by the database's clock)}."""
+        sql = (f'SELECT "id", "last_seen", "last_seen" < {models.clock_sql(-self.grace)} '
+               f'FROM "consumer_heartbeat"')
+        rows = models.database.execute_sql(sql).fetchall()
+        now = time.monotonic()
+        leases = {}
+        for worker, stamp, expired in rows:
+            seen = self.observed.get(worker)
+            leases[worker] = (stamp, seen[1] if seen and seen[0] == stamp else now, bool(expired))
+        self.observed = {worker: lease[:2] for worker, lease in leases.items()}
+        return leases
+
+    def fence(self, worker, stamp):
+        """Delete `worker`'s lease row if it still holds `stamp` and is past the grace; True if deleted."""
+        sql = (f'DELETE FROM "consumer_heartbeat" WHERE "id" = {models.database.param} AND "last_seen" = '
+               f'{models.database.param} AND "last_seen" < {models.clock_sql(-self.grace)}')
+        fenced = models.database.execute_sql(sql, (worker, stamp)).rowcount == 1
+        if fenced:
+            logger.warning('worker %s has not renewed its lease for %ss: fenced', worker, self.grace)
+        return fenced
+
+    def lost_by_broker(self):
+        # The broker is read before the ledger: a task a worker takes in between
+        # is then still 'pending' only for the instant before its claim, and it
+        # must look lost on two checks in a row before it is re-queued.
+        cutoff = models.database_now() - datetime.timedelta(seconds=self.grace)
+        lost, recovered = {}, []
+        if ledger.stale_waiting(cutoff, count=True):
+            in_broker = self.ids_in_broker()
+            lost = {r.id: r for r in ledger.stale_waiting(cutoff) if r.id not in in_broker}
+        for task_id in lost.keys() & self.suspects:
+            row = lost[task_id]
+            recovered += self.requeue(row, (row.state,), {'enqueued_at': row.enqueued_at},
+                                      'lost by the broker; re-queued')
+        self.suspects = lost.keys() - set(recovered)
         return recovered
 
     def requeue(self, row, from_states, expect, reason):
         try:
             ledger.requeue(self.huey, row, from_states=from_states, expect=expect, reason=reason)
         except ledger.LedgerConflict:
-            return []  # another worker got there first
+            return []  # another worker got there first, or the run ended meanwhile
         return [row.id]
 
     def ids_in_broker(self):
@@ -148,27 +309,19 @@ def rss_kb():
         return None
 
 
-def worker_alive_here(worker):
-    """True if `worker` (host:pid) is a live process on this host; a late heartbeat alone proves no death."""
-    host, _, pid = (worker or '').rpartition(':')
-    if host != HOST or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, under another user
-    return True
-
-
 def install(huey):
-    """Each worker process configures logging, beats and recovers from its start to its stop."""
+    """Each worker process configures logging, holds its lease and recovers from its start to its stop."""
     heartbeat = Heartbeat(huey)
+    lease = heartbeat.lease
 
     @huey.on_startup()
     def start_worker():
         logs.configure(huey.settings['log.level'])
+        try:
+            lease.renew()   # registered before the first claim can need it (L1)
+        except Exception as exc:
+            logger.warning('lease not registered yet (%s); the heartbeat keeps trying', exc)
+        ledger.SAFE_POINT_CHECKS[:] = [lease.check]
         heartbeat.start()
 
     @huey.on_shutdown()
@@ -177,11 +330,11 @@ def install(huey):
 
     @huey.pre_execute()
     def task_begins(task):
-        heartbeat.current_task = task.id
+        lease.current_task = task.id
 
     @huey.post_execute()
     def task_ends(task, value, exc):
-        heartbeat.current_task = None
-        heartbeat.tasks_done += 1
+        lease.current_task = None
+        lease.tasks_done += 1
 
     return heartbeat

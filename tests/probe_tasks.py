@@ -3,6 +3,8 @@
 The test consumer runs `huey_consumer tests.probe_tasks.huey`: the service's
 own Huey instance, ledger and signals, plus these probes.
 """
+import os
+import threading
 import time
 
 import models
@@ -10,7 +12,7 @@ import peewee as pw
 from huey.exceptions import TaskTimeout
 from mailkit import logs
 from mailkit.errors import FailNow
-from taskq.ledger import report_progress
+from taskq.ledger import at_safe_point, report_progress
 from tasks import huey, service_task  # noqa: F401  (huey is the consumer's import path)
 
 
@@ -81,3 +83,18 @@ def crawls(total, pause, tenant_id=None, user_id=None):
         overrun(pause)
         report_progress(done, total)
     return {'status': 'ok'}
+
+
+@service_task(priority=3, retries=0)
+def ticks(count, pause, path, tenant_id=None, user_id=None):
+    """Append `task pid n` to `path` `count` times, `pause` apart, passing a safe point before each:
+    an effect outside the database, so a test can see whether two runs of one task ever overlap."""
+    task_id = logs.task_id.get()
+    for n in range(count):
+        at_safe_point()
+        with open(path, 'a') as out:
+            out.write(f'{task_id} {os.getpid()} {n}\n')
+        # Not time.sleep: under libfaketime with FAKETIME_DONT_FAKE_MONOTONIC (the
+        # skewed hosts' clock) it fails with EINVAL; an Event's wait is right.
+        threading.Event().wait(pause)
+    return {'status': 'ok', 'ticks': count}
