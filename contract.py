@@ -21,12 +21,17 @@ Adding a route's models is one step per part, all in this file, then naming them
          errors={409: 'webhook_limit'})
     def create_webhook(body): ...            # body is a validated WebhookBody
 
-A query string gets a `Query` model the same way (`query=...`, the handler receives `query`).
-tests/test_contract.py fails for any Bottle route the document lacks, and tests/test_fuzz.py fuzzes
-every documented route against a live server.
+A query string gets a `Query` model the same way (`query=...`, the handler receives `query`). A new
+account field (`push`, say) goes in three places: AccountCreate with its default, AccountUpdate as
+`push: bool = None` (may be left out, never null), and Account (the answer). Routes outside the key
+scheme use emailsvc's `public(...)` decorator. The errors every route of its kind has (401, 403,
+404 for a path id, 400/413/422 for a body, 503) are added by `standard_errors`; name only the route's
+own ones. tests/test_contract.py fails for any Bottle route the document lacks, and
+tests/test_fuzz.py fuzzes every documented route against a live server.
 """
 import dataclasses
 import datetime
+import html
 import re
 from typing import Annotated, Any, Literal
 
@@ -246,17 +251,14 @@ class IncomingChange(SmtpChange):
     protocol: Literal['imap', 'pop3'] = None
 
 
-class AccountSettings(Body):
-    sync_enabled: bool = True
-    sync_interval: Annotated[int, Field(ge=60, le=86400)] = 300
-    copy_sent: bool = True
-    move_spam: bool = False
-
-
-class AccountCreate(AccountSettings):
+class AccountCreate(Body):
     email: Email
     incoming: IncomingServer
     smtp: SmtpServer | None = Field(None, description='null or absent: the account only syncs')
+    sync_enabled: bool = Field(True, description='periodic sync, and a first sync at once')
+    sync_interval: Annotated[int, Field(ge=60, le=86400)] = Field(300, description='seconds between syncs')
+    copy_sent: bool = Field(True, description='append sent mail to the IMAP Sent folder')
+    move_spam: bool = Field(False, description='move mail scored as spam to Junk on the server')
 
 
 class AccountUpdate(Body):
@@ -657,21 +659,26 @@ def ref_name(schema: dict) -> str | None:
     return ref.rsplit('/', 1)[-1] if ref else None
 
 
-def type_text(schema: dict) -> str:
-    """A schema in a few words for the reference page: 'integer 1..65535', 'list of Address', ..."""
+def type_html(schema: dict) -> str:
+    """type_text as HTML for the reference page, each schema name a link to its table."""
+    return re.sub(r'\x00(\w+)\x00', r'<a href="#schema-\1">\1</a>', html.escape(type_text(schema, marked=True)))
+
+
+def type_text(schema: dict, marked: bool = False) -> str:
+    """A schema in a few words: 'integer 1..65535', 'list of Address', ... (`marked`: names in NULs)."""
     if '$ref' in schema:
-        return ref_name(schema)
+        return f'\x00{ref_name(schema)}\x00' if marked else ref_name(schema)
     if 'anyOf' in schema:
-        return ' or '.join(type_text(option) for option in schema['anyOf'])
+        return ' or '.join(type_text(option, marked) for option in schema['anyOf'])
     if 'const' in schema:
         return repr(schema['const'])
     if 'enum' in schema:
         return ' | '.join(map(repr, schema['enum']))
     kind = schema.get('type', 'any')
     if kind == 'array':
-        return f'list of {type_text(schema.get("items", {}))}' + bounds(schema, 'minItems', 'maxItems', ' items')
+        return f'list of {type_text(schema.get("items", {}), marked)}' + bounds(schema, 'minItems', 'maxItems', ' items')
     if kind == 'object' and 'additionalProperties' in schema and isinstance(schema['additionalProperties'], dict):
-        return f'object of {type_text(schema["additionalProperties"])}'
+        return f'object of {type_text(schema["additionalProperties"], marked)}'
     text = schema.get('format', kind) if kind == 'string' else kind
     if kind in ('integer', 'number'):
         text += bounds(schema, 'minimum', 'maximum', '')

@@ -957,7 +957,7 @@ def api_reference():
     bottle.response.set_header('Content-Security-Policy', "default-src 'none'; style-src 'unsafe-inline'; "
                                                           "frame-ancestors 'none'")
     return bottle.template('api_docs', template_lookup=[dashboard.VIEWS], doc=json.loads(openapi_text()),
-                           type_text=contract.type_text, ref_name=contract.ref_name)
+                           type_html=contract.type_html)
 
 
 # ================================================================ metrics and access log

@@ -93,7 +93,35 @@ class Target:
         assert account.status_code == 201, account.text
         task = self.call('POST', f'/api/v1/accounts/{account.json()["id"]}/sync', json={})
         assert task.status_code == 202, task.text
-        return {'client_id': account.json()['id'], 'task_id': task.json()['task_id']}
+        message_id, attachment_id = store_message(self.env, account.json()['id'])
+        return {'client_id': account.json()['id'], 'task_id': task.json()['task_id'], 'message_id': message_id,
+                'attachment_id': attachment_id}
+
+
+MESSAGE = (b'From: Ann <ann@example.org>\r\nTo: fuzz@example.com\r\nSubject: fuzz\r\nMessage-ID: <f@example.org>\r\n'
+           b'MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain'
+           b'\r\n\r\nbody\r\n--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; '
+           b'filename="a.pdf"\r\n\r\n%PDF\r\n--b--\r\n')
+
+
+def store_message(env, client_id):
+    """A message with an attachment in the account's INBOX, stored as a sync stores it (in the target's
+    own database, so by a process of its own): the message routes get a real id to aim at."""
+    script = f'''
+import models, tasks
+with models.all_tenants():
+    client = models.EmailClient.get_by_id({client_id})
+with models.tenant_scope(client.tenant_id):
+    folder = models.EmailFolder.create(client=client.id, name='INBOX', raw_name='INBOX', role='inbox')
+    models.store_messages(folder, [dict(tasks.message_fields({MESSAGE!r}), uid=1, **models.flag_fields(()))], 'uid')
+    message = models.EmailMessage.get(models.EmailMessage.folder == folder.id)
+    print(message.id, models.Attachment.get(models.Attachment.message == message.id).id)
+'''
+    done = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    if done.returncode:
+        raise RuntimeError(f'storing a message failed: {done.stderr.strip()[-500:]}')
+    return tuple(int(n) for n in done.stdout.split()[-2:])
 
 
 def target_env(workdir, mode, postgres=None, redis_url=None):
@@ -195,7 +223,8 @@ def run_all(target, examples, report=print):
     """Fuzz every operation; returns {label: Tally} and reports a line per route."""
     schema = load_schema(target)
     tallies = {}
-    for label, operation in sorted(operations(schema).items()):
+    # Deletes last: an aimed DELETE removes the account or task the other routes aim at.
+    for label, operation in sorted(operations(schema).items(), key=lambda item: (item[0].startswith('DELETE'), item[0])):
         started = time.monotonic()
         tallies[label] = fuzz(target, operation, examples)
         tally = tallies[label]

@@ -103,3 +103,27 @@ def test_the_reference_page_shows_every_route_and_needs_no_other_host(web, docum
             assert f'{method.upper()} {path}' in page
     assert not re.search(r'(src|href)="(https?:)?//', page), 'the page loads something from another host'
     assert '<script' not in page
+
+
+@pytest.mark.parametrize('path', [
+    '/api/v1/messages?account_id=',                                   # fuzzer: an empty value passed for an integer
+    '/api/v1/messages?since=0001-01-01T00:00:00%2B01:00',              # before year 1 in UTC: OverflowError, a 500
+    '/api/v1/messages?limit=' + '9' * 5000,                            # int() refuses 4,301+ digits
+    '/api/v1/messages?q=a%00b',                                        # PostgreSQL refuses NUL in a string: a 500
+    '/api/v1/tasks?cursor=%00',
+    '/api/v1/tasks?since=9999-12-31T23:00:00-05:00',
+])
+def test_hostile_query_values_are_422(client, make_key, unique, path):
+    assert_api_error(client.as_key(make_key(unique)).get(path), 422, 'invalid_filter')
+
+
+def test_hostile_path_ids_and_strings_are_4xx(client, make_key, unique):
+    alice = client.as_key(make_key(unique))
+    assert_api_error(alice.get('/api/v1/tasks/a%00b'), 404, 'not_found')      # PostgreSQL: NUL in a string
+    assert_api_error(alice.get('/api/v1/tasks/' + 'x' * 65), 404, 'not_found')
+    # JSON's \ud800 is a lone surrogate: no driver can store it.
+    raw = b'{"email": "a@example.com", "incoming": {"protocol": "imap", "host": "h.example.com", "port": 993, ' \
+          b'"security": "tls", "username": "\\ud800", "password": "p"}, "sync_enabled": false}'
+    resp = alice.request('POST', '/api/v1/accounts', raw=raw, headers={'Content-Type': 'application/json'})
+    assert_api_error(resp, 422, 'validation_failed')
+    assert 'incoming.username' in resp.json['fields']

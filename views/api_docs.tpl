@@ -9,7 +9,7 @@ body { font: 15px/1.45 system-ui, sans-serif; margin: 0; color: #1d232a; backgro
 header, main { max-width: 70rem; margin: 0 auto; padding: 0 1.2rem; }
 header { padding-top: 1.2rem; }
 nav { columns: 3 18rem; font-size: 13px; margin: 1rem 0; }
-nav a { display: block; text-decoration: none; color: #1d4f91; }
+nav a { display: block; text-decoration: none; color: #1d4f91; overflow-wrap: anywhere; }
 section.op { background: #fff; border: 1px solid #dde2e8; border-radius: 6px; margin: 1rem 0; padding: .6rem 1rem; }
 h2 { margin-top: 2rem; border-bottom: 1px solid #dde2e8; text-transform: capitalize; }
 h3 { margin: .2rem 0; font-size: 16px; font-family: ui-monospace, monospace; }
@@ -57,20 +57,20 @@ that validate each request.</p>
   <table><tr><th>parameter</th><th>in</th><th>type</th><th>about</th></tr>
   %   for p in op['parameters']:
     <tr><td class="name">{{p['name']}}{{'' if p.get('required') else '?'}}</td><td>{{p['in']}}</td>
-        <td>{{type_text(p['schema'])}}</td><td>{{p.get('description', '')}}</td></tr>
+        <td>{{!type_html(p['schema'])}}</td><td>{{p.get('description', '')}}</td></tr>
   %   end
   </table>
   % end
   % if 'requestBody' in op:
   <p><strong>Body</strong>:
   %   for media, content in op['requestBody']['content'].items():
-    <code>{{media}}</code> {{type_text(content['schema'])}}
+    <code>{{media}}</code> {{!type_html(content['schema'])}}
   %   end
   % end
   <table><tr><th>status</th><th>body</th><th>when</th></tr>
   % for status, answer in op['responses'].items():
     <tr><td>{{status}}</td>
-        <td>{{', '.join(f'{media}: {type_text(c["schema"])}' for media, c in answer.get('content', {}).items()) or '-'}}</td>
+        <td>{{!', '.join(f'{media}: {type_html(c["schema"])}' for media, c in answer.get('content', {}).items()) or '-'}}</td>
         <td>{{answer['description']}}</td></tr>
   % end
   </table>
@@ -87,7 +87,11 @@ that validate each request.</p>
   <table><tr><th>field</th><th>type</th><th>about</th></tr>
   % for field, prop in schema.get('properties', {}).items():
     <tr><td class="name">{{field}}{{'' if field in schema.get('required', ()) else '?'}}</td>
-        <td>{{type_text(prop)}}</td><td>{{prop.get('description', '')}}</td></tr>
+        <td>{{!type_html(prop)}}</td><td>{{prop.get('description', '')}}
+        % if prop.get('default') is not None:
+          (default {{str(prop['default']).lower() if isinstance(prop['default'], bool) else prop['default']}})
+        % end
+        </td></tr>
   % end
   </table>
   % if schema.get('additionalProperties') is False:
