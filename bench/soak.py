@@ -1,18 +1,22 @@
-"""Soak: mixed load for N minutes while the consumer is SIGKILLed and restarted every so often.
+"""Soak: mixed load for N minutes while consumers are SIGKILLed or SIGSTOPped every so often.
 
 Sends (to a local SMTP server), syncs (from a private Dovecot) and no-ops are
-enqueued at a steady rate; every `--kill-every` seconds the whole consumer
-tree gets SIGKILL and a new one starts. Each minute prints accepted, completed,
-lost (accepted more than `--grace` ago and still not final after the run),
-duplicated deliveries (Message-IDs the SMTP server received twice) and the
-throughput.
+enqueued at a steady rate to `--consumers` consumers; every `--kill-every`
+seconds one of them takes a blow: with one consumer, SIGKILL of its whole tree
+and a new start (as before); with several, one picked at random gets SIGKILL of
+its tree (and a new start), SIGKILL of one worker, or SIGSTOP of its tree for
+longer than the recovery grace (then SIGCONT), so the others fence it and take
+its tasks over. Each minute prints accepted, completed, lost (still not final
+after the run), duplicated deliveries (Message-IDs the SMTP server received
+twice) and the throughput.
 
-    ./run.sh bench soak --minutes 10 [--mode embedded|scaleout]
+    ./run.sh bench soak --minutes 10 [--mode embedded|scaleout] [--consumers 3]
 """
 import argparse
 import collections
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -33,7 +37,7 @@ def environment(workdir, mode, smtp, dovecot):
                EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode(),
                EMAILSVC_MAIL_CA_FILES=f'{smtp.cert_path},{dovecot.cert_path}',
                EMAILSVC_SECURITY_ALLOWED_NETWORKS='127.0.0.0/8',
-               EMAILSVC_CONSUMER_HEARTBEAT_SECONDS='1', EMAILSVC_CONSUMER_RECOVERY_GRACE='5',
+               EMAILSVC_CONSUMER_HEARTBEAT_SECONDS='1', EMAILSVC_CONSUMER_RECOVERY_GRACE=str(GRACE),
                PYTHONPATH=str(ROOT))
     if mode == 'scaleout':
         redis, postgres = services.start_redis(workdir / 'redis'), services.start_postgres(workdir / 'pg')
@@ -42,6 +46,9 @@ def environment(workdir, mode, smtp, dovecot):
     env.update(EMAILSVC_QUEUE_URL=f'sqlite:///{workdir}/var/queue.db',
                EMAILSVC_DATABASE_URL=f'sqlite:///{workdir}/var/emailsvc.db')
     return env, []
+
+
+GRACE = 5   # EMAILSVC_CONSUMER_RECOVERY_GRACE below
 
 
 def start_consumer(env, log):
@@ -70,7 +77,7 @@ def enqueue_one(n, tasks, client):
     if kind == 0:
         clean = {'to': [f'r{n}@example.net'], 'cc': [], 'bcc': [], 'subject': f'soak {n}', 'body_text': 'x',
                  'attachment_ids': []}
-        return 'send', tasks.queue_send(client, 1, clean, None)[0]
+        return 'send', tasks.queue_send(client, 1, clean, None)
     if kind == 1:
         return 'sync', tasks.sync_emails(client.id, client.tenant_id, 1).id
     return 'noop', tasks.noop(client.tenant_id, 1).id
@@ -81,7 +88,8 @@ def main():
     parser.add_argument('--minutes', type=float, default=10)
     parser.add_argument('--mode', choices=('embedded', 'scaleout'), default='embedded')
     parser.add_argument('--rate', type=float, default=20, help='tasks enqueued per second')
-    parser.add_argument('--kill-every', type=float, default=30, help='seconds between consumer kills')
+    parser.add_argument('--kill-every', type=float, default=30, help='seconds between blows at a consumer')
+    parser.add_argument('--consumers', type=int, default=1, help='consumers running at once (as on separate hosts)')
     args = parser.parse_args()
     workdir = pathlib.Path(tempfile.mkdtemp(prefix='soak-'))
     smtp, dovecot = services.start_smtp(workdir / 'smtp'), services.start_dovecot(workdir / 'dovecot')
@@ -92,7 +100,7 @@ def main():
     models.migrate()
     client = make_account(models, tasks, smtp, dovecot)
     log = open(workdir / 'consumer.log', 'ab')
-    consumer = start_consumer(env, log)
+    fleet = Fleet(env, log, args.consumers)
     accepted, kinds, kills = {}, collections.Counter(), 0
     start = last_kill = last_report = time.monotonic()
     n = 0
@@ -103,10 +111,9 @@ def main():
             accepted[task_id] = time.monotonic()
             kinds[kind] += 1
             n += 1
+            fleet.resume_due()
             if time.monotonic() - last_kill >= args.kill_every:
-                os.killpg(consumer.pid, signal.SIGKILL)
-                consumer.wait()
-                consumer = start_consumer(env, log)
+                fleet.blow()
                 kills, last_kill = kills + 1, time.monotonic()
             if time.monotonic() - last_report >= 60:
                 report(models, smtp, accepted, kills, time.monotonic() - start)
@@ -115,15 +122,68 @@ def main():
         # Long enough for the last retries: a sync's five back off 5 + 10 + 20 + 40 + 80 s.
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and finished(models, accepted) < len(accepted):
+            fleet.resume_due(at_once=True)
             time.sleep(1)
         report(models, smtp, accepted, kills, time.monotonic() - start, final=True)
+        print(f'  consumers: {args.consumers}; blows: {dict(fleet.blows)}')
         print(f'  mix: {dict(kinds)}')
         print(f'  final states: {final_states(models, accepted)}')
     finally:
-        os.killpg(consumer.pid, signal.SIGKILL)
-        consumer.wait()
+        fleet.end()
         for server in [smtp, dovecot, *servers]:
             server.stop()
+
+
+class Fleet:
+    """The consumers and the blows at them; a stopped one is resumed after the grace, from the main loop."""
+
+    def __init__(self, env, log, size):
+        self.env, self.log = env, log
+        self.consumers = [start_consumer(env, log) for _ in range(size)]
+        self.stopped = {}   # index -> monotonic time to SIGCONT it
+        self.blows = collections.Counter()
+        self.rng = random.Random(7)
+
+    def blow(self):
+        index = self.rng.randrange(len(self.consumers))
+        if index in self.stopped:
+            return
+        kinds = ('kill consumer',) if len(self.consumers) == 1 else ('kill consumer', 'kill worker', 'stop consumer')
+        kind = self.rng.choice(kinds)
+        consumer = self.consumers[index]
+        workers = child_pids(consumer.pid)
+        if kind == 'kill worker' and workers:
+            os.kill(self.rng.choice(workers), signal.SIGKILL)
+        elif kind == 'stop consumer':
+            os.killpg(consumer.pid, signal.SIGSTOP)
+            self.stopped[index] = time.monotonic() + GRACE * 1.5
+        else:
+            kind = 'kill consumer'
+            os.killpg(consumer.pid, signal.SIGKILL)
+            consumer.wait()
+            self.consumers[index] = start_consumer(self.env, self.log)
+        self.blows[kind] += 1
+
+    def resume_due(self, at_once=False):
+        for index, due in list(self.stopped.items()):
+            if at_once or time.monotonic() >= due:
+                os.killpg(self.consumers[index].pid, signal.SIGCONT)
+                del self.stopped[index]
+
+    def end(self):
+        self.resume_due(at_once=True)
+        for consumer in self.consumers:
+            os.killpg(consumer.pid, signal.SIGKILL)
+            consumer.wait()
+
+
+def child_pids(pid):
+    """The pids of `pid`'s children (a consumer's workers and scheduler), from /proc."""
+    try:
+        with open(f'/proc/{pid}/task/{pid}/children') as children:
+            return [int(child) for child in children.read().split()]
+    except OSError:
+        return []
 
 
 def finished(models, accepted):
@@ -153,7 +213,7 @@ def report(models, smtp, accepted, kills, elapsed, final=False):
           f'lost {lost}  duplicated {duplicated}  kills {kills}  throughput {done / elapsed:.1f} tasks/s',
           flush=True)
     if final:
-        print(f'every accepted task final, lost 0 {"met" if lost == 0 else "NOT MET"}')
+        print(f'accepted {len(accepted)} = final {done}, lost 0 {"met" if lost == 0 else "NOT MET"}')
         print(f'duplicated deliveries 0 {"met" if duplicated == 0 else "NOT MET"}')
 
 
