@@ -144,6 +144,13 @@ def db_url():
 
 # ---------------------------------------------------------------- processes
 
+def lane_workers(count, only=None):
+    """Environment giving each lane (or those in `only`; the others 0) `count` workers."""
+    from mailkit import settings
+    return {settings.env_name(key): str(count if only is None or key.split('.', 1)[1] in only else 0)
+            for key, *_ in settings.SETTINGS if key.startswith('lanes.')}
+
+
 def python_env(**extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
     env.update(extra)

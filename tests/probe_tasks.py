@@ -81,3 +81,16 @@ def crawls(total, pause, tenant_id=None, user_id=None):
         overrun(pause)
         report_progress(done, total)
     return {'status': 'ok'}
+
+
+@service_task(priority=10, retries=0, lane='sync')
+def slow_sync(seconds, tenant_id=None, user_id=None):
+    """A sync-lane task that takes `seconds`: a backlog of these is a periodic sync storm."""
+    time.sleep(seconds)
+    return {'status': 'ok'}
+
+
+@service_task(priority=8, retries=0, lane='send')
+def quick_send(tenant_id=None, user_id=None):
+    """A send-lane task that does nothing."""
+    return {'status': 'ok'}
