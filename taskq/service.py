@@ -39,6 +39,7 @@ import time
 import redis
 from huey import Huey
 from huey import signals as S
+from huey.constants import EmptyData
 from huey.consumer import Consumer
 from huey.exceptions import ConfigurationError
 
@@ -67,6 +68,13 @@ class LedgerHuey(Huey):
         self.lane_workers = settings_mod.lanes(settings)  # lane -> worker processes
         self.storage.add_lanes(self.lane_workers, **self.storage_kwargs)
         self._lane_views = {}
+        self.on_shutdown('drop_stale_revoke_marks')(self.drop_stale_marks)
+
+    def drop_stale_marks(self):
+        """A stopping worker drops the revoke marks it was keeping for its next pop."""
+        for lane in self.storage.lanes.values():
+            if hasattr(lane, 'drop_stale_marks'):
+                lane.drop_stale_marks()
 
     def enqueue(self, task):
         """Queue `task` into its lane and return it; its id is the ledger id.
@@ -87,11 +95,38 @@ class LedgerHuey(Huey):
             raise
         return task
 
+    def dequeue(self):
+        data = self.storage.dequeue()
+        if data is None:
+            return None
+        task = self.deserialize_task(data)
+        task.revoke_marks = getattr(self.storage, 'marks', None)  # read with the pop, where the lane can
+        return task
+
+    def is_revoked(self, task, timestamp=None, peek=True):
+        """Huey's check, from the marks read with the pop when there are some (a round trip less)."""
+        marks = getattr(task, 'revoke_marks', None)
+        if marks is None:
+            return super().is_revoked(task, timestamp, peek)
+        task.revoke_marks = None   # good for the check before the run only
+        for key, data in zip(self._revoke_keys(task), marks):
+            revoked, restore = self._check_revoked(EmptyData if data is None else data, timestamp, peek)
+            if restore:
+                self.delete(key)
+            if revoked:
+                return True
+        return False
+
     def delete(self, key):
         """Huey drops a task's revoke key after the run and before the task's end
         signals: a broker outage there would skip them, and the ledger would say
         `running` for good under a live worker. A key left behind only matters
-        if the task was revoked, and then it is still right."""
+        if the task was revoked, and then it is still right. A lane's worker
+        drops revoke keys with its next pop instead (storage.LaneRedisStorage)."""
+        if key.startswith('r:') and getattr(self.storage, 'stale_marks', None) is not None \
+                and self.storage.lane is not None:
+            self.storage.stale_marks.append(key)
+            return True
         try:
             return super().delete(key)
         except Exception as exc:   # redis.ConnectionError, sqlite3 "locked": logged, the run goes on

@@ -160,8 +160,29 @@ redis.call('ZADD', KEYS[1], base + turn, ARGV[1])
 """
 
 
+# KEYS: the lane's sorted set, Huey's key-value hash; ARGV: revoke marks to drop first (the last run's).
+# Returns nil, or the member and the task's two revoke marks (its own, its class's) as Huey reads them.
+POP_LUA = """
+if #ARGV > 0 then redis.call('HDEL', KEYS[2], unpack(ARGV)) end
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if not popped[1] then return false end
+local id, name = string.match(popped[1], '"%$msg":%["([^"]+)","([^"]+)"')
+if not id then return {popped[1]} end
+local marks = redis.call('HMGET', KEYS[2], 'r:' .. id, 'rt:' .. name)
+return {popped[1], marks[1], marks[2]}
+"""
+
+
 class LaneRedisStorage(PriorityRedisStorage):
-    """Huey's priority Redis queue for one lane (lane=None: the storage Huey holds, see AllLanes)."""
+    """Huey's priority Redis queue for one lane (lane=None: the storage Huey holds, see AllLanes).
+
+    A busy worker pays one round trip per task here instead of Huey's three
+    (pop, read the task's revoke marks, drop its revoke mark after the run):
+    a script pops the next task with its marks (`marks`, which
+    LedgerHuey.is_revoked reads instead of asking again) and drops the marks
+    of the run before (`stale_marks`, which LedgerHuey.delete collects). An idle
+    worker falls back to Huey's blocking pop, which wakes at once on a push.
+    """
 
     def __init__(self, name='huey', lane=None, **kwargs):
         super().__init__(name, **kwargs)
@@ -169,6 +190,24 @@ class LaneRedisStorage(PriorityRedisStorage):
         if lane is not None:
             self.queue_key = f'huey.redis.{self.name}.{lane}'
         self._enqueue = self.conn.register_script(ENQUEUE_LUA)
+        self._pop_with_marks = self.conn.register_script(POP_LUA)
+        self.marks = None        # the last popped task's revoke marks, if the script popped it
+        self.stale_marks = []    # revoke marks to drop with the next pop
+
+    def dequeue(self):
+        popped = self._pop_with_marks(keys=[self.queue_key, self.result_key], args=self.stale_marks)
+        self.stale_marks = []
+        if popped:
+            self.marks = popped[1:] if len(popped) == 3 else None
+            return popped[0][8:]   # less Huey's time prefix
+        self.marks = None
+        return super().dequeue()   # idle: Huey's BZPOPMIN waits for the next push
+
+    def drop_stale_marks(self):
+        """Drop the collected revoke marks now (a worker that stops pops no more)."""
+        if self.stale_marks:
+            self.conn.hdel(self.result_key, *self.stale_marks)
+            self.stale_marks = []
 
     def enqueue(self, data, priority=None, tenant=None):
         priority = band(priority)
