@@ -66,7 +66,7 @@ class LedgerHuey(Huey):
         self.service_tasks = {}  # name -> task wrapper, for re-running a record by its name
         self.watchdog = Watchdog(enabled=settings['consumer.worker_type'] == 'process')
         self.lane_workers = settings_mod.lanes(settings)  # lane -> worker processes
-        self.storage.add_lanes(self.lane_workers, **self.storage_kwargs)
+        self.storage.add_lanes(self.lane_workers, DEFAULT_LANE, **self.storage_kwargs)
         self._lane_views = {}
         self.on_shutdown('drop_stale_revoke_marks')(self.drop_stale_marks)
 

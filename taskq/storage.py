@@ -387,13 +387,16 @@ class AllLanes:
     through `lanes[name].enqueue`; a worker pops from its own lane's storage."""
 
     lanes = {}
+    default_lane = None
 
-    def add_lanes(self, names, **kwargs):
+    def add_lanes(self, names, default, **kwargs):
         """One storage per lane, for the same broker and queue name."""
         self.lanes = {lane: self.lane_class(self.name, lane=lane, **kwargs) for lane in names}
+        self.default_lane = default
 
     def enqueue(self, data, priority=None, tenant=None):
-        raise TypeError('a task goes into its lane: LedgerHuey.enqueue picks it')
+        """A payload queued without its lane (LedgerHuey.enqueue picks the lane of a task) goes to the default."""
+        self.lanes[self.default_lane].enqueue(data, priority, tenant)
 
     def dequeue(self):
         for lane in self.lanes.values():   # not a worker's path (a worker serves one lane): tools and tests
