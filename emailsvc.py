@@ -1093,8 +1093,9 @@ def waitress_options(settings):
 
 
 def consumer_options(settings):
-    """Huey consumer options from the settings: workers, recycling (-M), graceful stop (-g, -t)."""
-    return dict(workers=settings['consumer.workers'], worker_type=settings['consumer.worker_type'],
+    """Huey consumer options from the settings: worker type, recycling (-M), graceful stop (-g, -t);
+    the workers are [lanes]'s."""
+    return dict(worker_type=settings['consumer.worker_type'],
                 periodic=True, check_worker_health=True, health_check_interval=1,
                 max_tasks=settings['consumer.max_tasks_per_worker'] or None,
                 graceful_signal=settings['consumer.graceful_signal'],
@@ -1104,8 +1105,18 @@ def consumer_options(settings):
 def run_consumer(args):
     logs.configure(SETTINGS['log.level'])
     models.migrate()
-    consumer = tasks.huey.create_consumer(**consumer_options(SETTINGS))
+    consumer = tasks.huey.create_consumer(lanes=args.lanes, **consumer_options(SETTINGS))
     consumer.run()
+
+
+def lane_names(value):
+    """--lanes: comma-separated names of config.ini's [lanes]."""
+    names = settings_mod.listed(value)
+    unknown = [name for name in names if name not in tasks.huey.lane_workers]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f'unknown lane {", ".join(unknown) or "(none given)"}; the lanes are '
+                                         f'{", ".join(tasks.huey.lane_workers)}')
+    return names
 
 
 def run_migrate(args):
@@ -1518,8 +1529,11 @@ def build_parser():
     commands = parser.add_subparsers(dest='command', required=True, metavar='COMMAND')
     commands.add_parser('web', help='serve the HTTP API', description='Serve the HTTP API in the foreground.') \
         .set_defaults(run=serve_web)
-    commands.add_parser('consumer', help='run the task consumer', description='Run the Huey consumer (workers, '
-                        'periodic tasks) in the foreground; consumer.* settings apply.').set_defaults(run=run_consumer)
+    p = commands.add_parser('consumer', help='run the task consumer', description='Run the Huey consumer (workers, '
+                            'periodic tasks) in the foreground; consumer.* and lanes.* settings apply.')
+    p.add_argument('--lanes', type=lane_names, metavar='LANE,...',
+                   help='serve only these lanes (default: every lane of config.ini\'s [lanes])')
+    p.set_defaults(run=run_consumer)
     p = commands.add_parser('migrate', help='upgrade the database schema', description='Upgrade the database schema.')
     p.add_argument('--banner', action='store_true', help=argparse.SUPPRESS)  # ./run.sh's start-up lines
     p.set_defaults(run=run_migrate)

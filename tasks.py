@@ -1,7 +1,9 @@
 """emailsvc's tasks: `huey` and every task with its workflow.
 
-Run the consumer with `huey_consumer tasks.huey -w 2 -k process` (or
-`./run.sh consumer`, which passes the configured options). The queue
+Run the consumer with `./run.sh consumer [--lanes sync,send]`, which passes the
+configured options, or `huey_consumer tasks.huey -k process`: both serve every
+lane of config.ini's [lanes] with its worker count (huey_consumer's -w is not
+used); each task below names its lane. The queue
 machinery under the tasks (the ledger, time limits, heartbeats, recovery)
 is the `taskq` package; this module is the only code that opens mail
 connections or decrypts stored passwords. Task payloads hold ids and options
@@ -158,7 +160,12 @@ def open_smtp(client):
 
 # ---------------------------------------------------------------- sync
 
-@service_task(priority=10, retries=5)
+# The sync lane's priorities: a sync a user asked for (or a new account's first) goes before the
+# periodic ones, so a periodic storm never holds it; periodic_sync queues tenants interleaved.
+USER_SYNC, PERIODIC_SYNC = 10, 9
+
+
+@service_task(priority=USER_SYNC, retries=5, lane='sync')
 def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_sync=False):
     """Sync an account's mail from its IMAP or POP3 server into the database."""
     client = account_of(email_client_id, user_id)
@@ -397,10 +404,10 @@ def pop3_inbox(client):
     return folder or models.EmailFolder.create(client=client.id, name='INBOX', raw_name='INBOX', role='inbox')
 
 
-def queue_sync(client, user_id, folder_id=None, force_full_sync=False):
+def queue_sync(client, user_id, folder_id=None, force_full_sync=False, priority=None):
     """Queue a sync unless one is queued or running; returns (task id, state, queued now)."""
     task = sync_emails.s(client.id, client.tenant_id, user_id, folder_id=folder_id,
-                         force_full_sync=force_full_sync)
+                         force_full_sync=force_full_sync, priority=priority)
     claimed, holder = ledger.claim_sync(client.id, task)
     if not claimed:
         return (*holder, False)
@@ -434,7 +441,7 @@ def stop_or_mark_sending(outbox):
     move_outbox(outbox, 'sending', attempt=outbox.attempt + 1)
 
 
-@service_task(priority=8, retries=3)
+@service_task(priority=8, retries=3, lane='send')
 def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subject='',
                body_text='', body_html=None, attachment_ids=None):
     """Send one message over the account's SMTP server; the outbox row makes it happen at most once."""
@@ -612,7 +619,7 @@ def queue_send(client, user_id, clean, key=None, request_hash=None):
 
 # ---------------------------------------------------------------- delete
 
-@service_task(priority=5, retries=5)
+@service_task(priority=5, retries=5, lane='delete')
 def delete_emails(email_ids, tenant_id, user_id, permanent=False):
     """Move messages to Trash (soft), or expunge them for good (permanent), on the server and here.
 
@@ -686,7 +693,7 @@ SPAM_READ_LIMIT = 2 * 1024 * 1024
 AUTO_CHECK_LIMIT = 500  # automatic checks queued by one sync: new mail, not a mailbox's history
 
 
-@service_task(priority=3, retries=3)
+@service_task(priority=3, retries=3, lane='spam')
 def check_spam(email_id, tenant_id, user_id):
     """Score one message with the base model and the tenant's learning; store and return the verdict."""
     message = message_of(email_id, user_id)
@@ -737,7 +744,7 @@ def learn_report(message, verdict):
     models.EmailMessage.update(is_spam=verdict == 'spam').where(models.EmailMessage.id == message.id).execute()
 
 
-@service_task(priority=3, retries=3)
+@service_task(priority=3, retries=3, lane='spam')
 def file_report(email_id, tenant_id, user_id, verdict):
     """Move a reported message to Junk (spam) or back to the inbox (ham) on the IMAP server."""
     message = message_of(email_id, user_id)
@@ -774,19 +781,19 @@ def queue_spam_checks(client, message_ids):
 
 # ---------------------------------------------------------------- periodic
 
-@service_task(priority=10, retries=0, periodic=crontab(minute='*/5'))
+@service_task(priority=10, retries=0, periodic=crontab(minute='*/5'), lane='periodic')
 def periodic_sync(now=None):
     """Queue sync_emails for every account with sync on whose interval has passed."""
     now = now or models.utcnow()
     queued = []
     for client in models.due_for_sync(now):
-        task_id, _, queued_now = queue_sync(client, client.user_id)
+        task_id, _, queued_now = queue_sync(client, client.user_id, priority=PERIODIC_SYNC)
         if queued_now:
             queued.append(task_id)
     return {'status': 'ok', 'task_ids': queued}
 
 
-@service_task(priority=10, retries=0, periodic=crontab(minute='0'))
+@service_task(priority=10, retries=0, periodic=crontab(minute='0'), lane='periodic')
 def cleanup_stale_results(now=None):
     """Clear ledger results older than queue.results_ttl; drop records past queue.history_days;
     delete uploads unused for mail.upload_ttl_hours."""
@@ -820,7 +827,7 @@ def expire_uploads(now):
     return removed
 
 
-@service_task(priority=3, retries=0)
+@service_task(priority=3, retries=0, lane='periodic')
 def noop(tenant_id=None, user_id=None):
     """Do nothing: proves the queue, a worker and the ledger work end to end."""
     return {'status': 'ok'}

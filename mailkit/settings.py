@@ -34,7 +34,6 @@ SETTINGS = (  # key, type, default, meaning
     ('queue.name', str, 'emailsvc', 'queue name (several services may share a Redis)'),
     ('queue.results_ttl', int, 3600, 'seconds a task result is kept in the broker'),
     ('queue.history_days', int, 30, 'days finished tasks stay in the ledger'),
-    ('consumer.workers', int, 2, 'worker processes per consumer'),
     ('consumer.worker_type', str, 'process', 'process | thread'),
     ('consumer.heartbeat_seconds', float, 5.0, 'how often each worker reports it is alive'),
     ('consumer.alive_seconds', float, 20.0, 'a worker silent for longer counts as gone'),
@@ -47,6 +46,15 @@ SETTINGS = (  # key, type, default, meaning
                                              "interrupts them and queues them again); Huey's -g"),
     ('consumer.shutdown_timeout', float, 60.0, 'seconds a graceful stop waits for running tasks before it '
                                                "interrupts them (0: wait for ever); Huey's -t"),
+    # A lane is one row here: its worker processes in each consumer that serves it (0: none); tasks name
+    # their lane (tasks.py), and a backlog in one lane never holds another.
+    ('lanes.sync', int, 2, 'worker processes for sync_emails (user-requested syncs first, then periodic ones)'),
+    ('lanes.send', int, 2, 'worker processes for send_email'),
+    ('lanes.delete', int, 2, 'worker processes for delete_emails'),
+    ('lanes.spam', int, 2, 'worker processes for check_spam and spam reports'),
+    ('lanes.periodic', int, 2, 'worker processes for periodic_sync, cleanup and noop; its consumers run the '
+                               'periodic schedule'),
+    ('lanes.webhooks', int, 2, 'worker processes for webhook deliveries'),
     ('health.max_wait_seconds', float, 900.0, '/health/detailed is degraded when the oldest waiting task has '
                                               'waited longer (0: no limit)'),
     ('metrics.allowed_networks', str, '', 'CIDR list (comma-separated) that may read /metrics without a key; '
@@ -183,10 +191,17 @@ def check_choice(key, value, source):
             except ValueError:
                 raise ConfigError(f'{source}: {item!r} is not a network (like 10.0.0.0/8 or 127.0.0.1); '
                                   f'{how_to_fix(key, source)}') from None
+    if key.startswith('lanes.') and value < 0:
+        raise ConfigError(f'{source} must be 0 or more worker processes, got {value}; {how_to_fix(key, source)}')
     choices = CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '
                           f'{how_to_fix(key, source)}')
+
+
+def lanes(values):
+    """{lane: worker processes} from the [lanes] rows, in the table's order."""
+    return {key.split('.', 1)[1]: values[key] for key, *_ in SETTINGS if key.startswith('lanes.')}
 
 
 def is_embedded(url):

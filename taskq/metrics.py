@@ -251,10 +251,16 @@ class LedgerCollector:
             consumers = live_consumers(self.settings['consumer.alive_seconds'])
         yield from self.task_metrics(counts)
         yield from self.mail_metrics(counts)
+        queue = self.huey.queue_depth()
         depth = GaugeMetricFamily('emailsvc_queue_depth', 'Tasks waiting in the broker', labels=['priority'])
-        for priority, count in self.huey.queue_depth()['by_priority'].items():
+        for priority, count in queue['by_priority'].items():
             depth.add_metric([priority], count)
         yield depth
+        by_lane = GaugeMetricFamily('emailsvc_lane_queue_depth', 'Tasks waiting in the broker, by lane',
+                                    labels=['lane'])
+        for lane, waiting in queue['by_lane'].items():
+            by_lane.add_metric([lane], waiting['depth'])
+        yield by_lane
         yield GaugeMetricFamily('emailsvc_oldest_waiting_task_age_seconds',
                                 'Seconds the oldest pending task has waited (0: none waits)', value=oldest)
         yield GaugeMetricFamily('emailsvc_consumers_alive', 'Consumers with a recent heartbeat',

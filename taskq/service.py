@@ -1,14 +1,30 @@
-"""The service's Huey: the ledger at enqueue, the task decorator, time limits and retry delays.
+"""The service's Huey: the ledger at enqueue, lanes, the task decorator, time limits and retry delays.
 
 `make_huey(settings)` builds the instance for the configured broker (SQLite
 file or Redis) with the signed JSON serializer; `@huey.service_task(...)`
-registers a task with the service's rules (priority, retries with capped,
+registers a task with the service's rules (lane, priority, retries with capped,
 jittered backoff, soft and hard time limits, tenant scope) and keeps it in
 `huey.service_tasks`, by name, so a record can be queued again from the
 ledger. The instance carries what the rest of the machinery needs (settings,
 registry, worker identity), so nothing here imports tasks.py.
+
+Lanes (config.ini's [lanes]: sync, send, delete, spam, periodic, webhooks)
+are built on one Huey, not one Huey per lane. Huey keeps a task's schedule,
+revoke mark and locks in its storage under the instance's name, and its
+registry, signals and hooks on the instance; a Huey per lane would split them,
+so revoking, re-running or recovering a task would first have to find its
+lane's instance, and each would need a scheduler. Only the queue a worker pops
+from must differ by lane (huey.consumer.Worker.loop calls `huey.dequeue()`,
+which is `storage.dequeue()`). So: one instance, one registry and schedule;
+`enqueue` puts each task into its lane's queue (storage.py); and the consumer
+gives each worker a view of the instance whose storage is its lane's
+(`huey.lane(name)`), the same Huey in every other respect. One consumer serves
+every lane by default, each with its configured workers; `lanes=` serves some.
+`huey_consumer tasks.huey` builds the same consumer: every lane, [lanes]'s
+worker counts (its -w is not used), -k, -M, -n and the rest as given.
 """
 import contextlib
+import copy
 import functools
 import json
 import logging
@@ -23,18 +39,21 @@ import time
 
 import redis
 from huey import Huey
+from huey import signals as S
+from huey.constants import EmptyData
 from huey.consumer import Consumer
-from huey.storage import PriorityRedisStorage
+from huey.exceptions import ConfigurationError
 
 import models
 from mailkit import logs
 from mailkit import settings as settings_mod
 from taskq import ledger
-from taskq.storage import SignedJsonSerializer, WakingSqliteStorage, depth_by_priority
+from taskq.storage import AllRedisLanes, AllSqliteLanes, SignedJsonSerializer
 
 logger = logging.getLogger('emailsvc.tasks')
 
-PRIORITIES = (10, 8, 5, 3)
+PRIORITIES = (10, 9, 8, 5, 3)
+DEFAULT_LANE = 'periodic'  # housekeeping: the lane of a task that names none
 
 
 class LedgerHuey(Huey):
@@ -47,23 +66,68 @@ class LedgerHuey(Huey):
         self.settings = settings
         self.service_tasks = {}  # name -> task wrapper, for re-running a record by its name
         self.watchdog = Watchdog(enabled=settings['consumer.worker_type'] == 'process')
+        self.lane_workers = settings_mod.lanes(settings)  # lane -> worker processes
+        self.storage.add_lanes(self.lane_workers, DEFAULT_LANE, **self.storage_kwargs)
+        self._lane_views = {}
+        self.on_shutdown('drop_stale_revoke_marks')(self.drop_stale_marks)
+
+    def drop_stale_marks(self):
+        """A stopping worker drops the revoke marks it was keeping for its next pop."""
+        for lane in self.storage.lanes.values():
+            if hasattr(lane, 'drop_stale_marks'):
+                lane.drop_stale_marks()
 
     def enqueue(self, task):
-        """Queue `task` and return it; its id is the ledger id."""
+        """Queue `task` into its lane and return it; its id is the ledger id.
+
+        Huey.enqueue's steps for one task (this service queues no groups or
+        chords, keeps no results and never runs immediate), with the lane and
+        the tenant, whose turn orders the lane (storage.py), passed on."""
         recorded_now = ledger.record(task)
         try:
-            super().enqueue(task)
+            if task.expires:
+                task.resolve_expires(self.utc)
+            self._emit(S.SIGNAL_ENQUEUED, task)
+            self.storage.lanes[type(task).lane].enqueue(self.serialize_task(task), task.priority,
+                                                        ledger.call_arguments(task).get('tenant_id'))
         except Exception:
             if recorded_now:  # the caller gets the error: leave no phantom pending task behind
                 ledger.delete(task.id)
             raise
         return task
 
+    def dequeue(self):
+        data = self.storage.dequeue()
+        if data is None:
+            return None
+        task = self.deserialize_task(data)
+        task.revoke_marks = getattr(self.storage, 'marks', None)  # read with the pop, where the lane can
+        return task
+
+    def is_revoked(self, task, timestamp=None, peek=True):
+        """Huey's check, from the marks read with the pop when there are some (a round trip less)."""
+        marks = getattr(task, 'revoke_marks', None)
+        if marks is None:
+            return super().is_revoked(task, timestamp, peek)
+        task.revoke_marks = None   # good for the check before the run only
+        for key, data in zip(self._revoke_keys(task), marks):
+            revoked, restore = self._check_revoked(EmptyData if data is None else data, timestamp, peek)
+            if restore:
+                self.delete(key)
+            if revoked:
+                return True
+        return False
+
     def delete(self, key):
         """Huey drops a task's revoke key after the run and before the task's end
         signals: a broker outage there would skip them, and the ledger would say
         `running` for good under a live worker. A key left behind only matters
-        if the task was revoked, and then it is still right."""
+        if the task was revoked, and then it is still right. A lane's worker
+        drops revoke keys with its next pop instead (storage.LaneRedisStorage)."""
+        if key.startswith('r:') and getattr(self.storage, 'stale_marks', None) is not None \
+                and self.storage.lane is not None:
+            self.storage.stale_marks.append(key)
+            return True
         try:
             return super().delete(key)
         except Exception as exc:   # redis.ConnectionError, sqlite3 "locked": logged, the run goes on
@@ -84,16 +148,27 @@ class LedgerHuey(Huey):
     def create_consumer(self, **options):
         return LedgerConsumer(self, **options)
 
+    def lane(self, name):
+        """This Huey as a worker of lane `name` sees it: the same in all but the queue it pops from."""
+        if name not in self._lane_views:
+            view = copy.copy(self)
+            view.storage = self.storage.lanes[name]
+            self._lane_views[name] = view
+        return self._lane_views[name]
+
     # ------------------------------------------------------------ tasks
 
-    def service_task(self, priority, retries, periodic=None):
-        """Register a task with the service's priority, retry, time-limit and scope rules.
+    def service_task(self, priority, retries, periodic=None, lane=DEFAULT_LANE):
+        """Register a task with the service's lane, priority, retry, time-limit and scope rules.
 
         The function runs inside its tenant's scope (or all_tenants() when it
         takes no tenant), with the request id of the call that queued it; an
         error in NO_RETRY fails it at once; past the soft limit Huey raises
         TaskTimeout inside it, past the hard limit the worker process is killed.
         """
+        if lane not in self.lane_workers:
+            raise ConfigurationError(f'no lane {lane!r}: config.ini\'s [lanes] has {", ".join(self.lane_workers)}')
+
         def decorate(func):
             soft, hard = self.time_limits(func.__name__)
 
@@ -115,6 +190,7 @@ class LedgerHuey(Huey):
                 options.update(retry_delay=self.settings['retry.base_delay'], retry_backoff=2)
             wrapper = self.periodic_task(periodic, **options)(run) if periodic else self.task(**options)(run)
             wrapper.task_class.func = func
+            wrapper.task_class.lane = lane
             self.service_tasks[func.__name__] = wrapper
             return wrapper
         return decorate
@@ -143,11 +219,16 @@ class LedgerHuey(Huey):
         return f'{HOST}:{os.getpid()}:{CONSUMER_ID}'
 
     def queue_depth(self):
-        """Tasks waiting in the broker, by priority."""
+        """Tasks waiting in the broker, by priority and by lane (each lane by priority too)."""
         counts = {str(p): 0 for p in PRIORITIES}
-        for priority, count in depth_by_priority(self.storage, PRIORITIES).items():
-            counts[str(priority)] = counts.get(str(priority), 0) + count
-        return {'depth': sum(counts.values()), 'by_priority': counts}
+        by_lane = {}
+        for name, lane in self.storage.lanes.items():
+            depth = {str(p): count for p, count in sorted(lane.depth_by_priority(PRIORITIES).items(), reverse=True)
+                     if count}
+            by_lane[name] = {'depth': sum(depth.values()), 'by_priority': depth}
+            for priority, count in depth.items():
+                counts[priority] = counts.get(priority, 0) + count
+        return {'depth': sum(counts.values()), 'by_priority': counts, 'by_lane': by_lane}
 
 
 HOST = os.uname().nodename
@@ -173,13 +254,13 @@ def make_huey(settings):
     if settings_mod.is_embedded(url):
         path = settings_mod.sqlite_path(url)
         settings_mod.make_private_file(path)   # 0600 in a 0700 var/: payloads name accounts and messages
-        return LedgerHuey(storage_class=WakingSqliteStorage, filename=str(path), timeout=15, **common)
+        return LedgerHuey(storage_class=AllSqliteLanes, filename=str(path), timeout=15, **common)
     if url.startswith(('redis:', 'rediss:', 'unix:')):
         # Redis wakes blocked workers by itself (BZPOPMIN); health_check_interval
         # notices a restarted server instead of hanging on a dead socket.
         pool = redis.ConnectionPool.from_url(url, health_check_interval=10, socket_timeout=10,
                                              socket_connect_timeout=5)
-        return LedgerHuey(storage_class=PriorityRedisStorage, connection_pool=pool, blocking=True,
+        return LedgerHuey(storage_class=AllRedisLanes, connection_pool=pool, blocking=True,
                           read_timeout=1, **common)
     raise SystemExit(f'emailsvc: {settings_mod.config_path()}: [queue] url must start with sqlite:/// or '
                      f'redis://, got {url.split(":", 1)[0]!r}; fix it there or in EMAILSVC_QUEUE_URL')
@@ -255,12 +336,50 @@ def kill_note_path(consumer_pid, worker_pid):
 
 
 class LedgerConsumer(Consumer):
-    """Huey's consumer that records the tasks its watchdogs killed, then replaces the workers as Huey does."""
+    """Huey's consumer with each worker bound to a lane; it records the tasks its watchdogs killed
+    and replaces dead workers in their own lanes.
+
+    `lanes` (names; None: every lane) picks the lanes served, each with its
+    configured workers; `workers` (Huey's -w) is not used. The periodic
+    schedule runs where the periodic lane is served. Every consumer's scheduler
+    moves due retries from the shared schedule into their lanes.
+    """
+
+    def __init__(self, huey, lanes=None, workers=None, periodic=True, **options):
+        served = huey.lane_workers if lanes is None else {name: huey.lane_workers[name] for name in lanes}
+        self.lane_plan = [name for name, count in served.items() for _ in range(count)]
+        if not self.lane_plan:
+            raise ConfigurationError(f'no workers in lanes {", ".join(served)}: config.ini\'s [lanes] gives them 0')
+        self._initial_lanes = iter(self.lane_plan)
+        super().__init__(huey, workers=len(self.lane_plan), periodic=periodic and 'periodic' in served, **options)
+        logger.info('consumer serves lanes %s', ', '.join(f'{name} ({count})' for name, count in served.items()))
+
+    def _create_worker(self, lane=None):
+        lane = lane or next(self._initial_lanes)  # Huey's __init__ creates them in lane_plan's order
+        worker = self.worker_class(huey=self.huey.lane(lane), stop_flag=self.stop_flag,
+                                   default_delay=self.default_delay, max_delay=self.max_delay,
+                                   backoff=self.backoff, max_tasks=self.max_tasks)
+        worker.lane = lane
+        return worker
 
     def check_worker_health(self):
+        """Huey's check, with each dead worker replaced in its lane (Huey's would not know which)."""
         for note in pathlib.Path(tempfile.gettempdir()).glob(f'emailsvc-hard-limit-{os.getpid()}-*.json'):
             record_kill(note)
-        return super().check_worker_health()
+        healthy = True
+        for i, (worker, process) in enumerate(self.worker_threads):
+            if not self.environment.is_alive(process):
+                logger.warning('worker %d (lane %s) died; starting another', i + 1, worker.lane)
+                worker = self._create_worker(worker.lane)
+                process = self._create_process(worker, f'Worker-{i + 1}')
+                process.start()
+                self.worker_threads[i] = (worker, process)
+                healthy = False
+        if not self.environment.is_alive(self.scheduler):
+            logger.warning('scheduler died; starting another')
+            self.scheduler = self._create_process(self._create_scheduler(), 'Scheduler')
+            self.scheduler.start()
+        return healthy
 
 
 def record_kill(note):

@@ -1,4 +1,4 @@
-"""Queue plumbing for Huey: a signed JSON serializer and a SQLite queue that wakes.
+"""Queue plumbing for Huey: a signed JSON serializer, lanes, tenant turns and a SQLite queue that wakes.
 
 Payloads on the broker are JSON signed with HMAC-SHA256 under the service
 secret, never pickle: a payload that is unsigned, signed with another key,
@@ -11,6 +11,29 @@ enqueue writes one byte into a FIFO beside the queue file and idle workers
 wait on it with poll(), so a task starts within a millisecond of its enqueue
 however long the queue was idle. The FIFO is only a doorbell: the task itself
 is in the database, so a lost or spurious ring costs at most `read_timeout`.
+
+Lanes. Each lane (sync, send, delete, spam, periodic, webhooks: config.ini's
+[lanes]) is a queue of its own in the same broker: a Redis sorted set
+`huey.redis.<name>.<lane>`, or the rows of Huey's SQLite task table whose
+`queue` column is `<name>.<lane>`. Everything else Huey keeps in its storage,
+the schedule (delayed tasks, retries), revoke marks and locks, stays under the
+one queue name and is shared by every lane, so revoking, retrying, recovery and
+`lock_task` work the same whichever lane a task runs in. A worker pops from its
+lane only, so a backlog in one lane never holds another.
+
+Turns. Within a lane, a task's place is its priority first, then its tenant's
+turn: start-time fair queueing (Goyal et al., 1996) with rounds for tags. The
+n-th task a tenant has waiting in a priority band gets turn max(h, last + 1),
+where h is the lowest turn still waiting in the band and last the tenant's
+previous turn there; when the band has drained every tenant starts at 1 again.
+So a tenant that queues 2,000 tasks takes turns 1..2,000, and another tenant's
+task queued after them gets the turn at the head of the line: at most one task
+of each other tenant runs before it. Ties keep enqueue order (Huey's time prefix
+in Redis, the row id in SQLite). A task's score encodes both: priority * TURNS
+minus the turn (SQLite's `priority desc`), or its negation (Redis's ZPOPMIN),
+exact in a double while priorities stay within 0..1000. The turn is given in
+the enqueue's one round trip (a Lua script in Redis, one transaction in
+SQLite), and dequeues are Huey's own: fairness costs the hot path nothing.
 """
 import datetime
 import errno
@@ -21,11 +44,13 @@ import logging
 import os
 import select
 import stat
+import struct
+import time
 
 from huey.registry import Message
 from huey.serializer import Serializer
 from huey.constants import EmptyData
-from huey.storage import RedisPriorityQueue, SqliteStorage
+from huey.storage import PriorityRedisStorage, SqliteStorage
 from huey.utils import Error
 
 logger = logging.getLogger('emailsvc.queue')
@@ -105,27 +130,186 @@ def decode(value):
     return value
 
 
-class WakingSqliteStorage(SqliteStorage):
-    """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling."""
-    blocking = True
+# ---------------------------------------------------------------- turns within a lane
 
-    def __init__(self, *args, read_timeout=1.0, **kwargs):
-        super().__init__(*args, **kwargs)
+TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
+
+
+def band(priority):
+    """The priority a task is queued at: None is 0, and the score must stay exact (0..1000)."""
+    return max(0, min(int(priority or 0), 1000))
+
+
+def tenant_key(tenant):
+    return '' if tenant is None else str(tenant)
+
+
+# KEYS: the lane's sorted set, the band's turns (tenant -> last turn); ARGV: member, priority, tenant.
+ENQUEUE_LUA = f"""
+local base = -tonumber(ARGV[2]) * {TURNS}
+local head = redis.call('ZRANGEBYSCORE', KEYS[1], base, '(' .. (base + {TURNS}), 'WITHSCORES', 'LIMIT', 0, 1)
+local turn = 1
+if head[1] then
+  local last = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+  turn = math.max(tonumber(head[2]) - base, last + 1)
+else
+  redis.call('DEL', KEYS[2])
+end
+redis.call('HSET', KEYS[2], ARGV[3], turn)
+redis.call('ZADD', KEYS[1], base + turn, ARGV[1])
+"""
+
+
+# KEYS: the lane's sorted set, Huey's key-value hash; ARGV: revoke marks to drop first (the last run's).
+# Returns nil, or the member and the task's two revoke marks (its own, its class's) as Huey reads them.
+POP_LUA = """
+if #ARGV > 0 then redis.call('HDEL', KEYS[2], unpack(ARGV)) end
+local popped = redis.call('ZPOPMIN', KEYS[1])
+if not popped[1] then return false end
+local id, name = string.match(popped[1], '"%$msg":%["([^"]+)","([^"]+)"')
+if not id then return {popped[1]} end
+local marks = redis.call('HMGET', KEYS[2], 'r:' .. id, 'rt:' .. name)
+return {popped[1], marks[1], marks[2]}
+"""
+
+
+class LaneRedisStorage(PriorityRedisStorage):
+    """Huey's priority Redis queue for one lane (lane=None: the storage Huey holds, see AllLanes).
+
+    A busy worker pays one round trip per task here instead of Huey's three
+    (pop, read the task's revoke marks, drop its revoke mark after the run):
+    a script pops the next task with its marks (`marks`, which
+    LedgerHuey.is_revoked reads instead of asking again) and drops the marks
+    of the run before (`stale_marks`, which LedgerHuey.delete collects). An idle
+    worker falls back to Huey's blocking pop, which wakes at once on a push.
+    """
+
+    def __init__(self, name='huey', lane=None, **kwargs):
+        super().__init__(name, **kwargs)
+        self.lane = lane
+        if lane is not None:
+            self.queue_key = f'huey.redis.{self.name}.{lane}'
+        self._enqueue = self.conn.register_script(ENQUEUE_LUA)
+        self._pop_with_marks = self.conn.register_script(POP_LUA)
+        self.marks = None        # the last popped task's revoke marks, if the script popped it
+        self.stale_marks = []    # revoke marks to drop with the next pop
+
+    def dequeue(self):
+        popped = self._pop_with_marks(keys=[self.queue_key, self.result_key], args=self.stale_marks)
+        self.stale_marks = []
+        if popped:
+            self.marks = popped[1:] if len(popped) == 3 else None
+            return popped[0][8:]   # less Huey's time prefix
+        self.marks = None
+        return super().dequeue()   # idle: Huey's BZPOPMIN waits for the next push
+
+    def drop_stale_marks(self):
+        """Drop the collected revoke marks now (a worker that stops pops no more)."""
+        if self.stale_marks:
+            self.conn.hdel(self.result_key, *self.stale_marks)
+            self.stale_marks = []
+
+    def enqueue(self, data, priority=None, tenant=None):
+        priority = band(priority)
+        # Huey's time prefix (RedisPriorityQueue.enqueue): enqueue order among equal scores.
+        member = struct.pack('>Q', int(time.time() * 1e6)) + data
+        self._enqueue(keys=[self.queue_key, f'{self.queue_key}.turns.{priority}'],
+                      args=[member, priority, tenant_key(tenant)])
+
+    def pop_now(self):
+        """The next task's payload without waiting, or None."""
+        items = self.conn.zpopmin(self.queue_key, count=1)
+        return items[0][0][8:] if items else None
+
+    def depth_by_priority(self, priorities):
+        """{priority: waiting tasks} of this lane, counted without reading payloads."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            for priority in priorities:
+                base = -band(priority) * TURNS
+                pipe.zcount(self.queue_key, base, f'({base + TURNS}')
+            pipe.zcard(self.queue_key)
+            *counts, total = pipe.execute()
+        depth = dict(zip(priorities, counts))
+        if total > sum(counts):
+            depth[0] = depth.get(0, 0) + total - sum(counts)  # priorities outside the service's own
+        return depth
+
+
+class WakingSqliteStorage(SqliteStorage):
+    """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling; one lane's tasks."""
+    blocking = True
+    table_turn = ('create table if not exists turn (queue text not null, priority integer not null, '
+                  'tenant text not null, turn integer not null, primary key (queue, priority, tenant))')
+    ddl = SqliteStorage.ddl + [table_turn]
+
+    def __init__(self, name='huey', lane=None, read_timeout=1.0, **kwargs):
+        super().__init__(name, **kwargs)
+        self.lane = lane
+        self.queue = self.name if lane is None else f'{self.name}.{lane}'
         self.read_timeout = read_timeout
-        self.bell_path = f'{self.filename}.bell'
+        self.bell_path = f'{self.filename}.bell' if lane is None else f'{self.filename}.{lane}.bell'
         self._bell_reader = None
         self._bell_writer = None
         make_fifo(self.bell_path)
 
-    def enqueue(self, data, priority=None):
-        super().enqueue(data, priority)
+    def enqueue(self, data, priority=None, tenant=None):
+        priority, tenant = band(priority), tenant_key(tenant)
+        top = priority * TURNS
+        with self.db(commit=True) as curs:
+            curs.execute('select max(priority) from task where queue = ? and priority > ? and priority < ?',
+                         (self.queue, top - TURNS, top))
+            head, = curs.fetchone()
+            if head is None:  # the band drained: every tenant starts even
+                curs.execute('delete from turn where queue = ? and priority = ?', (self.queue, priority))
+                turn = 1
+            else:
+                curs.execute('select turn from turn where queue = ? and priority = ? and tenant = ?',
+                             (self.queue, priority, tenant))
+                last = curs.fetchone()
+                turn = max(int(top - head), (last[0] if last else 0) + 1)
+            curs.execute('insert or replace into turn (queue, priority, tenant, turn) values (?, ?, ?, ?)',
+                         (self.queue, priority, tenant, turn))
+            curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
+                         (self.queue, self.to_blob(data), top - turn))
         self.ring()
 
     def dequeue(self):
-        data = super().dequeue()
+        data = self.pop_now()
         if data is None and self.wait_for_bell():
-            data = super().dequeue()
+            data = self.pop_now()
         return data
+
+    def pop_now(self):
+        """Huey's SqliteStorage.dequeue, for this lane's queue: the next task's payload, or None."""
+        if not self.sql('select 1 from task where queue = ? limit 1', (self.queue,), results=True):
+            return None
+        with self.db(commit=True) as curs:
+            curs.execute('select id, data from task where queue = ? order by priority desc, id limit 1',
+                         (self.queue,))
+            row = curs.fetchone()
+            if row is not None:
+                curs.execute('delete from task where id = ?', (row[0],))
+                if curs.rowcount == 1:
+                    return row[1]
+        return None
+
+    def queue_size(self):
+        return self.sql('select count(id) from task where queue = ?', (self.queue,), results=True)[0][0]
+
+    def enqueued_items(self, limit=None):
+        sql = 'select data from task where queue = ? order by priority desc, id'
+        params = (self.queue,) if limit is None else (self.queue, limit)
+        return [data for data, in self.sql(sql + (' limit ?' if limit is not None else ''), params, results=True)]
+
+    def flush_queue(self):
+        self.sql('delete from task where queue = ?', (self.queue,), commit=True)
+
+    def depth_by_priority(self, priorities=()):
+        """{priority: waiting tasks} of this lane, counted without reading payloads."""
+        # A score is priority * TURNS - turn, 0 < turn < TURNS: adding TURNS - 1 and truncating gives the priority.
+        rows = self.sql('select cast((priority + ?) / ? as integer) as band, count(*) from task '
+                        'where queue = ? group by band', (TURNS - 1, TURNS, self.queue), results=True)
+        return {int(priority): count for priority, count in rows}
 
     def _create_connection(self):
         conn = super()._create_connection()
@@ -195,21 +379,52 @@ def make_fifo(path):
             raise RuntimeError(f'{path} exists and is not a FIFO; remove it') from None
 
 
-def depth_by_priority(storage, priorities):
-    """{priority: waiting tasks}, counted in the broker without reading payloads."""
-    if isinstance(storage, SqliteStorage):
-        rows = storage.sql('select priority, count(*) from task where queue = ? group by priority',
-                           (storage.name,), results=True)
-        return {int(priority): count for priority, count in rows}
-    if isinstance(storage, RedisPriorityQueue):
-        # The sorted set's score is the negated priority (huey.storage.RedisPriorityQueue).
-        with storage.conn.pipeline(transaction=False) as pipe:
-            for priority in priorities:
-                pipe.zcount(storage.queue_key, -priority, -priority)
-            pipe.zcard(storage.queue_key)
-            *counts, total = pipe.execute()
-        depth = dict(zip(priorities, counts))
-        if total > sum(counts):
-            depth[0] = total - sum(counts)  # priorities outside the service's own
-        return depth
-    raise TypeError(f'no queue depth for {type(storage).__name__}')
+# ---------------------------------------------------------------- every lane
+
+class AllLanes:
+    """The storage Huey itself holds: the schedule, revoke marks and locks of every lane, and the
+    lanes' queues as one (what recovery, health and `pending_count` read). Tasks go into a lane
+    through `lanes[name].enqueue`; a worker pops from its own lane's storage."""
+
+    lanes = {}
+    default_lane = None
+
+    def add_lanes(self, names, default, **kwargs):
+        """One storage per lane, for the same broker and queue name."""
+        self.lanes = {lane: self.lane_class(self.name, lane=lane, **kwargs) for lane in names}
+        self.default_lane = default
+
+    def enqueue(self, data, priority=None, tenant=None):
+        """A payload queued without its lane (LedgerHuey.enqueue picks the lane of a task) goes to the default."""
+        self.lanes[self.default_lane].enqueue(data, priority, tenant)
+
+    def dequeue(self):
+        for lane in self.lanes.values():   # not a worker's path (a worker serves one lane): tools and tests
+            data = lane.pop_now()
+            if data is not None:
+                return data
+        return None
+
+    def queue_size(self):
+        return sum(lane.queue_size() for lane in self.lanes.values())
+
+    def enqueued_items(self, limit=None):
+        items = [item for lane in self.lanes.values() for item in lane.enqueued_items()]
+        return items if limit is None else items[:limit]
+
+    def flush_queue(self):
+        for lane in self.lanes.values():
+            lane.flush_queue()
+
+    def close(self):
+        for lane in self.lanes.values():   # forked workers must not share a parent's connection
+            lane.close()
+        return super().close()
+
+
+class AllRedisLanes(AllLanes, LaneRedisStorage):
+    lane_class = LaneRedisStorage
+
+
+class AllSqliteLanes(AllLanes, WakingSqliteStorage):
+    lane_class = WakingSqliteStorage

@@ -144,6 +144,13 @@ def db_url():
 
 # ---------------------------------------------------------------- processes
 
+def lane_workers(count, only=None):
+    """Environment giving each lane (or those in `only`; the others 0) `count` workers."""
+    from mailkit import settings
+    return {settings.env_name(key): str(count if only is None or key.split('.', 1)[1] in only else 0)
+            for key, *_ in settings.SETTINGS if key.startswith('lanes.')}
+
+
 def python_env(**extra):
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED='1')
     env.update(extra)
@@ -157,14 +164,19 @@ class Consumer:
         self.log = workdir / 'consumer.log'
         self.proc = None
 
-    def start(self, workers=2):
+    def start(self, workers=None):
+        # Every lane's workers, not fewer: a SIGINT before Huey's consumer has forked them all and set its
+        # signal handlers kills its main process alone, and the workers forked so far go on taking tasks.
+        if workers is None:
+            import tasks
+            workers = sum(tasks.huey.lane_workers.values())
         # --no-periodic: at each five-minute mark periodic_sync would queue a sync of
         # every account the suite has made so far (hundreds, many on hosts that do
         # not exist), at the top priority, and a test's own tasks would wait behind
         # them for minutes. Tests run periodic_sync themselves.
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'huey.bin.huey_consumer', 'tests.probe_tasks.huey',
-             '-w', str(workers), '-k', 'process', '-c', '1', '--no-periodic'],
+             '-k', 'process', '-c', '1', '--no-periodic'],
             cwd=ROOT, env=python_env(), stdout=self.log.open('ab'), stderr=subprocess.STDOUT,
             start_new_session=True)  # its own process group, so kill() can end the whole tree
         wait_for(lambda: self.alive_workers() >= workers, timeout=20, message='consumer workers to heartbeat')

@@ -98,3 +98,16 @@ def ticks(count, pause, path, tenant_id=None, user_id=None):
         # skewed hosts' clock) it fails with EINVAL; an Event's wait is right.
         threading.Event().wait(pause)
     return {'status': 'ok', 'ticks': count}
+
+
+@service_task(priority=10, retries=0, lane='sync')
+def slow_sync(seconds, tenant_id=None, user_id=None):
+    """A sync-lane task that takes `seconds`: a backlog of these is a periodic sync storm."""
+    time.sleep(seconds)
+    return {'status': 'ok'}
+
+
+@service_task(priority=8, retries=0, lane='send')
+def quick_send(tenant_id=None, user_id=None):
+    """A send-lane task that does nothing."""
+    return {'status': 'ok'}

@@ -12,7 +12,7 @@ import models
 import tasks
 from taskq import ledger
 from tests import probe_tasks
-from tests.conftest import ROOT, STATE, python_env, wait_for, wait_for_state
+from tests.conftest import ROOT, STATE, lane_workers, python_env, wait_for, wait_for_state
 
 # The consumer ./run.sh consumer runs (emailsvc.run_consumer's options), with the probe tasks registered.
 RUN = ('import tests.probe_tasks, emailsvc, tasks; '
@@ -26,13 +26,15 @@ def own_consumer(consumer):
     started = []
 
     def start_consumer(**settings):
-        env = python_env(**{f'EMAILSVC_CONSUMER_{k.upper()}': str(v) for k, v in settings.items()})
+        workers = settings.pop('workers', 2)   # in the probe tasks' lane (the default lane), none in the others
+        env = python_env(**{f'EMAILSVC_CONSUMER_{k.upper()}': str(v) for k, v in settings.items()},
+                         **lane_workers(workers, only=('periodic',)))
         log = STATE['workdir'] / 'consumer-options.log'
         proc = subprocess.Popen([sys.executable, '-c', RUN], cwd=ROOT, env=env, stdout=log.open('ab'),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
         beats = models.ConsumerHeartbeat.select().where(models.ConsumerHeartbeat.consumer_pid == proc.pid)
-        wait_for(lambda: beats.count() >= settings.get('workers', 2), timeout=20, message='our consumer to beat')
+        wait_for(lambda: beats.count() >= workers, timeout=20, message='our consumer to beat')
         return proc
     yield start_consumer
     for proc in started:  # the whole process group: a worker outliving its consumer would take later tasks

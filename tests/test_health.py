@@ -1,6 +1,7 @@
 """Health checks, and 503 (never 500) while a dependency is down."""
 import pytest
 
+import tasks
 from tests import services
 from tests.conftest import STATE, WebServer, assert_api_error
 
@@ -15,8 +16,11 @@ def test_detailed_health_reports_every_dependency(client, consumer):
     assert body['status'] == 'ok'
     assert body['database'] == {'ok': True} and body['broker'] == {'ok': True}
     assert body['consumers']['alive'] >= 1 and body['consumers']['workers'] >= 2
-    assert set(body['queue']['by_priority']) == {'10', '8', '5', '3'}
+    assert set(body['queue']['by_priority']) == {'10', '9', '8', '5', '3'}   # 9: periodic syncs
     assert body['queue']['depth'] == sum(body['queue']['by_priority'].values())
+    by_lane = body['queue']['by_lane']
+    assert set(by_lane) == {'sync', 'send', 'delete', 'spam', 'periodic', 'webhooks'}
+    assert body['queue']['depth'] == sum(lane['depth'] for lane in by_lane.values())
 
 
 def test_queue_depth_counts_waiting_tasks_by_priority(client, consumer, make_key, unique):
@@ -80,7 +84,8 @@ def test_no_live_consumer_is_degraded_after_the_start_up_grace_and_ping_fails(co
     import models
     from taskq import ledger
     answered = ping()
-    assert answered.returncode == 0 and f':{consumer.proc.pid}: pong (2 workers' in answered.stdout
+    workers = sum(tasks.huey.lane_workers.values())   # every lane's
+    assert answered.returncode == 0 and f':{consumer.proc.pid}: pong ({workers} workers' in answered.stdout
     strict = WebServer(STATE['workdir'], name='web-no-grace', EMAILSVC_CONSUMER_STARTUP_GRACE='0',
                        EMAILSVC_HEALTH_MAX_WAIT_SECONDS='5')
     lenient = WebServer(STATE['workdir'], name='web-grace', EMAILSVC_CONSUMER_STARTUP_GRACE='300')

@@ -20,7 +20,7 @@ import sys
 import pytest
 
 from tests import services
-from tests.conftest import ROOT, STATE, Client, wait_for
+from tests.conftest import ROOT, STATE, Client, lane_workers, wait_for
 from tests.test_sync import PASSWORD
 
 STOPS = 10
@@ -36,7 +36,7 @@ class Service:
         var = self.workdir / 'var'
         self.env = {k: v for k, v in os.environ.items() if not k.startswith('EMAILSVC_')}
         self.env.update(EMAILSVC_VAR=str(var), EMAILSVC_CONFIG=str(self.workdir / 'absent.ini'),
-                        EMAILSVC_SERVER_PORT=str(self.port), EMAILSVC_CONSUMER_WORKERS='1',
+                        EMAILSVC_SERVER_PORT=str(self.port), **lane_workers(1),
                         EMAILSVC_DATABASE_URL=f'sqlite:///{var}/emailsvc.db',
                         EMAILSVC_QUEUE_URL=f'sqlite:///{var}/queue.db',
                         EMAILSVC_MAIL_CA_FILES=ca_files,

@@ -10,6 +10,15 @@
     <td>{{count}}</td>
     % end
     </tr></table>
+    <table class="small" id="lane-depth"><tr><th>lane</th>
+    % for lane in queue['by_lane']:
+    <td>{{lane}}</td>
+    % end
+    </tr><tr><th>waiting</th>
+    % for lane, waiting in queue['by_lane'].items():
+    <td id="lane-{{lane}}">{{waiting['depth']}}</td>
+    % end
+    </tr></table>
   </div>
   % end
   <div class="card"><h2>Now</h2>

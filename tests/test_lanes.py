@@ -1,0 +1,161 @@
+"""Lanes: a backlog in one lane never holds another; a consumer serves all lanes or the ones it is given."""
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import models
+import tasks
+from taskq import ledger
+from tests import probe_tasks
+from tests.conftest import ROOT, STATE, python_env, record, wait_for, wait_for_state
+from tests.test_dashboard import raw, sign_in
+from tests.test_metrics import scrape, value
+from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
+from tests.test_sync import user  # noqa: F401 (fixture)
+
+
+@pytest.fixture
+def sync_backlog(consumer):
+    """Enough slow sync-lane tasks to keep its two workers busy for ~8 s; revoked afterwards."""
+    backlog = [tasks.huey.enqueue(probe_tasks.slow_sync.s(2.0)) for _ in range(8)]
+    wait_for(lambda: sum(record(t.id).state == 'running' for t in backlog) == 2, message='the sync lane to be busy')
+    yield backlog
+    for task in backlog:
+        with contextlib.suppress(ledger.LedgerConflict):
+            ledger.revoke(tasks.huey, task.id)
+    wait_for(lambda: all(record(t.id).state in ledger.FINAL_STATES for t in backlog), timeout=10,
+             message='the sync backlog to end')
+
+
+def waited(row):
+    return (row.started_at - row.enqueued_at).total_seconds()
+
+
+def test_a_backlog_of_slow_syncs_does_not_delay_a_send(sender, smtp_server, sync_backlog):
+    resp = sender.post(f'/api/v1/accounts/{sender.account}/send', MAIL)
+    assert resp.status == 202, resp.text
+    sent = wait_for_state(resp.json['task_id'], 'succeeded', timeout=5)
+    # One priority queue would have run the eight syncs (priority 10) before the send (8): 8 s.
+    assert waited(sent) < 1.0, waited(sent)
+    assert len(smtp_server.received()) == 1
+    assert any(record(t.id).state == 'pending' for t in sync_backlog)   # the backlog was still there
+
+
+def test_each_workflow_has_its_lane():
+    lanes = {name: wrapper.task_class.lane for name, wrapper in tasks.huey.service_tasks.items()}
+    assert {k: lanes[k] for k in ('sync_emails', 'send_email', 'delete_emails', 'check_spam', 'file_report',
+                                  'periodic_sync', 'cleanup_stale_results')} == {
+        'sync_emails': 'sync', 'send_email': 'send', 'delete_emails': 'delete', 'check_spam': 'spam',
+        'file_report': 'spam', 'periodic_sync': 'periodic', 'cleanup_stale_results': 'periodic'}
+    assert tasks.sync_emails.task_class.default_priority == tasks.USER_SYNC > tasks.PERIODIC_SYNC
+
+
+# ---------------------------------------------------------------- which lanes a consumer serves
+
+@pytest.fixture
+def no_session_consumer(consumer):
+    """The session consumer stopped (it serves every lane); started again afterwards."""
+    consumer.stop()
+    started = []
+    yield started
+    for proc in started:   # the whole process group: a worker outliving its consumer would take later tasks
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    consumer.start()
+
+
+def start(started, args, log_name):
+    proc = subprocess.Popen(args, cwd=ROOT, env=python_env(), stdout=(STATE['workdir'] / log_name).open('ab'),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    started.append(proc)
+    return proc
+
+
+def beats_of(proc):
+    return models.ConsumerHeartbeat.select().where(models.ConsumerHeartbeat.consumer_pid == proc.pid).count()
+
+
+def test_consumer_lanes_option_serves_only_those_lanes(no_session_consumer):
+    # `./run.sh consumer --lanes send,delete` is `emailsvc.py consumer --lanes send,delete`; the probe tasks
+    # are imported first so that the consumer knows them.
+    run = ('import sys, tests.probe_tasks, emailsvc; '
+           'emailsvc.main(["consumer", "--lanes", "send,delete"])')
+    proc = start(no_session_consumer, [sys.executable, '-c', run], 'consumer-lanes.log')
+    settings = tasks.SETTINGS
+    wait_for(lambda: beats_of(proc) >= settings['lanes.send'] + settings['lanes.delete'], timeout=20,
+             message='the send and delete workers to beat')
+    sync = tasks.huey.enqueue(probe_tasks.slow_sync.s(0))
+    send = tasks.huey.enqueue(probe_tasks.quick_send.s())
+    wait_for_state(send.id, 'succeeded')
+    time.sleep(1.0)  # what is asserted is that nothing happens: give the sync lane time it does not use
+    assert record(sync.id).state == 'pending'
+    assert beats_of(proc) == settings['lanes.send'] + settings['lanes.delete']
+    ledger.revoke(tasks.huey, sync.id)
+
+
+def test_unknown_lane_is_refused_with_the_lane_names():
+    out = subprocess.run([sys.executable, 'emailsvc.py', 'consumer', '--lanes', 'send,bogus'], cwd=ROOT,
+                         env=python_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and 'unknown lane bogus' in out.stderr and 'sync, send' in out.stderr
+
+
+def test_huey_consumer_serves_every_lane(no_session_consumer):
+    proc = start(no_session_consumer, [sys.executable, '-m', 'huey.bin.huey_consumer', 'tests.probe_tasks.huey',
+                                       '-k', 'process', '--no-periodic'], 'consumer-all-lanes.log')
+    wait_for(lambda: beats_of(proc) >= sum(tasks.huey.lane_workers.values()), timeout=30,
+             message='every lane\'s workers to beat')
+    queued = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0)), tasks.huey.enqueue(probe_tasks.quick_send.s()),
+              tasks.noop()]
+    for task in queued:
+        wait_for_state(task.id, 'succeeded')
+    assert {record(t.id).name for t in queued} == {'slow_sync', 'quick_send', 'noop'}
+
+
+def test_queue_depth_is_shown_by_lane(no_session_consumer, client, web, make_key):
+    before = tasks.huey.queue_depth()   # revoked tasks of earlier tests may wait in the broker still
+    queued = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0)) for _ in range(3)] + [tasks.noop()]
+    after = tasks.huey.queue_depth()
+    operator = make_key(operator=True)
+    samples = scrape(client, operator)
+    assert value(samples, 'emailsvc_lane_queue_depth', lane='sync') == after['by_lane']['sync']['depth']
+    assert value(samples, 'emailsvc_lane_queue_depth', lane='periodic') == after['by_lane']['periodic']['depth']
+    cookie = sign_in(web, operator)
+    _, _, html = raw(web, 'GET', '/dashboard/fragment/overview', headers={'Cookie': cookie})
+    assert re.search(rf'id="lane-sync">{after["by_lane"]["sync"]["depth"]}<', html), html
+    grew = {lane: after['by_lane'][lane]['depth'] - before['by_lane'][lane]['depth'] for lane in after['by_lane']}
+    assert grew == dict.fromkeys(tasks.huey.lane_workers, 0) | {'sync': 3, 'periodic': 1}
+    assert after['by_lane']['sync']['by_priority']['10'] - before['by_lane']['sync']['by_priority'].get('10', 0) == 3
+    assert after['depth'] - before['depth'] == 4
+    for task in queued:
+        ledger.revoke(tasks.huey, task.id)
+
+
+# ---------------------------------------------------------------- fairness within a lane
+
+def test_one_tenants_backlog_does_not_starve_another(consumer):
+    backlog = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0.3, tenant_id=-1)) for _ in range(12)]
+    other = tasks.huey.enqueue(probe_tasks.slow_sync.s(0, tenant_id=-2))
+    started = wait_for_state(other.id, 'succeeded', timeout=10).started_at
+    ahead = [t for t in backlog if (record(t.id).started_at or started) < started]
+    # Turns: at most the two running and one more of the first tenant's go first; one FIFO would run all 12.
+    assert len(ahead) <= 4, len(ahead)
+    for task in backlog:
+        wait_for_state(task.id, 'succeeded', timeout=10)
+
+
+def test_a_user_sync_goes_before_waiting_periodic_syncs(consumer):
+    periodic = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0.3, tenant_id=-3, priority=tasks.PERIODIC_SYNC))
+                for _ in range(8)]
+    asked = tasks.huey.enqueue(probe_tasks.slow_sync.s(0, tenant_id=-3))   # the user-sync priority
+    started = wait_for_state(asked.id, 'succeeded', timeout=10).started_at
+    ahead = [t for t in periodic if (record(t.id).started_at or started) < started]
+    assert len(ahead) <= 3, len(ahead)   # the running ones (and one caught in between)
+    for task in periodic:
+        wait_for_state(task.id, 'succeeded', timeout=10)
