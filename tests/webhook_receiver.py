@@ -6,6 +6,11 @@ import threading
 import standardwebhooks
 
 
+class QuietServer(http.server.ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass   # a client hanging up mid-request (the stop() below, a SIGKILLed sender) is expected here
+
+
 class Receiver:
     """Records every POST: (path, webhook-id, signature valid); answers `status` (200 by default)."""
 
@@ -36,7 +41,7 @@ class Receiver:
             def log_message(self, *args):
                 pass
 
-        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', self.port), Handler)
+        self.server = QuietServer(('127.0.0.1', self.port), Handler)
         self.server.daemon_threads = True
         threading.Thread(target=self.server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
         return self
