@@ -1183,6 +1183,8 @@ def update_webhook(webhook_id):
         hook.disabled_reason, hook.next_attempt_at = None, None
     hook.updated_at = models.utcnow()
     hook.save()
+    if fresh_start and hook.enabled:   # events may wait behind its cursor: deliver them now
+        tasks.wake_webhooks({(hook.tenant_id, hook.user_id)})
     return webhook_dict(hook)
 
 

@@ -730,7 +730,8 @@ def with_reconnect(operation):
 # begin IMMEDIATE); PostgreSQL takes a transaction-level advisory lock before
 # the insert, so event-writing transactions commit in the order they took ids
 # (a reader past id 12 can never later find a committed 11). Callers emit last
-# in their transaction, so the lock is held only up to the commit.
+# in their transaction, so the lock is held only up to the commit (and no row
+# lock is taken while holding it, which could deadlock with a writer waiting for it).
 
 EVENT_WRITER_LOCK = 0x656d61696c   # any fixed number; 'email' in hex
 _emitted = set()   # (tenant_id, user_id) that had events emitted in this process since take_emitted()
@@ -908,11 +909,12 @@ def store_messages(folder, items, key='uid', uidnext=None):
             before = database.execute_sql('SELECT MAX(id) FROM email_message').fetchone()[0] or 0
             bulk_insert(EmailMessage, fresh)
             store_attachments(folder, field, fresh, attachments)
+        if uidnext is not None:
+            EmailFolder.update(uidnext=uidnext).where(EmailFolder.id == folder.id).execute()
+        if fresh:   # last in the transaction (see emit_many); ids above `before` in this folder are the new rows
             emit_message_events('message.created', EmailMessage.select(
                 EmailMessage.id, EmailMessage.folder, EmailMessage.client).where(
                 EmailMessage.folder == folder.id, EmailMessage.id > before).order_by(EmailMessage.id).tuples())
-        if uidnext is not None:
-            EmailFolder.update(uidnext=uidnext).where(EmailFolder.id == folder.id).execute()
     return len(fresh)
 
 
@@ -1016,15 +1018,17 @@ def update_flags(folder, flags_by_uid):
         with database.atomic():
             stored = EmailMessage.select(EmailMessage.id, EmailMessage.uid, EmailMessage.flags) \
                 .where(EmailMessage.folder == folder.id, EmailMessage.uid.in_(chunk))
+            updated = []
             for message in stored:
                 flags = ' '.join(sorted(flags_by_uid[message.uid]))
                 if flags != message.flags:
                     EmailMessage.update(**flag_fields(flags_by_uid[message.uid])) \
                         .where(EmailMessage.id == message.id).execute()
-                    changed += 1
-                    emit('message.updated', account,
-                         {'message_id': message.id, 'folder_id': folder.id, 'changes': ['flags'],
-                          'flags': flags.split()})
+                    updated.append({'message_id': message.id, 'folder_id': folder.id, 'changes': ['flags'],
+                                    'flags': flags.split()})
+            if account is not None:
+                emit_many('message.updated', updated, account)   # last in the transaction (see emit_many)
+            changed += len(updated)
     return changed
 
 

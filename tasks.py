@@ -890,6 +890,7 @@ class DeliveryRun:
     def __init__(self, hook, owner):
         self.hook, self.owner = hook, owner
         self.poster = webhook_poster(hook)
+        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a run, not once a delivery
         self.log = []
         self.flushed_at = time.monotonic()
         self.delivered = 0
@@ -902,7 +903,7 @@ class DeliveryRun:
         row = {'tenant_id': self.hook.tenant_id, 'webhook_id': self.hook.id, 'event_id': event.id,
                'event_type': event.type, 'attempt': attempt, 'redelivery': redelivery, 'created_at': now}
         try:
-            code = self.poster.post(body, webhooks.headers(webhook_secrets(self.hook, now), event.public_id, body))
+            code = self.poster.post(body, webhooks.headers(self.secrets, event.public_id, body))
             row.update(status='succeeded', response_code=code, error=None)
         except webhooks.DeliveryFailed as exc:
             row.update(status='failed', response_code=exc.status, error=str(exc)[:500])

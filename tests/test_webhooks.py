@@ -159,7 +159,6 @@ def test_an_endpoint_failing_for_three_days_is_disabled_and_says_why(user, recei
     receiver.start()
     resp = user.patch(f'/api/v1/webhooks/{hook["id"]}', {'enabled': True})
     assert resp.json['enabled'] and resp.json['disabled_reason'] is None and resp.json['failures'] == 0
-    wake(user)
     wait_for(lambda: receiver.ids('/hook'), timeout=20, message='delivery after re-enabling')
 
 

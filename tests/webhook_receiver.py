@@ -32,7 +32,11 @@ class Receiver:
             protocol_version = 'HTTP/1.1'   # keep-alive, as real receivers do
 
             def do_POST(self):
-                body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                length = int(self.headers.get('Content-Length', 0))
+                body = self.rfile.read(length)
+                if len(body) < length:   # the sender died mid-request: it never got an answer, nothing arrived
+                    self.close_connection = True
+                    return
                 receiver.record(self.path, dict(self.headers), body)
                 self.send_response(receiver.status)
                 self.send_header('Content-Length', '0')
