@@ -3,8 +3,10 @@ import threading
 import time
 
 import models
-from tests.conftest import STATE, WebServer, assert_api_error, wait_for
-from tests.test_sync import Mailbox, add_account, message, messages, sync, user  # noqa: F401 (fixture)
+import tasks
+from tests.conftest import STATE, WebServer, assert_api_error, wait_for_state
+from tests.test_send import sender, smtp_server  # noqa: F401 (fixtures)
+from tests.test_sync import Mailbox, add_account, mailbox, message, messages, sync, user  # noqa: F401 (fixtures)
 
 
 def events(api, after='', **params):
@@ -50,14 +52,16 @@ def test_sync_writes_folder_and_message_events_with_the_ids_of_the_api(user, uni
 
 
 def test_a_user_sees_only_its_own_events(client, make_key, unique):
-    alice, bob = client.as_key(make_key(unique, 'alice')), client.as_key(make_key(unique + 'b', 'bob'))
-    for api in (alice, bob):
+    # carol shares alice's tenant; bob is in another tenant.
+    alice, carol = client.as_key(make_key(unique, 'alice')), client.as_key(make_key(unique, 'carol'))
+    bob = client.as_key(make_key(unique + 'b', 'bob'))
+    for api in (alice, carol, bob):
         api.ids = tuple(getattr(models.ApiKey.lookup(api.key), f) for f in ('tenant_id', 'user_id'))
     start = events(alice, after='now')['next_cursor']
-    emit(alice, marker='alice')
-    emit(bob, marker='bob')
-    assert [e['data'] for e in events(alice, after=start)['items']] == [{'marker': 'alice'}]
-    assert [e['data'] for e in events(bob, after=start)['items']] == [{'marker': 'bob'}]
+    for api, name in ((alice, 'alice'), (carol, 'carol'), (bob, 'bob')):
+        emit(api, marker=name)
+    for api, name in ((alice, 'alice'), (carol, 'carol'), (bob, 'bob')):
+        assert [e['data'] for e in events(api, after=start)['items']] == [{'marker': name}]
 
 
 def test_operator_reads_operational_events_only(client, make_key):
@@ -120,3 +124,63 @@ def test_a_cursor_past_retention_is_410_with_the_oldest_cursor(user):
     assert_api_error(resp, 410, 'cursor_expired')
     assert resp.json['oldest_cursor'] == models.event_id_text(through)
     assert [e['data'] for e in events(user, after=resp.json['oldest_cursor'])['items']] == [{'marker': 'kept'}]
+
+
+def test_account_failure_auth_error_and_recovery_are_events(user, mailbox, consumer):
+    from tests import services
+    from tests.test_sync import PASSWORD
+    start = events(user, after='now')['next_cursor']
+    account = add_account(user, mailbox, password='wrong-password')
+    sync(user, account, state='failed')
+    fixed = user.patch(f'/api/v1/accounts/{account}', {'incoming': {'password': PASSWORD}})
+    wait_for_state(fixed.json['sync_task_id'], 'succeeded')
+    broken = user.patch(f'/api/v1/accounts/{account}', {'incoming': {
+        'port': services.free_port(), 'password': PASSWORD}})   # nothing listens there: a temporary failure
+    wait_for_state(broken.json['sync_task_id'], 'retrying')
+    tasks.huey.revoke_by_id(broken.json['sync_task_id'])
+    feed = events(user, after=start, types='account.auth_error,account.recovered,account.sync_failed')['items']
+    assert [e['type'] for e in feed] == ['account.auth_error', 'account.recovered', 'account.sync_failed']
+    assert all(e['account_id'] == account for e in feed)
+    assert feed[2]['data'] == {'error_code': 'refused', 'failures': 1}
+    assert 'wrong-password' not in str(feed) and PASSWORD not in str(feed)
+
+
+def test_send_outcomes_are_events(sender, smtp_server, consumer):
+    from tests.test_send import MAIL, send
+    start = events(sender, after='now')['next_cursor']
+    ok_task, ok = send(sender, MAIL)
+    smtp_server.reply_to_data('550 5.7.1 Rejected')
+    bad_task, _ = send(sender, MAIL, state='failed')
+    feed = events(sender, after=start, types='send.succeeded,send.failed')['items']
+    assert [(e['type'], e['data']['task_id']) for e in feed] == [('send.succeeded', ok_task), ('send.failed', bad_task)]
+    assert feed[0]['data']['internet_message_id'] == ok.result['message_id']
+    assert '550' in feed[1]['data']['error'] and feed[1]['account_id'] == sender.account
+
+
+def test_a_dead_task_is_an_event_for_its_user_and_the_operator(user, client, make_key, consumer):
+    from tests import probe_tasks
+    operator = client.as_key(make_key(operator=True))
+    start = events(user, after='now')['next_cursor']
+    task = probe_tasks.always_fails(tenant_id=user.ids[0], user_id=user.ids[1])
+    wait_for_state(task.id, 'dead', timeout=20)
+    (dead,) = events(user, after=start, types='task.dead')['items']
+    assert dead['data'] == {'task_id': task.id, 'name': 'always_fails', 'error_type': 'RuntimeError'}
+    assert task.id in [e['data']['task_id'] for e in events(operator, after=start)['items']]
+
+
+def test_an_event_exists_only_if_its_change_committed(user, mailbox, consumer):
+    account = add_account(user, mailbox)
+    sync(user, account)
+    tenant_id, _ = user.ids
+    start = events(user, after='now')['next_cursor']
+    with models.tenant_scope(tenant_id):
+        folder = models.EmailFolder.by_role(account, 'inbox')
+        item = dict(tasks.message_fields(message(9)), uid=999, **models.flag_fields(()))
+        try:
+            with models.database.atomic():
+                assert models.store_messages(folder, [item], 'uid') == 1
+                raise RuntimeError('the transaction fails after the store')
+        except RuntimeError:
+            pass
+    assert events(user, after=start)['items'] == []
+    assert not [m for m in messages(user, account_id=account) if m['uid'] == 999]

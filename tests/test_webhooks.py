@@ -169,3 +169,14 @@ def test_targets_obey_the_egress_policy(user, receiver, consumer):
     wait_for(lambda: deliveries(user, resp.json['id']), timeout=20, message='the refused attempt')
     (attempt,) = deliveries(user, resp.json['id'])[:1]
     assert attempt['status'] == 'failed' and attempt['error'].startswith('destination_not_allowed')
+
+
+def test_the_sweep_delivers_what_no_wake_up_announced(user, receiver, consumer):
+    hook = add_webhook(user, receiver)
+    with models.all_tenants():   # as a worker SIGKILLed mid-run leaves it: claimed, marked queued, lease lapsed
+        models.Webhook.update(lease_owner='a-dead-run', lease_until=models.utcnow() - datetime.timedelta(seconds=1),
+                              wanted_at=models.utcnow() - datetime.timedelta(minutes=5)) \
+            .where(models.Webhook.id == hook['id']).execute()
+    emit(user, n=1)   # no wake-up
+    wait_for_state(tasks.sweep_webhooks().id, 'succeeded')
+    wait_for(lambda: receiver.ids('/hook'), timeout=20, message='the swept delivery')
