@@ -778,8 +778,8 @@ def pruned_through():
     return row.pruned_through if row else 0
 
 
-def prune_events(cutoff):
-    """Delete events and delivery log rows created before `cutoff`; returns counts."""
+def prune_events(cutoff, log_cutoff=None):
+    """Delete events created before `cutoff` and delivery log rows before `log_cutoff` (default: the same)."""
     with all_tenants(), database.atomic():
         through = Event.select(pw.fn.MAX(Event.id)).where(Event.created_at < cutoff).scalar()
         removed = Event.delete().where(Event.id <= through).execute() if through else 0
@@ -789,7 +789,7 @@ def prune_events(cutoff):
                 update={EventRetention.pruned_through: pw.fn.MAX(EventRetention.pruned_through, through)
                         if isinstance(database.obj, pw.SqliteDatabase)
                         else pw.fn.GREATEST(EventRetention.pruned_through, through)}).execute()
-        deliveries = WebhookDelivery.delete().where(WebhookDelivery.created_at < cutoff).execute()
+        deliveries = WebhookDelivery.delete().where(WebhookDelivery.created_at < (log_cutoff or cutoff)).execute()
     return {'events_removed': removed, 'deliveries_removed': deliveries}
 
 

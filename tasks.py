@@ -931,7 +931,7 @@ class DeliveryRun:
                     self.fail(row)
                     return True
                 self.log.append(row)
-                self.hook.cursor = event.id
+                self.hook.cursor, self.hook.failures = event.id, 0   # the next event is its first attempt
                 self.delivered += 1
                 if len(self.log) >= WEBHOOK_FLUSH_EVERY or time.monotonic() - self.flushed_at > WEBHOOK_FLUSH_SECONDS:
                     self.flush()
@@ -951,8 +951,8 @@ class DeliveryRun:
             models.bulk_insert(models.WebhookDelivery, self.log)
         self.log = []
 
-    def recovered(self):
-        self.hook.failures = 0
+    @staticmethod
+    def recovered():
         return {'failures': 0, 'failing_since': None, 'last_error': None, 'next_attempt_at': None}
 
     def fail(self, row):
@@ -1065,6 +1065,8 @@ def sweep_webhooks(now=None):
 
 @service_task(priority=10, retries=0, periodic=crontab(minute='7'))
 def prune_events(now=None):
-    """Drop events and delivery log rows older than events.retention_hours; remember how far (for 410s)."""
+    """Drop events older than events.retention_hours (remembering how far, for 410s) and delivery log rows
+    older than webhooks.log_hours."""
     now = now or models.utcnow()
-    return {'status': 'ok', **models.prune_events(now - datetime.timedelta(hours=SETTINGS['events.retention_hours']))}
+    return {'status': 'ok', **models.prune_events(now - datetime.timedelta(hours=SETTINGS['events.retention_hours']),
+                                                  now - datetime.timedelta(hours=SETTINGS['webhooks.log_hours']))}

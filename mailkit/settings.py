@@ -88,8 +88,9 @@ SETTINGS = (  # key, type, default, meaning
     ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
                                      "chosen for <= 0.5 % false positives"),
     ('spam.auto_check', str, 'on', 'on | off: score newly synced inbox mail in the background'),
-    ('events.retention_hours', float, 168.0, 'hours the change feed keeps events (and webhooks their delivery '
-                                             'log); an older cursor answers 410'),
+    ('events.retention_hours', float, 168.0, 'hours the change feed keeps events; an older cursor answers 410; '
+                                             'keep it above webhooks.disable_after_hours, or a failing endpoint '
+                                             'misses what it could still have been sent'),
     ('events.max_waiters', int, 4, 'long-polls (GET /api/v1/events?wait=N) one web process holds at once, each on '
                                    'a web thread; beyond it a request answers at once; below server.threads'),
     ('events.max_wait', float, 25.0, 'longest wait=N honoured, in seconds; below server.channel_timeout'),
@@ -100,6 +101,8 @@ SETTINGS = (  # key, type, default, meaning
     ('webhooks.retry_max', float, 3600.0, 'longest pause between retries of a failing endpoint, in seconds'),
     ('webhooks.disable_after_hours', float, 72.0, 'an endpoint failing this long is disabled (retries go on '
                                                   'until then)'),
+    ('webhooks.log_hours', float, 72.0, 'hours the delivery log (GET /api/v1/webhooks/<id>/deliveries) keeps '
+                                        'an attempt'),
     ('webhooks.batch', int, 200, 'events one delivery run reads at a time'),
     ('webhooks.run_seconds', float, 10.0, 'a delivery run hands its endpoint over to a fresh task after this '
                                           'long, so a backlog does not hold a worker'),

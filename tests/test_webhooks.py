@@ -106,6 +106,8 @@ def test_every_event_arrives_signed_and_in_order_across_a_receiver_restart(user,
     log = deliveries(user, hook['id'])
     failed = [d for d in log if d['status'] == 'failed']
     assert failed and failed[0]['response_code'] is None and failed[0]['attempt'] >= 1
+    retried = [d for d in log if d['status'] == 'succeeded' and d['attempt'] > 1]
+    assert len(retried) == 1 and retried[0]['attempt'] == len(failed) + 1   # only the event the outage held
     assert user.get(f'/api/v1/webhooks/{hook["id"]}').json['failures'] == 0   # recovered
 
 
