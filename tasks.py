@@ -8,7 +8,7 @@ connections or decrypts stored passwords. Task payloads hold ids and options
 only: no secret ever reaches the broker or the ledger's copy of the arguments.
 
 Sections: set-up, accounts and mail sessions, sync, send and outbox, delete,
-spam, periodic.
+spam, periodic, webhooks.
 """
 import datetime
 import functools

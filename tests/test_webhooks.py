@@ -118,7 +118,7 @@ def test_a_sync_s_new_mail_reaches_the_webhook(user, unique, receiver, consumer)
     account = add_account(user, mailbox)
     sync(user, account)
     wait_for(lambda: receiver.ids('/hook'), timeout=20, message='the message.created delivery')
-    (_, _, valid, body), = receiver.received
+    (_, _, valid, body, _), = receiver.received
     assert valid and b'"type":"message.created"' in body and f'"account_id":{account}'.encode() in body
 
 
@@ -132,6 +132,25 @@ def test_rotation_signs_with_both_secrets_for_a_while(user, receiver, consumer):
     wait_for(lambda: receiver.ids('/hook'), timeout=20, message='a delivery after rotation')
     assert receiver.all_valid('/hook')
     assert len(receiver.received) == 1   # one delivery, verified under each secret alone: both signatures in it
+    with models.all_tenants():   # 24 hours later
+        models.Webhook.update(previous_secret_until=models.utcnow() - datetime.timedelta(seconds=1)) \
+            .where(models.Webhook.id == hook['id']).execute()
+    emit_many(user, 1)
+    wait_for(lambda: len(receiver.ids('/hook')) == 2, timeout=20, message='a delivery after the grace')
+    *_, body, headers = receiver.received[1]
+    assert Receiver.verifies(resp.json['secret'], headers, body) and not Receiver.verifies(old, headers, body)
+    assert len(headers['webhook-signature'].split()) == 1
+
+
+def test_no_secret_reaches_a_log_or_an_event(user, receiver, consumer, web):
+    hook = add_webhook(user, receiver)
+    rotated = user.post(f'/api/v1/webhooks/{hook["id"]}/rotate').json['secret']
+    emit_many(user, 1)
+    wait_for(lambda: deliveries(user, hook['id']), timeout=20, message='a delivery')
+    logs = (STATE['workdir'] / 'consumer.log').read_text() + web.log.read_text()
+    feed = str(events(user, after='evt_0', limit=1000)) + str(deliveries(user, hook['id']))
+    for secret in (hook['secret'], rotated):
+        assert secret[6:] not in logs and secret[6:] not in feed and secret[6:].encode() not in receiver.received[0][3]
 
 
 def test_redeliver_posts_the_event_again(user, receiver, consumer):

@@ -16,7 +16,7 @@ class Receiver:
 
     def __init__(self, port, secrets=None):
         self.port, self.secrets = port, dict(secrets or {})   # path -> whsec_ secret(s) to verify with
-        self.received = []   # (path, webhook-id, valid, body)
+        self.received = []   # (path, webhook-id, valid, body, headers)
         self.lock = threading.Lock()
         self.status = 200
         self.server = None
@@ -59,7 +59,7 @@ class Receiver:
     def record(self, path, headers, body):
         valid = all(self.verifies(secret, headers, body) for secret in self.secrets.get(path, ()))
         with self.lock:
-            self.received.append((path, headers.get('webhook-id'), valid, body))
+            self.received.append((path, headers.get('webhook-id'), valid, body, headers))
 
     @staticmethod
     def verifies(secret, headers, body):
@@ -71,8 +71,8 @@ class Receiver:
 
     def ids(self, path):
         with self.lock:
-            return [msg_id for p, msg_id, _, _ in self.received if p == path]
+            return [msg_id for p, msg_id, *_ in self.received if p == path]
 
     def all_valid(self, path):
         with self.lock:
-            return all(valid for p, _, valid, _ in self.received if p == path)
+            return all(valid for p, _, valid, *_ in self.received if p == path)
