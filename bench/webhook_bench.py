@@ -77,6 +77,12 @@ class ConsumerProcess:
                                       '-k', 'process', '-q'], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
+    def wait_ready(self, models, workers=2):
+        """Until its workers heartbeat: a run's figure must not include the consumer's start-up."""
+        Beat = models.ConsumerHeartbeat
+        wait_until(lambda: Beat.select().where(Beat.consumer_pid == self.proc.pid).count() >= workers, 60,
+                   'consumer workers to heartbeat')
+
     def kill(self):
         """SIGKILL the consumer's whole process group (its workers too), as a power cut would."""
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -130,24 +136,42 @@ class Producer:
                 ids = [e.id for e in models.Event.select(models.Event.id).where(
                     models.Event.user_id == user_id, models.Event.id > before).order_by(models.Event.id)]
             self.expected[path] += [models.event_id_text(i) for i in ids]
+
+    def wake(self):
         self.tasks.wake_webhooks({pair for pair, _ in self.endpoints})
 
     def total(self):
         return sum(len(ids) for ids in self.expected.values())
 
 
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process and its children that are alive or waited for."""
+    total = 0.0
+    for child in [pid] + [int(p) for p in subprocess.run(['pgrep', '-P', str(pid)], capture_output=True,
+                                                       text=True).stdout.split()]:
+        try:
+            fields = open(f'/proc/{child}/stat').read().rsplit(')', 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    return total
+
+
 def delivered_all(receiver, expected):
     return all(set(receiver.ids(path)) >= set(ids) for path, ids in expected.items())
 
 
-def throughput(models, tasks, receiver, args):
+def throughput(models, tasks, receiver, consumer, args):
     endpoints = make_endpoints(models, receiver, args.endpoints)
     producer = Producer(models, tasks, endpoints)
+    producer.write(args.n)   # written first, so the figure is delivery alone
+    consumer_cpu, own_cpu = cpu_seconds(consumer.proc.pid), sum(os.times()[:2])
     started = time.monotonic()
-    producer.write(args.n)
+    producer.wake()
     wait_until(lambda: delivered_all(receiver, producer.expected), 600, 'every throughput delivery')
     seconds = time.monotonic() - started
-    return producer.total(), seconds
+    cpu = {'consumer': cpu_seconds(consumer.proc.pid) - consumer_cpu, 'receiver': sum(os.times()[:2]) - own_cpu}
+    return producer.total(), seconds, cpu
 
 
 def resilience(models, tasks, receiver, consumer, args):
@@ -165,6 +189,7 @@ def resilience(models, tasks, receiver, consumer, args):
             break
         if now < args.produce:
             producer.write(per_tick)
+            producer.wake()
         if kills and now >= kills[0]:
             consumer.kill()
             consumer.start()
@@ -209,12 +234,17 @@ def main():
     consumer = ConsumerProcess(workdir)
     consumer.start()
     try:
-        count, seconds = throughput(models, tasks, receiver, args)
+        consumer.wait_ready(models)
+        count, seconds, cpu = throughput(models, tasks, receiver, consumer, args)
         rate = count / seconds
         print(f'mode: {"scale-out (Redis + PostgreSQL)" if args.scaleout else "embedded (SQLite)"}, '
-              f'consumer: 2 process workers, {args.endpoints} endpoints')
+              f'consumer: 2 process workers, {args.endpoints} endpoints; load average before: '
+              f'{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores')
         print(f'throughput: {count} deliveries in {seconds:.2f} s = {rate:.0f} deliveries/s '
               f'(signatures valid: {all(receiver.all_valid(p) for p in receiver.secrets)})')
+        print(f'  CPU per delivery: consumer {cpu["consumer"] / count * 1000:.2f} ms, receiver (HTTP parsing + '
+              f'signature check) {cpu["receiver"] / count * 1000:.2f} ms: at most '
+              f'{os.cpu_count() / ((cpu["consumer"] + cpu["receiver"]) / count):.0f} deliveries/s on an idle machine')
         if args.throughput_only:
             print(f'{TARGET_RATE} deliveries/s ' + ('met' if rate >= TARGET_RATE else 'NOT MET'))
             return
