@@ -40,7 +40,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic.json_schema import models_json_schema
 from pydantic_core import PydanticCustomError
 
-from mailkit import smtp
+from mailkit import smtp, webhooks
 from mailkit.errors import InvalidSetting, check_setting
 
 MAX_ID = 2 ** 63 - 1   # the largest id a BIGINT holds
@@ -469,6 +469,103 @@ class TaskQuery(Query):
     since: Time | None = None
     cursor: Filter | None = Field(None, description='the last task id of the previous page')
     limit: QueryInt(1, 500) = 50
+
+
+# ================================================================ change feed and webhooks
+
+EventType = Literal['message.created', 'message.updated', 'message.deleted', 'folder.created', 'folder.deleted',
+                    'send.succeeded', 'send.failed', 'send.unknown', 'account.sync_failed', 'account.auth_error',
+                    'account.recovered', 'task.dead']
+
+
+def webhook_url(value: str) -> str:
+    problem = webhooks.check_url(value)
+    if problem:
+        raise fail(problem)
+    return value
+
+
+WebhookUrl = Annotated[str, Field(min_length=1, max_length=2000, pattern=PRINTABLE), AfterValidator(unicode_text),
+                       AfterValidator(webhook_url)]
+
+
+class EventQuery(Query):
+    after: Filter | None = Field(None, description='an event id or next_cursor (evt_...), or now; absent: the '
+                                                   'oldest kept')
+    types: Filter | None = Field(None, description='comma-separated event types; absent: every type')
+    limit: QueryInt(1, 1000) = 100
+    wait: QueryInt(0, 3600) = Field(0, description='seconds to long-poll while nothing comes (capped by '
+                                                   'events.max_wait)')
+
+
+class Event(Answer):
+    id: str
+    type: EventType
+    created_at: str | None
+    account_id: int | None
+    data: dict
+
+
+class Events(Answer):
+    items: list[Event]
+    next_cursor: str
+
+
+class WebhookCreate(Body):
+    url: WebhookUrl
+    events: list[EventType] = Field([], description='empty or absent: every type')
+    enabled: bool = True
+
+
+class WebhookUpdate(Body):
+    url: WebhookUrl = None
+    events: list[EventType] = None
+    enabled: bool = None
+
+
+class Webhook(Answer):
+    id: int
+    url: str
+    events: list[str]
+    enabled: bool
+    cursor: str
+    failures: int
+    failing_since: str | None
+    last_error: str | None
+    disabled_reason: str | None
+    next_attempt_at: str | None
+    previous_secret_expires_at: str | None
+    created_at: str | None
+    updated_at: str | None
+    secret: str | None = Field(None, description='whsec_...: only in the answer that made it (create, rotate)')
+
+
+class Webhooks(Answer):
+    items: list[Webhook]
+
+
+class DeliveryQuery(Query):
+    cursor: QueryInt(1, MAX_ID) | None = Field(None, description='the last delivery id of the previous page')
+    limit: QueryInt(1, 500) = 50
+
+
+class Delivery(Answer):
+    id: int
+    webhook_id: int
+    event_id: str
+    event_type: str
+    attempt: int
+    status: str
+    response_code: int | None
+    error: str | None
+    duration_ms: int | None
+    redelivery: bool
+    created_at: str | None
+
+
+class Deliveries(Answer):
+    items: list[Delivery]
+    next_cursor: str | None
 
 
 # ================================================================ health

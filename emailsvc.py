@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 import traceback
 import urllib.parse
@@ -30,7 +31,7 @@ import contract
 import dashboard
 import models
 import tasks
-from mailkit import logs, smtp
+from mailkit import logs, smtp, webhooks
 from mailkit import settings as settings_mod
 from mailkit.credentials import key_list
 from mailkit.errors import InvalidSetting, check_setting
@@ -222,7 +223,8 @@ def fix_text(text):
 
 
 MAX_ID = contract.MAX_ID
-PATH_IDS = {'client_id': 'account', 'message_id': 'message', 'attachment_id': 'attachment'}
+PATH_IDS = {'client_id': 'account', 'message_id': 'message', 'attachment_id': 'attachment',
+            'webhook_id': 'webhook', 'delivery_id': 'delivery'}
 
 
 def caller():
@@ -857,6 +859,288 @@ def conflict_as_409():
         yield
     except ledger.LedgerConflict as exc:
         raise ApiError(409, exc.code, str(exc)) from None
+
+
+# ================================================================ change feed
+#
+# GET /api/v1/events pages the feed by event id. A user key reads its own
+# accounts' events; an operator key reads the operational ones of every
+# tenant (account.* and task.dead: which accounts fail, which tasks died),
+# never mail activity (message.*, folder.*, send.*), as it reads no mail.
+#
+# wait=N long-polls. Events are written by the consumers, so this process
+# learns of them by polling: one thread per web process reads the feed's
+# highest id every events.poll_interval while anyone waits (one cheap query,
+# whatever the number of waiters), and wakes the waiters when it grows. Each
+# waiter holds a web thread; at most events.max_waiters do at once, and a
+# request beyond that answers at once with what there is, so long-polls can
+# never take every thread from the rest of the API.
+
+OPERATOR_EVENT_TYPES = ('account.sync_failed', 'account.auth_error', 'account.recovered', 'task.dead')
+
+
+class Doorbell:
+    """Tells this process's long-polls when the change feed has grown past what they have seen."""
+
+    def __init__(self, interval, capacity):
+        self.interval, self.capacity = interval, capacity
+        self.changed = threading.Condition()
+        self.waiting = 0
+        self.head = 0
+        self.thread = None
+
+    def enter(self):
+        """Take a waiting place; False when all events.max_waiters are taken."""
+        with self.changed:
+            if self.waiting >= self.capacity:
+                return False
+            self.waiting += 1
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._watch, name='events-doorbell', daemon=True)
+                self.thread.start()
+            self.changed.notify_all()
+            return True
+
+    def leave(self):
+        with self.changed:
+            self.waiting -= 1
+
+    def wait_past(self, seen, timeout):
+        """Wait until the feed's head passes `seen` or `timeout` passes; the head then."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.head > seen, timeout)
+            return self.head
+
+    def _watch(self):
+        while True:
+            with self.changed:
+                self.changed.wait_for(lambda: self.waiting > 0)
+            try:
+                with models.database.connection_context():
+                    head = models.last_event_id()
+            except UNAVAILABLE:   # the waiters time out and answer; the next poll tries again
+                head = self.head
+            with self.changed:
+                if head > self.head:
+                    self.head = head
+                    self.changed.notify_all()
+            time.sleep(self.interval)
+
+
+DOORBELL = Doorbell(SETTINGS['events.poll_interval'], SETTINGS['events.max_waiters'])
+
+
+def event_cursor(raw, name):
+    """The event id a query parameter names ('evt_...'), 'now' for the newest, or None when absent."""
+    if raw is None or raw == '':
+        return None
+    if raw == 'now':
+        return models.last_event_id()
+    number = models.event_id_number(raw)
+    if number is None:
+        raise ApiError(422, 'invalid_cursor', f'{name} must be an event id or next_cursor from an earlier answer '
+                                              f'(like evt_42), or now.')
+    return number
+
+
+def event_types(raw):
+    """The types= filter: known types, comma-separated; the operator's only among the operational ones."""
+    types = [t for t in (raw or '').split(',') if t]
+    unknown = [t for t in types if t not in models.EVENT_TYPES]
+    if unknown:
+        raise ApiError(422, 'invalid_filter', f'types: unknown event type {unknown[0]!r}; known: '
+                                              f'{", ".join(models.EVENT_TYPES)}.')
+    if caller().operator:
+        if any(t not in OPERATOR_EVENT_TYPES for t in types):
+            raise ApiError(403, 'forbidden', f'An operator key reads only {", ".join(OPERATOR_EVENT_TYPES)} '
+                                             'events; mail activity is for the user\'s own key.')
+        return types or list(OPERATOR_EVENT_TYPES)
+    return types
+
+
+def read_events(after, types, limit):
+    Event = models.Event
+    query = Event.select().where(Event.id > after)
+    if not caller().operator:
+        query = query.where(Event.user_id == caller().user_id)
+    if types:
+        query = query.where(Event.type.in_(types))
+    return list(query.order_by(Event.id).limit(limit))
+
+
+def wait_for_events(after, types, limit, seconds):
+    """Read, and while nothing comes and time is left, wait for the doorbell and read again."""
+    if not DOORBELL.enter():
+        return []   # every waiting place is taken: answer now, the client polls again
+    try:
+        deadline = time.monotonic() + seconds
+        head = models.last_event_id()
+        for _ in range(100_000):   # bounded: each turn waits for the head to move or the time to end
+            items = read_events(after, types, limit)
+            remaining = deadline - time.monotonic()
+            if items or remaining <= 0:
+                return items
+            models.database.close()   # no pooled connection held while idle
+            head = DOORBELL.wait_past(head, remaining)
+        return []
+    finally:
+        DOORBELL.leave()
+
+
+@api('GET', '/api/v1/events', query=contract.EventQuery, answers={200: contract.Events},
+     errors={403: 'forbidden: an operator key asked for mail activity types',
+             410: 'cursor_expired: `after` is past the retention; the answer names oldest_cursor',
+             422: 'invalid_cursor, invalid_filter'})
+def list_events(query):
+    """The caller's events after `after`, oldest first; `next_cursor` is where the next call starts."""
+    after = event_cursor(query.after, 'after')
+    types = event_types(query.types)
+    limit = query.limit
+    wait = min(query.wait, SETTINGS['events.max_wait'])
+    oldest = models.pruned_through()
+    if after is None:
+        after = oldest
+    elif after < oldest:
+        raise ApiError(410, 'cursor_expired', f'Events after {models.event_id_text(after)} are past the retention '
+                                              f'of the change feed (events.retention_hours); start again from '
+                                              f'oldest_cursor.', oldest_cursor=models.event_id_text(oldest))
+    items = read_events(after, types, limit)
+    if not items and wait > 0:
+        items = wait_for_events(after, types, limit, wait)
+    return {'items': [event.to_dict() for event in items],
+            'next_cursor': items[-1].public_id if items else models.event_id_text(after)}
+
+
+# ================================================================ webhooks
+#
+# A user's endpoints: its events POSTed, signed per Standard Webhooks, by the
+# consumers (tasks.py's webhooks section). The signing secret is made here,
+# shown once in the answer that made it, and stored sealed (the web process
+# can encrypt, never decrypt). Operator keys do not manage webhooks: an
+# endpoint receives a user's mail activity.
+
+MAX_WEBHOOKS_PER_USER = 20
+ROTATION_GRACE = datetime.timedelta(hours=24)   # the old secret still signs this long after a rotation
+
+
+def webhook_fields(body):
+    """The fields a create or change body gave (a change leaves out what stays)."""
+    clean = body.model_dump(exclude_unset=True)
+    if 'events' in clean:
+        clean['events'] = list(dict.fromkeys(clean['events']))
+    return clean
+
+
+def webhook_dict(hook, secret=None):
+    answer = {'id': hook.id, 'url': hook.url, 'events': hook.events, 'enabled': hook.enabled,
+              'cursor': models.event_id_text(hook.cursor), 'failures': hook.failures,
+              'failing_since': models.iso(hook.failing_since), 'last_error': hook.last_error,
+              'disabled_reason': hook.disabled_reason, 'next_attempt_at': models.iso(hook.next_attempt_at),
+              'previous_secret_expires_at': models.iso(hook.previous_secret_until) if hook.previous_secret else None,
+              'created_at': models.iso(hook.created_at), 'updated_at': models.iso(hook.updated_at)}
+    if secret is not None:
+        answer['secret'] = secret   # shown this once; stored sealed
+    return answer
+
+
+@api('POST', '/api/v1/webhooks', user_only=True, body=contract.WebhookCreate, answers={201: contract.Webhook},
+     errors={409: 'webhook_limit'})
+def create_webhook(body):
+    """A new endpoint; its signing secret is in this answer only."""
+    clean = webhook_fields(body)
+    Webhook = models.Webhook
+    if Webhook.select().where(Webhook.user_id == caller().user_id).count() >= MAX_WEBHOOKS_PER_USER:
+        raise ApiError(409, 'webhook_limit', f'This user has {MAX_WEBHOOKS_PER_USER} webhooks, the most allowed; '
+                                             'delete one first.')
+    secret = webhooks.new_secret()
+    # Starts at the feed's head: an endpoint gets the events after its creation, not the history.
+    hook = Webhook.create(user_id=caller().user_id, secret=Webhook.seal(secret), cursor=models.last_event_id(),
+                          **clean)
+    bottle.response.status = 201
+    return webhook_dict(hook, secret)
+
+
+@api('GET', '/api/v1/webhooks', user_only=True, answers={200: contract.Webhooks})
+def list_webhooks():
+    rows = models.Webhook.select().where(models.Webhook.user_id == caller().user_id).order_by(models.Webhook.id)
+    return {'items': [webhook_dict(row) for row in rows]}
+
+
+@api('GET', '/api/v1/webhooks/<webhook_id:int>', user_only=True, answers={200: contract.Webhook})
+def get_webhook(webhook_id):
+    return webhook_dict(one(models.Webhook, webhook_id, 'webhook'))
+
+
+@api('PATCH', '/api/v1/webhooks/<webhook_id:int>', user_only=True, body=contract.WebhookUpdate,
+     answers={200: contract.Webhook})
+def update_webhook(webhook_id, body):
+    """Change the URL, the event types or enabled; re-enabling or a new URL starts afresh."""
+    hook = one(models.Webhook, webhook_id, 'webhook')
+    clean = webhook_fields(body)
+    fresh_start = clean.get('enabled') and not hook.enabled or clean.get('url', hook.url) != hook.url
+    for name, value in clean.items():
+        setattr(hook, name, value)
+    if fresh_start:   # re-enabled or moved: whatever failed before deserves a try now
+        hook.failures, hook.failing_since, hook.last_error = 0, None, None
+        hook.disabled_reason, hook.next_attempt_at = None, None
+    hook.updated_at = models.utcnow()
+    hook.save()
+    if fresh_start and hook.enabled:   # events may wait behind its cursor: deliver them now
+        tasks.wake_webhooks({(hook.tenant_id, hook.user_id)})
+    return webhook_dict(hook)
+
+
+@api('DELETE', '/api/v1/webhooks/<webhook_id:int>', user_only=True, answers={204: None})
+def delete_webhook(webhook_id):
+    hook = one(models.Webhook, webhook_id, 'webhook')
+    with models.database.atomic():
+        models.WebhookDelivery.delete().where(models.WebhookDelivery.webhook_id == hook.id).execute()
+        hook.delete_instance()
+    bottle.response.status = 204
+    return ''
+
+
+@api('POST', '/api/v1/webhooks/<webhook_id:int>/rotate', user_only=True, answers={200: contract.Webhook})
+def rotate_webhook_secret(webhook_id):
+    """A new secret, shown once; the current one keeps signing (beside it) for 24 hours."""
+    hook = one(models.Webhook, webhook_id, 'webhook')
+    secret = webhooks.new_secret()
+    now = models.utcnow()
+    hook.previous_secret, hook.previous_secret_until = hook.secret, now + ROTATION_GRACE
+    hook.secret, hook.updated_at = models.Webhook.seal(secret), now
+    hook.save()
+    return webhook_dict(hook, secret)
+
+
+@api('GET', '/api/v1/webhooks/<webhook_id:int>/deliveries', user_only=True, query=contract.DeliveryQuery,
+     answers={200: contract.Deliveries})
+def list_deliveries(webhook_id, query):
+    """The delivery log, newest first; `cursor` is the last id of the previous page."""
+    hook = one(models.Webhook, webhook_id, 'webhook')
+    Delivery = models.WebhookDelivery
+    rows = Delivery.select().where(Delivery.webhook_id == hook.id)
+    if query.cursor is not None:
+        rows = rows.where(Delivery.id < query.cursor)
+    limit = query.limit
+    rows = list(rows.order_by(Delivery.id.desc()).limit(limit + 1))
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {'items': [row.to_dict() for row in rows], 'next_cursor': str(rows[-1].id) if more else None}
+
+
+@api('POST', '/api/v1/webhooks/<webhook_id:int>/deliveries/<delivery_id:int>/redeliver', user_only=True,
+     answers={202: contract.Accepted}, errors={410: 'event_expired: the event is past the feed\'s retention'})
+def redeliver(webhook_id, delivery_id):
+    """Post that delivery's event once more, now."""
+    hook = one(models.Webhook, webhook_id, 'webhook')
+    delivery = models.WebhookDelivery.find(id=delivery_id, webhook_id=hook.id)
+    if delivery is None:
+        raise not_found('delivery', delivery_id)
+    if models.Event.find(id=delivery.event_id) is None:
+        raise ApiError(410, 'event_expired', f'The event of delivery {delivery_id} is past the retention of the '
+                                             'change feed (events.retention_hours).')
+    result = tasks.redeliver_webhook_event(hook.id, hook.tenant_id, hook.user_id, delivery.id)
+    return accepted(result.id)
 
 
 # ================================================================ health

@@ -490,6 +490,26 @@ class EmailFolder(TenantModel):
     class Meta:
         indexes = ((('client', 'raw_name'), True),)
 
+    def save(self, *args, **kwargs):
+        """A new folder is announced (folder.created) in the transaction that stores it."""
+        if self.id is not None and not kwargs.get('force_insert'):
+            return super().save(*args, **kwargs)
+        with database.atomic():
+            result = super().save(*args, **kwargs)
+            self.announce('folder.created')
+        return result
+
+    def delete_instance(self, *args, **kwargs):
+        with database.atomic():
+            result = super().delete_instance(*args, **kwargs)
+            self.announce('folder.deleted')
+        return result
+
+    def announce(self, type_):
+        account = EmailClient.find(id=self.client_id)
+        if account is not None:
+            emit(type_, account, {'folder_id': self.id, 'name': self.name, 'role': self.role})
+
     @classmethod
     def by_role(cls, client_id, role):
         """The account's folder with `role` (inbox, sent, trash, junk, ...), or None."""
@@ -588,12 +608,130 @@ class SpamLearning(TenantModel):
     updated_at = pw.DateTimeField(default=utcnow)
 
 
+class NeverReusedIdField(pw.BigAutoField):
+    """An id that is never given to another row, even after deletes.
+
+    SQLite reuses the highest deleted rowid unless the table is declared
+    AUTOINCREMENT (sqlite.org/autoinc.html); PostgreSQL's sequences never go
+    back. Event ids are cursors and webhook-id headers, so a reused one would
+    hand a client a different event under an id it has already seen.
+    """
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        return pw.NodeList((node, pw.SQL('AUTOINCREMENT'))) if isinstance(database.obj, pw.SqliteDatabase) else node
+
+
+EVENT_TYPES = ('message.created', 'message.updated', 'message.deleted', 'folder.created', 'folder.deleted',
+               'send.succeeded', 'send.failed', 'send.unknown', 'account.sync_failed', 'account.auth_error',
+               'account.recovered', 'task.dead')
+EVENT_PREFIX = 'evt_'
+
+
+class Event(TenantModel):
+    """The change feed: one row per change, written in the transaction of the change (see emit())."""
+    id = NeverReusedIdField()
+    tenant_id = pw.IntegerField(null=True)     # None: the service's own work (a periodic task's task.dead)
+    user_id = pw.IntegerField(null=True)       # the account's owner: whose key and webhooks see the event
+    account_id = pw.IntegerField(null=True)
+    type = pw.CharField(max_length=40)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+    data = JSONField(default=dict)
+
+    class Meta:
+        indexes = ((('user_id', 'id'), False), (('tenant_id', 'id'), False))
+
+    @property
+    def public_id(self):
+        return event_id_text(self.id)
+
+    def to_dict(self):
+        """The event as the API lists it and a webhook delivers it (its body)."""
+        return {'id': self.public_id, 'type': self.type, 'created_at': iso(self.created_at),
+                'account_id': self.account_id, 'data': self.data}
+
+
+def event_id_text(number):
+    return f'{EVENT_PREFIX}{number}'
+
+
+def event_id_number(text):
+    """The row id of an event id ('evt_123'), or None when `text` is not one of ours."""
+    digits = text[len(EVENT_PREFIX):] if isinstance(text, str) and text.startswith(EVENT_PREFIX) else ''
+    return int(digits) if digits.isdigit() and len(digits) <= 18 else None
+
+
+class EventRetention(BaseModel):
+    """One row: the highest event id retention has deleted. A cursor below it has missed events (410)."""
+    pruned_through = pw.BigIntegerField(default=0)
+
+
+class Webhook(TenantModel):
+    """A user's webhook endpoint: where its events are POSTed, signed (Standard Webhooks), in order.
+
+    `cursor` is the id of the last event delivered (or passed over as not
+    wanted); `secret` and `previous_secret` are Fernet-sealed like account
+    passwords, and only the tasks layer opens them. Delivery state: a run
+    claims the endpoint with a lease (`lease_owner`, `lease_until`), so one
+    delivers at a time and order holds; `wanted_at` says a run is queued.
+    """
+    id = NeverReusedIdField()
+    user_id = pw.IntegerField(index=True)
+    url = pw.CharField(max_length=2000)
+    events = JSONField(default=list)            # types delivered; [] means every type
+    enabled = pw.BooleanField(default=True)
+    secret = pw.TextField()
+    previous_secret = pw.TextField(null=True)   # still signs until previous_secret_until (rotation)
+    previous_secret_until = pw.DateTimeField(null=True)
+    cursor = pw.BigIntegerField(default=0)
+    failures = pw.IntegerField(default=0)        # failed attempts in a row
+    failing_since = pw.DateTimeField(null=True)
+    last_error = pw.TextField(null=True)
+    disabled_reason = pw.TextField(null=True)
+    next_attempt_at = pw.DateTimeField(null=True)
+    wanted_at = pw.DateTimeField(null=True)
+    lease_owner = pw.CharField(max_length=64, null=True)
+    lease_until = pw.DateTimeField(null=True)
+    created_at = pw.DateTimeField(default=utcnow)
+    updated_at = pw.DateTimeField(default=utcnow)
+
+    @classmethod
+    def seal(cls, secret):
+        """`secret` encrypted as account passwords are: the web process can seal, never open."""
+        return Sealer(_key_source()).encrypt(secret)
+
+
+class WebhookDelivery(TenantModel):
+    """One attempt to deliver one event to one endpoint: the delivery log."""
+    id = NeverReusedIdField()
+    webhook_id = pw.BigIntegerField()
+    event_id = pw.BigIntegerField()
+    event_type = pw.CharField(max_length=40)
+    attempt = pw.IntegerField()
+    status = pw.CharField(max_length=10)          # succeeded | failed
+    response_code = pw.IntegerField(null=True)
+    error = pw.TextField(null=True)
+    duration_ms = pw.IntegerField(null=True)
+    redelivery = pw.BooleanField(default=False)
+    created_at = pw.DateTimeField(default=utcnow, index=True)
+
+    class Meta:
+        indexes = ((('webhook_id', 'id'), False),)
+
+    def to_dict(self):
+        return {'id': self.id, 'webhook_id': self.webhook_id, 'event_id': event_id_text(self.event_id),
+                'event_type': self.event_type, 'attempt': self.attempt, 'status': self.status,
+                'response_code': self.response_code, 'error': self.error, 'duration_ms': self.duration_ms,
+                'redelivery': self.redelivery, 'created_at': iso(self.created_at)}
+
+
 def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
 MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
-          DashboardSession, TaskRollup, MetricTotal, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning)
+          DashboardSession, TaskRollup, MetricTotal, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning,
+          Event, EventRetention, Webhook, WebhookDelivery)
 
 
 # ---------------------------------------------------------------- writes that survive a lost connection
@@ -607,6 +745,110 @@ def with_reconnect(operation):
             raise
         database.close()  # a server restart leaves the pooled socket dead
         return operation()
+
+
+# ---------------------------------------------------------------- change feed
+#
+# A transactional outbox: emit() appends events inside the transaction of the
+# change they describe, so an event exists exactly when its change committed.
+# Readers (GET /api/v1/events, webhook delivery) page by event id, so ids must
+# become visible in id order: SQLite has one writer at a time (transactions
+# begin IMMEDIATE); PostgreSQL takes a transaction-level advisory lock before
+# the insert, so event-writing transactions commit in the order they took ids
+# (a reader past id 12 can never later find a committed 11). Callers emit last
+# in their transaction, so the lock is held only up to the commit (and no row
+# lock is taken while holding it, which could deadlock with a writer waiting for it).
+
+EVENT_WRITER_LOCK = 0x656d61696c   # any fixed number; 'email' in hex
+_emitted = set()   # (tenant_id, user_id) that had events emitted in this process since take_emitted()
+
+
+def emit(type_, account=None, data=None, **owner):
+    """Append one event of `type_` about `account` (an EmailClient) or an explicit tenant_id/user_id/account_id."""
+    emit_many(type_, [data or {}], account, **owner)
+
+
+def emit_many(type_, datas, account=None, tenant_id=None, user_id=None, account_id=None):
+    """Append one event per item of `datas`, in order, in the caller's transaction (or one of its own)."""
+    if not datas:
+        return
+    if type_ not in EVENT_TYPES:
+        raise ValueError(f'unknown event type {type_!r}')
+    if account is not None:
+        tenant_id, user_id, account_id = account.tenant_id, account.user_id, account.id
+    now = utcnow()
+    rows = [{'tenant_id': tenant_id, 'user_id': user_id, 'account_id': account_id, 'type': type_,
+             'created_at': now, 'data': data} for data in datas]
+    with database.atomic():
+        if not isinstance(database.obj, pw.SqliteDatabase):
+            database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (EVENT_WRITER_LOCK,))
+        bulk_insert(Event, rows)
+    _emitted.add((tenant_id, user_id))
+
+
+def take_emitted():
+    """The (tenant_id, user_id) pairs that had events emitted here since the last call (to wake deliveries)."""
+    pairs = set(_emitted)
+    _emitted.difference_update(pairs)
+    return pairs
+
+
+def last_event_id():
+    """The highest event id so far, of any tenant (0 when none): where a new webhook starts."""
+    return database.execute_sql('SELECT MAX(id) FROM event').fetchone()[0] or 0
+
+
+def pruned_through():
+    """The highest event id retention has deleted (0: none yet). A cursor below it has missed events."""
+    row = EventRetention.get_or_none(EventRetention.id == 1)
+    return row.pruned_through if row else 0
+
+
+def prune_events(cutoff, log_cutoff=None):
+    """Delete events created before `cutoff` and delivery log rows before `log_cutoff` (default: the same)."""
+    with all_tenants(), database.atomic():
+        through = Event.select(pw.fn.MAX(Event.id)).where(Event.created_at < cutoff).scalar()
+        removed = Event.delete().where(Event.id <= through).execute() if through else 0
+        if through:
+            EventRetention.insert(id=1, pruned_through=through).on_conflict(
+                conflict_target=[EventRetention.id],
+                update={EventRetention.pruned_through: pw.fn.MAX(EventRetention.pruned_through, through)
+                        if isinstance(database.obj, pw.SqliteDatabase)
+                        else pw.fn.GREATEST(EventRetention.pruned_through, through)}).execute()
+        deliveries = WebhookDelivery.delete().where(WebhookDelivery.created_at < (log_cutoff or cutoff)).execute()
+    return {'events_removed': removed, 'deliveries_removed': deliveries}
+
+
+def emit_message_events(type_, rows, **extra):
+    """Emit `type_` for messages given as (id, folder id, client id) tuples, with `extra` data each."""
+    by_client = {}
+    for message_id, folder_id, client_id in rows:
+        by_client.setdefault(client_id, []).append(dict(extra, message_id=message_id, folder_id=folder_id))
+    for client_id, datas in by_client.items():
+        account = EmailClient.find(id=client_id)
+        if account is not None:   # None: the account is being deleted with its mail
+            emit_many(type_, datas, account)
+
+
+def emit_outbox(outbox, state, error=None):
+    """In the transaction that moves a send to `state`: send.succeeded, send.failed or send.unknown, once."""
+    type_ = {'sent': 'send.succeeded', 'failed': 'send.failed', 'unknown': 'send.unknown'}.get(state)
+    if type_ is None or outbox.state == state:
+        return
+    data = {'task_id': outbox.task_id, 'internet_message_id': outbox.message_id}
+    if state != 'sent':
+        data['error'] = error or outbox.error
+    emit(type_, tenant_id=outbox.tenant_id, user_id=outbox.user_id, account_id=outbox.client_id, data=data)
+
+
+def emit_sync_end(client, state, error_code):
+    """In the transaction that records how a sync ended: a failure, a rejected login, or a recovery."""
+    if state == 'error':
+        emit('account.sync_failed', client, {'error_code': error_code, 'failures': client.failures + 1})
+    elif state == 'auth_error':
+        emit('account.auth_error', client, {'error_code': error_code})
+    elif client.failures or client.sync_state in ('error', 'auth_error'):
+        emit('account.recovered', client, {'after_failures': client.failures})
 
 
 # ---------------------------------------------------------------- mail storage
@@ -690,10 +932,15 @@ def store_messages(folder, items, key='uid', uidnext=None):
             attachments = [item.pop('attachments') for item in fresh]
             for item, raw_id in zip(fresh, raw_ids):
                 item.update(blob=raw_id, folder=folder.id, client=folder.client_id, tenant_id=folder.tenant_id)
+            before = database.execute_sql('SELECT MAX(id) FROM email_message').fetchone()[0] or 0
             bulk_insert(EmailMessage, fresh)
             store_attachments(folder, field, fresh, attachments)
         if uidnext is not None:
             EmailFolder.update(uidnext=uidnext).where(EmailFolder.id == folder.id).execute()
+        if fresh:   # last in the transaction (see emit_many); ids above `before` in this folder are the new rows
+            emit_message_events('message.created', EmailMessage.select(
+                EmailMessage.id, EmailMessage.folder, EmailMessage.client).where(
+                EmailMessage.folder == folder.id, EmailMessage.id > before).order_by(EmailMessage.id).tuples())
     return len(fresh)
 
 
@@ -712,11 +959,14 @@ def store_attachments(folder, field, messages, attachments):
 
 def delete_messages(query):
     """Delete the messages `query` selects, with their attachments; returns how many."""
-    ids = [m.id for m in query.select(EmailMessage.id)]
-    for chunk in chunks(ids, 500):
-        Attachment.delete().where(Attachment.message.in_(chunk)).execute()
-        EmailMessage.delete().where(EmailMessage.id.in_(chunk)).execute()
-    return len(ids)
+    rows = list(query.select(EmailMessage.id, EmailMessage.folder, EmailMessage.client).tuples())
+    for chunk in chunks(rows, 500):
+        ids = [row[0] for row in chunk]
+        with database.atomic():
+            Attachment.delete().where(Attachment.message.in_(ids)).execute()
+            EmailMessage.delete().where(EmailMessage.id.in_(ids)).execute()
+            emit_message_events('message.deleted', chunk)
+    return len(rows)
 
 
 def forget_messages(messages, permanent, moved=None):
@@ -732,15 +982,22 @@ def forget_messages(messages, permanent, moved=None):
     if not permanent:
         hidden = [i for i in ids if i not in moved]
         places = {i: place for i, place in moved.items() if place is not None}
-        return move_in_place(places) + sum(
-            EmailMessage.update(is_deleted=True).where(EmailMessage.id.in_(chunk),
-                                                       EmailMessage.is_deleted == False)  # noqa: E712
-            .execute() for chunk in chunks(hidden, 500))
+        return move_in_place(places) + sum(hide_messages(chunk) for chunk in chunks(hidden, 500))
     blobs = {m.blob for m in messages} | {a.blob for a in Attachment.select(Attachment.blob)
                                            .where(Attachment.message.in_(ids))}
     count = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(ids)))
     drop_unreferenced_blobs(blobs)
     return count
+
+
+def hide_messages(ids):
+    """Mark messages deleted until the next sync finds them in Trash; returns how many were visible."""
+    with database.atomic():
+        rows = list(EmailMessage.select(EmailMessage.id, EmailMessage.folder, EmailMessage.client)
+                    .where(EmailMessage.id.in_(ids), EmailMessage.is_deleted == False).tuples())  # noqa: E712
+        EmailMessage.update(is_deleted=True).where(EmailMessage.id.in_([row[0] for row in rows])).execute()
+        emit_message_events('message.deleted', rows)
+    return len(rows)
 
 
 def move_in_place(places):
@@ -754,8 +1011,13 @@ def move_in_place(places):
         for message_id, (folder_id, uid) in places.items():
             delete_messages(EmailMessage.select().where(EmailMessage.folder == folder_id, EmailMessage.uid == uid,
                                                         EmailMessage.id != message_id))
+            before = EmailMessage.select(EmailMessage.folder, EmailMessage.client) \
+                .where(EmailMessage.id == message_id).tuples().first()
             EmailMessage.update(folder=folder_id, uid=uid, is_deleted=False).where(EmailMessage.id == message_id) \
                 .execute()
+            if before is not None:
+                emit_message_events('message.updated', [(message_id, folder_id, before[1])],
+                                    changes=['folder'], previous_folder_id=before[0])
     return len(places)
 
 
@@ -777,15 +1039,22 @@ def drop_unreferenced_blobs(blob_ids):
 def update_flags(folder, flags_by_uid):
     """Apply the server's flags to stored messages; returns how many changed."""
     changed = 0
+    account = EmailClient.find(id=folder.client_id)
     for chunk in chunks(list(flags_by_uid), 500):
-        stored = EmailMessage.select(EmailMessage.id, EmailMessage.uid, EmailMessage.flags) \
-            .where(EmailMessage.folder == folder.id, EmailMessage.uid.in_(chunk))
-        for message in stored:
-            flags = ' '.join(sorted(flags_by_uid[message.uid]))
-            if flags != message.flags:
-                EmailMessage.update(**flag_fields(flags_by_uid[message.uid])) \
-                    .where(EmailMessage.id == message.id).execute()
-                changed += 1
+        with database.atomic():
+            stored = EmailMessage.select(EmailMessage.id, EmailMessage.uid, EmailMessage.flags) \
+                .where(EmailMessage.folder == folder.id, EmailMessage.uid.in_(chunk))
+            updated = []
+            for message in stored:
+                flags = ' '.join(sorted(flags_by_uid[message.uid]))
+                if flags != message.flags:
+                    EmailMessage.update(**flag_fields(flags_by_uid[message.uid])) \
+                        .where(EmailMessage.id == message.id).execute()
+                    updated.append({'message_id': message.id, 'folder_id': folder.id, 'changes': ['flags'],
+                                    'flags': flags.split()})
+            if account is not None:
+                emit_many('message.updated', updated, account)   # last in the transaction (see emit_many)
+            changed += len(updated)
     return changed
 
 
@@ -957,9 +1226,14 @@ def metric_totals(migrator):
 
 @migration(9)
 def outbox_attempts(migrator):
-    """Version 9 (the recovery branch's; renumber at merge): the outbox counts attempts, for its
-    compare-and-set moves."""
+    """Version 9: the outbox counts attempts, for its compare-and-set moves."""
     return missing_columns(migrator, Outbox.attempt)
+
+
+@migration(10)
+def change_feed_and_webhooks(migrator):
+    """Version 10: the change feed (events) and webhook endpoints with their delivery log."""
+    database.create_tables([Event, EventRetention, Webhook, WebhookDelivery])
 
 
 LATEST = len(MIGRATIONS)

@@ -10,20 +10,22 @@ connections or decrypts stored passwords. Task payloads hold ids and options
 only: no secret ever reaches the broker or the ledger's copy of the arguments.
 
 Sections: set-up, accounts and mail sessions, sync, send and outbox, delete,
-spam, periodic.
+spam, periodic, webhooks.
 """
 import datetime
 import functools
+import json
 import logging
 import pathlib
 import ssl
 import time
 
 from huey import crontab
+from huey import signals as huey_signals
 
 import models
 import taskq
-from mailkit import egress, logs, mime, smtp, spam
+from mailkit import egress, logs, mime, smtp, spam, webhooks
 from mailkit import settings as settings_mod
 from mailkit.credentials import CredentialError, Vault
 from mailkit.errors import AuthenticationFailed, FailNow, MailError, TemporaryMailError
@@ -105,6 +107,17 @@ def reencrypt_credentials(keys):
         for row in models.Credential.select():
             models.Credential.change(row.id, secret=rotating.rotate(row.secret))
             count += 1
+        count += reencrypt_webhook_secrets(rotating)
+    return count
+
+
+def reencrypt_webhook_secrets(rotating):
+    """Webhook signing secrets are sealed like passwords: rotate-key re-encrypts them too."""
+    count = 0
+    for row in models.Webhook.select():
+        models.Webhook.change(row.id, secret=rotating.rotate(row.secret), previous_secret=(
+            rotating.rotate(row.previous_secret) if row.previous_secret else None))
+        count += 1
     return count
 
 
@@ -213,7 +226,9 @@ def end_sync(client, state, error, now=None):
         fields.update(failures=client.failures + 1, next_sync_at=None)
     else:
         fields.update(failures=client.failures + 1, next_sync_at=now + retry_after(client, client.failures + 1))
-    models.EmailClient.update(**fields).where(models.EmailClient.id == client.id).execute()
+    with models.database.atomic():
+        models.EmailClient.update(**fields).where(models.EmailClient.id == client.id).execute()
+        models.emit_sync_end(client, state, error and error.partition(': ')[0])
 
 
 def retry_after(client, failures):
@@ -494,8 +509,9 @@ def domain_of(client):
 
 
 def move_outbox(outbox, state, taken_ok=False, **fields):
-    """Move the row from the (state, attempt) this run last saw; SendTaken if another run moved it first,
-    unless `taken_ok` (this run is past its end-of-data mark or never reached it: nothing to stop).
+    """Move the row from the (state, attempt) this run last saw, with its send.* event in the same
+    transaction; SendTaken if another run moved it first, unless `taken_ok` (this run is past its
+    end-of-data mark or never reached it: nothing to stop).
 
     A run that finds the row `sending` marks it `unknown` under the same attempt,
     not knowing whether that attempt's run lives; if it does, the outcome is
@@ -503,7 +519,11 @@ def move_outbox(outbox, state, taken_ok=False, **fields):
     def moved(from_state):
         return models.Outbox.change(outbox.id, expect={'state': from_state, 'attempt': outbox.attempt},
                                     state=state, **fields)
-    if not moved(outbox.state) and not (outbox.state == 'sending' and moved('unknown')):
+    with models.database.atomic():
+        made = moved(outbox.state) or (outbox.state == 'sending' and moved('unknown'))
+        if made:
+            models.emit_outbox(outbox, state, fields.get('error'))
+    if not made:
         if not taken_ok:
             raise SendTaken(f'another run of this send took outbox {outbox.id} first; this one stopped before '
                             'the end-of-data mark')
@@ -831,3 +851,265 @@ def expire_uploads(now):
 def noop(tenant_id=None, user_id=None):
     """Do nothing: proves the queue, a worker and the ledger work end to end."""
     return {'status': 'ok'}
+
+
+# ---------------------------------------------------------------- webhooks
+#
+# Each endpoint has a cursor (the last event it got) and is served by one
+# delivery run at a time, so its events arrive in feed order, each at least
+# once, under its event id (webhook-id). A run claims the endpoint with a lease
+# (a conditional UPDATE; a dead worker's lease lapses after
+# webhooks.lease_seconds), posts the events after the cursor over one kept
+# connection, and commits the cursor with the delivery log every few events: a
+# run killed between a post and that commit posts those events again
+# (duplicates, never gaps). The first failure stops the run and schedules the
+# next attempt after a doubling, capped, jittered pause; the endpoint's later
+# events wait behind it, so order holds. Failing since
+# webhooks.disable_after_hours, the endpoint is disabled and says why.
+#
+# Who starts runs: after every task that emitted events, its worker wakes
+# the endpoints of the users concerned (`wake_webhooks`); `wanted_at` marks a
+# run as queued so a burst of tasks queues one run, not one each; a run that
+# finds the endpoint claimed leaves it to the holder, which looks again before
+# it lets go. `sweep_webhooks` (every minute) is the safety net for runs lost
+# with a killed worker. Runs go to the `webhooks` lane (wired by taskq).
+
+WEBHOOK_FLUSH_EVERY = 50          # deliveries logged (and the cursor moved) per commit, at most
+WEBHOOK_FLUSH_SECONDS = 0.5       # ... or after this long
+
+
+def webhook_secrets(hook, now):
+    """The secrets that sign a delivery: the current one, and the previous one while its rotation grace lasts."""
+    current = [decrypt(hook.secret)]
+    if hook.previous_secret and hook.previous_secret_until and hook.previous_secret_until > now:
+        current.append(decrypt(hook.previous_secret))
+    return current
+
+
+def event_body(event):
+    return json.dumps(event.to_dict(), separators=(',', ':'), ensure_ascii=False).encode()
+
+
+def webhook_poster(hook):
+    return webhooks.Poster(hook.url, SETTINGS['webhooks.timeout'], EGRESS, webhook_ssl_context())
+
+
+@functools.cache
+def webhook_ssl_context():
+    """The system's CAs, loaded once a process (25 ms each time otherwise), for https:// targets."""
+    return ssl.create_default_context()
+
+
+def claim_webhook(webhook_id, owner, now):
+    """Take the endpoint for this run unless another live run holds it or it is backing off."""
+    Hook = models.Webhook
+    return Hook.update(lease_owner=owner, lease_until=now + lease_span(), wanted_at=None).where(
+        Hook.id == webhook_id, Hook.enabled == True,  # noqa: E712
+        Hook.lease_until.is_null() | (Hook.lease_until < now) | (Hook.lease_owner == owner),
+        Hook.next_attempt_at.is_null() | (Hook.next_attempt_at <= now)).execute() == 1
+
+
+def lease_span():
+    return datetime.timedelta(seconds=SETTINGS['webhooks.lease_seconds'])
+
+
+def release_webhook(webhook_id, owner):
+    """Let the endpoint go, unless a wake-up came during the run (then the caller goes on). True if let go."""
+    Hook = models.Webhook
+    return Hook.update(lease_owner=None, lease_until=None).where(
+        Hook.id == webhook_id, Hook.lease_owner == owner, Hook.wanted_at.is_null()).execute() == 1
+
+
+def pending_events(hook, limit):
+    """The endpoint's next events after its cursor: its user's, of the types it takes, in feed order."""
+    Event = models.Event
+    query = Event.select().where(Event.user_id == hook.user_id, Event.id > hook.cursor)
+    if hook.events:
+        query = query.where(Event.type.in_(hook.events))
+    return list(query.order_by(Event.id).limit(limit))
+
+
+class DeliveryRun:
+    """One run over one endpoint: post in order, log and move the cursor in commits, stop at a failure."""
+
+    def __init__(self, hook, owner):
+        self.hook, self.owner = hook, owner
+        self.poster = webhook_poster(hook)
+        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a run, not once a delivery
+        self.log = []
+        self.flushed_at = time.monotonic()
+        self.delivered = 0
+
+    def post(self, event, redelivery=False, attempt=1):
+        """Post one event; returns its delivery row (a dict), status succeeded or failed."""
+        now = models.utcnow()
+        body = event_body(event)
+        started = time.monotonic()
+        row = {'tenant_id': self.hook.tenant_id, 'webhook_id': self.hook.id, 'event_id': event.id,
+               'event_type': event.type, 'attempt': attempt, 'redelivery': redelivery, 'created_at': now}
+        try:
+            code = self.poster.post(body, webhooks.headers(self.secrets, event.public_id, body))
+            row.update(status='succeeded', response_code=code, error=None)
+        except webhooks.DeliveryFailed as exc:
+            row.update(status='failed', response_code=exc.status, error=str(exc)[:500])
+        row['duration_ms'] = int((time.monotonic() - started) * 1000)
+        return row
+
+    def deliver(self, deadline):
+        """Deliver until caught up (True), out of time (False); raise LostLease if another run took over."""
+        while time.monotonic() < deadline:
+            events = pending_events(self.hook, SETTINGS['webhooks.batch'])
+            if not events:
+                self.flush()
+                if release_webhook(self.hook.id, self.owner):
+                    return True
+                models.Webhook.update(wanted_at=None).where(models.Webhook.id == self.hook.id).execute()
+                continue
+            for event in events:
+                if time.monotonic() >= deadline:
+                    break
+                row = self.post(event, attempt=self.hook.failures + 1)
+                if row['status'] == 'failed':
+                    self.flush()
+                    self.fail(row)
+                    return True
+                self.log.append(row)
+                self.hook.cursor, self.hook.failures = event.id, 0   # the next event is its first attempt
+                self.delivered += 1
+                if len(self.log) >= WEBHOOK_FLUSH_EVERY or time.monotonic() - self.flushed_at > WEBHOOK_FLUSH_SECONDS:
+                    self.flush()
+        self.flush()
+        return False
+
+    def flush(self):
+        """Commit the delivery log so far with the cursor; renew the lease."""
+        self.flushed_at = time.monotonic()
+        Hook = models.Webhook
+        with models.database.atomic():
+            changed = Hook.update(cursor=self.hook.cursor, lease_until=models.utcnow() + lease_span(),
+                                  **(self.recovered() if self.log else {})).where(
+                Hook.id == self.hook.id, Hook.lease_owner == self.owner).execute()
+            if not changed:
+                raise LostLease(f'webhook {self.hook.id} was taken over by another run')
+            models.bulk_insert(models.WebhookDelivery, self.log)
+        self.log = []
+
+    @staticmethod
+    def recovered():
+        return {'failures': 0, 'failing_since': None, 'last_error': None, 'next_attempt_at': None}
+
+    def fail(self, row):
+        """Record a failed attempt: back off (the endpoint's later events wait), or disable after too long."""
+        hook, now = self.hook, row['created_at']
+        failing_since = hook.failing_since or now
+        delay = taskq.service.jittered(SETTINGS['webhooks.retry_base'] * 2 ** min(hook.failures, 30),
+                                       SETTINGS['webhooks.retry_max'], SETTINGS['retry.jitter'])
+        fields = {'failures': hook.failures + 1, 'failing_since': failing_since, 'last_error': row['error'],
+                  'next_attempt_at': now + datetime.timedelta(seconds=delay), 'lease_owner': None,
+                  'lease_until': None}
+        if now - failing_since >= datetime.timedelta(hours=SETTINGS['webhooks.disable_after_hours']):
+            fields.update(enabled=False, next_attempt_at=None, disabled_reason=(
+                f'disabled at {models.iso(now)}: every delivery failed since {models.iso(failing_since)} '
+                f'(last: {row["error"]})'))
+        with models.database.atomic():
+            models.bulk_insert(models.WebhookDelivery, [row])
+            models.Webhook.update(**fields).where(models.Webhook.id == hook.id,
+                                                  models.Webhook.lease_owner == self.owner).execute()
+        if fields.get('enabled', True):
+            deliver_webhook.schedule((hook.id, hook.tenant_id, hook.user_id), delay=delay)
+
+
+class LostLease(Exception):
+    """Another run holds the endpoint now (this one was too slow to renew): stop without writing."""
+
+
+@service_task(priority=5, retries=0)
+def deliver_webhook(webhook_id, tenant_id, user_id):
+    """Deliver an endpoint's waiting events in order from its cursor, until caught up, failing or out of time."""
+    owner = logs.task_id.get() or f'run-{time.monotonic_ns()}'
+    if not claim_webhook(webhook_id, owner, models.utcnow()):
+        return {'status': 'skipped', 'delivered': 0}   # running elsewhere, disabled, gone, or backing off
+    run = DeliveryRun(models.Webhook.get_by_id(webhook_id), owner)
+    try:
+        caught_up = run.deliver(time.monotonic() + SETTINGS['webhooks.run_seconds'])
+    except LostLease as exc:
+        logger.warning('%s', exc)
+        return {'status': 'lost_lease', 'delivered': run.delivered}
+    finally:
+        run.poster.close()
+    if not caught_up:   # a backlog: hand over to a fresh run at the back of the queue, so other work gets a turn
+        if models.Webhook.update(lease_owner=None, lease_until=None, wanted_at=models.utcnow()).where(
+                models.Webhook.id == webhook_id, models.Webhook.lease_owner == owner).execute():
+            deliver_webhook(webhook_id, tenant_id, user_id)
+    return {'status': 'success', 'delivered': run.delivered}
+
+
+@service_task(priority=5, retries=0)
+def redeliver_webhook_event(webhook_id, tenant_id, user_id, delivery_id):
+    """Post a logged delivery's event once more, now (out of feed order, as asked); log it as a redelivery."""
+    hook = models.Webhook.find(id=webhook_id, user_id=user_id)
+    earlier = models.WebhookDelivery.find(id=delivery_id, webhook_id=webhook_id)
+    if hook is None or earlier is None:
+        raise FailNow(f'no delivery {delivery_id} of webhook {webhook_id} for this user')
+    event = models.Event.find(id=earlier.event_id)
+    if event is None:
+        raise FailNow(f'event {models.event_id_text(earlier.event_id)} is past the retention of the change feed')
+    run = DeliveryRun(hook, None)
+    try:
+        row = run.post(event, redelivery=True, attempt=earlier.attempt + 1)
+    finally:
+        run.poster.close()
+    models.bulk_insert(models.WebhookDelivery, [row])
+    return {'status': row['status'], 'response_code': row['response_code'], 'error': row['error']}
+
+
+def wake_webhooks(pairs, now=None):
+    """Queue one run for each enabled endpoint of these (tenant, user) pairs that has none queued or running
+    and is not backing off; returns how many were queued."""
+    now = now or models.utcnow()
+    Hook = models.Webhook
+    stale = now - 2 * lease_span()   # a run marked queued this long ago was lost (a killed worker's)
+    woken = 0
+    for tenant_id, user_id in pairs:
+        if tenant_id is None or user_id is None:
+            continue
+        with models.tenant_scope(tenant_id):
+            due = (Hook.user_id == user_id) & (Hook.enabled == True) & \
+                (Hook.next_attempt_at.is_null() | (Hook.next_attempt_at <= now)) & \
+                (Hook.wanted_at.is_null() | (Hook.wanted_at < stale))  # noqa: E712
+            for (hook_id,) in Hook.select(Hook.id).where(due).tuples():
+                if Hook.update(wanted_at=now).where(Hook.id == hook_id, due).execute():
+                    deliver_webhook(hook_id, tenant_id, user_id)
+                    woken += 1
+    return woken
+
+
+@huey.signal(huey_signals.SIGNAL_COMPLETE, huey_signals.SIGNAL_ERROR, huey_signals.SIGNAL_RETRYING)
+def wake_webhooks_after_task(signal_name, task, exc=None):
+    """After a task (and the ledger's own writes, task.dead included): wake the endpoints of whoever got events."""
+    pairs = models.take_emitted()
+    if pairs:
+        wake_webhooks(pairs)
+
+
+@service_task(priority=5, retries=0, periodic=crontab(minute='*'))
+def sweep_webhooks(now=None):
+    """The safety net: wake every endpoint with events waiting whose run was lost (a killed worker)."""
+    now = now or models.utcnow()
+    with models.all_tenants():
+        hooks = list(models.Webhook.select().where(models.Webhook.enabled == True))  # noqa: E712
+    waiting = set()
+    for hook in hooks:
+        with models.tenant_scope(hook.tenant_id):
+            if pending_events(hook, 1):
+                waiting.add((hook.tenant_id, hook.user_id))
+    return {'status': 'ok', 'woken': wake_webhooks(waiting, now)}
+
+
+@service_task(priority=10, retries=0, periodic=crontab(minute='7'))
+def prune_events(now=None):
+    """Drop events older than events.retention_hours (remembering how far, for 410s) and delivery log rows
+    older than webhooks.log_hours."""
+    now = now or models.utcnow()
+    return {'status': 'ok', **models.prune_events(now - datetime.timedelta(hours=SETTINGS['events.retention_hours']),
+                                                  now - datetime.timedelta(hours=SETTINGS['webhooks.log_hours']))}

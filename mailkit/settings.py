@@ -72,6 +72,8 @@ SETTINGS = (  # key, type, default, meaning
     ('limits.delete_emails_hard', int, 330, 'seconds before the delete_emails worker is killed'),
     ('limits.check_spam_soft', int, 60, 'seconds before check_spam is told to stop'),
     ('limits.check_spam_hard', int, 75, 'seconds before the check_spam worker is killed'),
+    ('limits.deliver_webhook_soft', int, 60, 'seconds before deliver_webhook is told to stop'),
+    ('limits.deliver_webhook_hard', int, 90, 'seconds before the deliver_webhook worker is killed'),
     ('limits.default_soft', int, 300, 'soft limit of every other task'),
     ('limits.default_hard', int, 330, 'hard limit of every other task'),
     ('security.credential_keys', str, GENERATED, 'Fernet keys, comma-separated, newest first; the first encrypts'),
@@ -94,6 +96,25 @@ SETTINGS = (  # key, type, default, meaning
     ('spam.threshold', str, 'model', "spam_score from which a message is spam; 'model': the base model's own, "
                                      "chosen for <= 0.5 % false positives"),
     ('spam.auto_check', str, 'on', 'on | off: score newly synced inbox mail in the background'),
+    ('events.retention_hours', float, 168.0, 'hours the change feed keeps events; an older cursor answers 410; '
+                                             'keep it above webhooks.disable_after_hours, or a failing endpoint '
+                                             'misses what it could still have been sent'),
+    ('events.max_waiters', int, 4, 'long-polls (GET /api/v1/events?wait=N) one web process holds at once, each on '
+                                   'a web thread; beyond it a request answers at once; below server.threads'),
+    ('events.max_wait', float, 25.0, 'longest wait=N honoured, in seconds; below server.channel_timeout'),
+    ('events.poll_interval', float, 0.2, 'seconds between the web process\'s checks for new events while '
+                                         'long-polls wait (one query per check, whatever the number waiting)'),
+    ('webhooks.timeout', float, 10.0, 'seconds a webhook target may take to answer before the attempt failed'),
+    ('webhooks.retry_base', float, 5.0, 'seconds before the first retry of a failed delivery; doubles each time'),
+    ('webhooks.retry_max', float, 3600.0, 'longest pause between retries of a failing endpoint, in seconds'),
+    ('webhooks.disable_after_hours', float, 72.0, 'an endpoint failing this long is disabled (retries go on '
+                                                  'until then)'),
+    ('webhooks.log_hours', float, 72.0, 'hours the delivery log (GET /api/v1/webhooks/<id>/deliveries) keeps '
+                                        'an attempt'),
+    ('webhooks.batch', int, 200, 'events one delivery run reads at a time'),
+    ('webhooks.run_seconds', float, 10.0, 'a delivery run hands its endpoint over to a fresh task after this '
+                                          'long, so a backlog does not hold a worker'),
+    ('webhooks.lease_seconds', float, 30.0, 'a delivery run whose worker died loses its endpoint after this long'),
     ('log.level', str, 'INFO', 'DEBUG | INFO | WARNING | ERROR'),
 )
 CHOICES = {

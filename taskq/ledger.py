@@ -185,18 +185,19 @@ class DeferredLedger:
         self.lock = threading.Lock()
         self.waiting = collections.deque()
 
-    def write(self, task_id, **fields):
+    def write(self, task_id, event=None, **fields):
+        """`event`: keyword arguments of models.emit, emitted in the same transaction as the write."""
         with self.lock:
             if not self.waiting:   # behind earlier writes, a write would overtake them
                 try:
-                    if not update(task_id, **fields):
+                    if not update_and_emit(task_id, event, fields):
                         logger.warning('ledger write for task %s not made: the record is no longer as this '
                                        'run left it', task_id)
                     return
                 except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
                     logger.warning('ledger write for task %s deferred until the database answers: %s',
                                    task_id, str(exc).strip())
-            self.waiting.append((task_id, fields))
+            self.waiting.append((task_id, event, fields))
 
     def replay(self):
         """Make the waiting writes, oldest first; stop at the first failure (the next beat tries again)."""
@@ -205,8 +206,8 @@ class DeferredLedger:
 
     def _replay(self):
         while self.waiting:
-            task_id, fields = self.waiting[0]
-            made = update(task_id, **fields)
+            task_id, event, fields = self.waiting[0]
+            made = update_and_emit(task_id, event, fields)
             self.waiting.popleft()
             if made:
                 logger.info('deferred ledger write for task %s made', task_id)
@@ -223,6 +224,17 @@ class DeferredLedger:
             sql = _claim_sql(models.database.param, tuple(values))
             params = (*values.values(), worker, task_id, *CLAIMABLE, worker)
             return models.with_reconnect(lambda: models.database.execute_sql(sql, params).rowcount) == 1
+
+
+def update_and_emit(task_id, event, fields):
+    """update(), and the event in the same transaction when the update was made; True if it was."""
+    if event is None:
+        return update(task_id, **fields)
+    with models.database.atomic():
+        made = update(task_id, **fields)
+        if made:
+            models.emit(**event)
+    return made
 
 
 deferred = DeferredLedger()
@@ -298,7 +310,7 @@ def install(huey):
         gave_up = isinstance(exc, NO_RETRY) or not type(task).default_retries
         error, tb = task.ledger_error
         finish(task.id, state=FAILED if gave_up else DEAD, finished_at=models.utcnow(),
-               error=error, traceback=tb, retries_left=0)
+               error=error, traceback=tb, retries_left=0, event=None if gave_up else dead_event(task))
 
     @huey.signal(S.SIGNAL_RETRYING)
     def retrying(signal_name, task):
@@ -325,6 +337,19 @@ def install(huey):
         if row is not None:
             requeue(huey, row, from_states=(RUNNING,), expect={'worker': huey.worker_id()},
                     reason='interrupted by consumer shutdown; re-queued')
+
+
+def dead_event(task):
+    """The task.dead event of a task that used up its retries: ids and the kind of error, no arguments."""
+    arguments = call_arguments(task)
+    return {'type_': 'task.dead', 'tenant_id': arguments.get('tenant_id'), 'user_id': arguments.get('user_id'),
+            'account_id': arguments.get('email_client_id'),
+            'data': {'task_id': task.id, 'name': task.name, 'error_type': type_of_error(task)}}
+
+
+def type_of_error(task):
+    error = getattr(task, 'ledger_error', (None, None))[0] or ''
+    return error.partition(':')[0] or None
 
 
 def report_progress(done, total):

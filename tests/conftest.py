@@ -40,6 +40,10 @@ TEST_SETTINGS = {
     'EMAILSVC_MAIL_MAX_ATTACHMENT_MB': '1',
     # The private mail servers listen on loopback, which the egress policy refuses by default.
     'EMAILSVC_SECURITY_ALLOWED_NETWORKS': '127.0.0.0/8',
+    # Webhook retries in a second or two, not minutes; a dead run's endpoint free again in seconds.
+    'EMAILSVC_WEBHOOKS_RETRY_BASE': '0.3',
+    'EMAILSVC_WEBHOOKS_RETRY_MAX': '1.5',
+    'EMAILSVC_WEBHOOKS_LEASE_SECONDS': '5',
 }
 
 
