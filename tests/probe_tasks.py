@@ -4,6 +4,7 @@ The test consumer runs `huey_consumer tests.probe_tasks.huey`: the service's
 own Huey instance, ledger and signals, plus these probes.
 """
 import os
+import pathlib
 import threading
 import time
 
@@ -70,8 +71,13 @@ def reports_progress(total, tenant_id=None, user_id=None):
 
 
 @service_task(priority=3, retries=0)
-def ignores_soft_limit_without_database(seconds, tenant_id=None, user_id=None):
-    """Lose this worker's database, then overrun: the watchdog must still kill it at the hard limit."""
+def ignores_soft_limit_without_database(seconds, marker, tenant_id=None, user_id=None):
+    """Lose this worker's database, then overrun: the watchdog must still kill it at the hard limit.
+    Only the first run (the one that creates `marker`) does; a run after it returns at once."""
+    try:
+        pathlib.Path(marker).touch(exist_ok=False)
+    except FileExistsError:
+        return {'status': 'ok', 'run': 'later'}
     models.database.initialize(pw.SqliteDatabase('/nonexistent/emailsvc-probe/none.db'))
     return overrun(seconds)
 
