@@ -19,8 +19,11 @@ UIDs and the invariants a sync builds on
 ----------------------------------------
 - A UID names one message in one folder and never changes or moves to another
   message while the folder's UIDVALIDITY stays the same (2.3.1.1). If
-  UIDVALIDITY changes, every UID stored for that folder is meaningless: drop
-  them and fetch the folder again.
+  UIDVALIDITY changes, every UID stored for that folder is meaningless, but
+  the messages often are the same ones (a rebuilt index, a restored
+  mailbox): `identities()` fetches each message's size, Message-ID and Date
+  (a few hundred bytes each) so the caller can match what it stored instead
+  of dropping and downloading the folder again.
 - UIDs only grow. Every message that arrives after a SELECT gets a UID of at
   least that SELECT's UIDNEXT, so "what is new" is `uids_since(stored uidnext)`.
   Beware: the set `n:*` always includes the last message even when its UID is
@@ -51,13 +54,19 @@ fetched again by the next one, so store messages by UID idempotently. On the
 next run:
 
 1. `select(raw_name, qresync=(uidvalidity, highestmodseq))`. If UIDVALIDITY
-   changed, forget the folder's UIDs and fetch it all. If UIDNEXT and
-   HIGHESTMODSEQ are unchanged, nothing happened: done in one round trip.
+   changed, match the stored messages by `identities()` and take their new
+   UIDs; the unmatched are gone. If UIDNEXT and HIGHESTMODSEQ are unchanged,
+   nothing happened: done in one round trip.
 2. New messages: `fetch(uids_since(stored uidnext))`.
 3. Flag changes: `changed` from the QRESYNC select, or `changed_flags(modseq)`
    (CONDSTORE), or `all_flags()` without CONDSTORE.
 4. Expunges: `vanished` from the QRESYNC select; without QRESYNC, the stored
    UIDs missing from `uids()`.
+
+A first sync of a big folder goes the other way: `uids(since=day)` lists what
+is wanted (SEARCH SINCE: mail older than a chosen day is never fetched) and
+`fetch(..., newest_first=True)` brings the most recent mail first. No UIDNEXT
+bound holds while it runs, so a caller resumes it by comparing UID sets.
 
 Flags are stored as the server names them, minus \\Recent: that one belongs to
 a single session (RFC 3501, 2.3.2), changes without a MODSEQ and would make
@@ -454,12 +463,12 @@ def parse_sizes(data: list) -> dict[int, int]:
     return sizes
 
 
-def batches(sizes: dict[int, int], count: int, max_bytes: int) -> Iterator[list[int]]:
-    """UIDs in ascending order, cut into batches of at most count messages and max_bytes
+def batches(sizes: dict[int, int], count: int, max_bytes: int, descending: bool = False) -> Iterator[list[int]]:
+    """UIDs in ascending (or descending) order, cut into batches of at most count messages and max_bytes
     (a message larger than max_bytes goes alone)."""
     batch: list[int] = []
     total = 0
-    for uid in sorted(sizes):
+    for uid in sorted(sizes, reverse=descending):
         if batch and (len(batch) == count or total + sizes[uid] > max_bytes):
             yield batch
             batch, total = [], 0
@@ -467,6 +476,16 @@ def batches(sizes: dict[int, int], count: int, max_bytes: int) -> Iterator[list[
         total += sizes[uid]
     if batch:
         yield batch
+
+
+def search_date(day: datetime.date) -> str:
+    """RFC 3501's date for SEARCH: 2026-01-05 -> '5-Jan-2026' (English month names whatever the locale)."""
+    month = next(name for name, number in _MONTHS.items() if number == day.month).decode()
+    return f'{day.day}-{month}-{day.year:04d}'
+
+
+def _since(day: datetime.date | None) -> tuple[str, ...]:
+    return ('SINCE', search_date(day)) if day else ()
 
 
 def parse_esearch(data: list) -> list[int]:
@@ -838,15 +857,17 @@ class ImapSession:
 
     # -------------------------------------------------- reading
 
-    def uids(self) -> list[int]:
-        """Every UID in the selected folder, ascending."""
-        return self._search('listing UIDs', 'ALL')
+    def uids(self, since: datetime.date | None = None) -> list[int]:
+        """Every UID in the selected folder, ascending; with `since`, only mail that arrived on or after
+        that day (SEARCH SINCE compares the internal date, RFC 3501 6.4.4)."""
+        return self._search('listing UIDs', *_since(since) or ('ALL',))
 
-    def uids_since(self, uid: int) -> list[int]:
-        """The UIDs >= uid in the selected folder, ascending."""
+    def uids_since(self, uid: int, since: datetime.date | None = None) -> list[int]:
+        """The UIDs >= uid in the selected folder, ascending (and arrived on or after `since`)."""
         first = max(int(uid), 1)
         # n:* always includes the highest UID, even below n (RFC 3501, 6.4.8): filter.
-        return [found for found in self._search(f'listing UIDs from {first}', 'UID', f'{first}:*') if found >= first]
+        return [found for found in self._search(f'listing UIDs from {first}', 'UID', f'{first}:*', *_since(since))
+                if found >= first]
 
     def _search(self, doing: str, *criteria: str) -> list[int]:
         self._require_selected(doing)
@@ -857,16 +878,18 @@ class ImapSession:
         self._run(doing, 'UID', 'SEARCH', *criteria)
         return sorted(int(number) for line in self._untagged('SEARCH') for number in (line or b'').split())
 
-    def fetch(self, uids: Iterable[int], batch: int = 500,
-              batch_bytes: int = BATCH_BYTES) -> Iterator[FetchedMessage]:
-        """The messages with these UIDs, ascending, at most batch messages and batch_bytes per command;
-        messages that are not there (expunged meanwhile, or never were) are left out."""
+    def fetch(self, uids: Iterable[int], batch: int = 500, batch_bytes: int = BATCH_BYTES,
+              newest_first: bool = False) -> Iterator[FetchedMessage]:
+        """The messages with these UIDs, ascending (or, newest_first, batches from the highest UID down), at
+        most batch messages and batch_bytes per command; messages that are not there (expunged meanwhile, or
+        never were) are left out."""
         self._require_selected('fetching messages')
         items = 'UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]'   # PEEK: fetching must not set \Seen
         if 'CONDSTORE' in self.capabilities:
             items += ' MODSEQ'
         wanted = sorted(set(uids))
-        for chunk in batches(self._sizes_for_batching(wanted, batch, batch_bytes), batch, batch_bytes):
+        sizes = self._sizes_for_batching(wanted, batch, batch_bytes)
+        for chunk in batches(sizes, batch, batch_bytes, descending=newest_first):
             self._run(f'fetching {len(chunk)} messages', 'UID', 'FETCH', uid_set(chunk), f'({items})',
                       ok_codes=frozenset({'EXPUNGEISSUED'}))
             yield from parse_fetch(self._untagged('FETCH'))
@@ -888,6 +911,16 @@ class ImapSession:
                       ok_codes=frozenset({'EXPUNGEISSUED'}))
             sizes.update(parse_sizes(self._untagged('FETCH')))
         return sizes
+
+    def identities(self, uids: Iterable[int]) -> Iterator[FetchedMessage]:
+        """Size and the Message-ID and Date header lines (as `raw`) of these messages: enough to recognise
+        stored mail under a new UIDVALIDITY without downloading it again."""
+        self._require_selected('fetching message identities')
+        for chunk in uid_sets(sorted(set(uids))):
+            self._run('fetching message identities', 'UID', 'FETCH', chunk,
+                      '(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID DATE)])',
+                      ok_codes=frozenset({'EXPUNGEISSUED'}))
+            yield from parse_fetch(self._untagged('FETCH'))
 
     def changed_flags(self, since_modseq: int) -> dict[int, tuple[str, ...]]:
         """{uid: flags} of the messages whose flags changed after since_modseq (needs CONDSTORE)."""
