@@ -293,7 +293,9 @@ def want_object(fields, name, value, allowed):
 
 INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
 SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
-ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam')
+ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam',
+                  'sync_since')
+ISO_DATE = re.compile(r'^\d{4}-\d{2}-\d{2}$')
 
 
 # Changing any of these sends the stored password somewhere else: the request must give it again.
@@ -346,8 +348,35 @@ def validate_account(body, client=None):
             if not isinstance(body[flag], bool):
                 fields.fail(flag, 'must be true or false')
             clean[flag] = body[flag]
+    if 'sync_since' in body:
+        clean['sync_since'] = want_date(fields, 'sync_since', body['sync_since'])
     fields.check()
+    check_sync_since(clean, client)
     return clean
+
+
+def want_date(fields, name, value):
+    """A 'YYYY-MM-DD' day from 1970 on, or None (null)."""
+    if value is None:
+        return None
+    try:
+        day = datetime.date.fromisoformat(value) if isinstance(value, str) and ISO_DATE.match(value) else None
+    except ValueError:
+        day = None
+    if day is None or day.year < 1970:
+        fields.fail(name, 'must be a date like "2026-01-01" (from 1970 on), or null')
+    return day
+
+
+def check_sync_since(clean, client):
+    """POP3 cannot search by date (RFC 1939 has no SEARCH; only reading each message's headers with TOP
+    would tell, on every sync): sync_since is refused for POP3 accounts rather than silently ignored."""
+    protocol = (clean.get('incoming') or {}).get('protocol') or (client.incoming_protocol if client else None)
+    since = clean['sync_since'] if 'sync_since' in clean else (client.sync_since if client else None)
+    if protocol == 'pop3' and since is not None:
+        raise ApiError(422, 'not_supported', 'sync_since works with IMAP accounts only: POP3 cannot search '
+                                             'by date. Leave it out (or null) for a POP3 account.',
+                       fields={'sync_since': 'is not supported with POP3'})
 
 
 def incoming_of(client):
@@ -372,6 +401,7 @@ def account_dict(client, kinds_with_password):
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
+        'sync_since': client.sync_since.isoformat() if client.sync_since else None,
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
         'sync_task_id': client.sync_task_id,
@@ -418,7 +448,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'sync_since'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords
@@ -471,6 +501,7 @@ def get_account(client_id):
 def update_account(client_id):
     client = one(EmailClient, client_id, 'account')
     clean = validate_account(json_body(), client)
+    before_since = client.sync_since
     with models.database.atomic():
         passwords = apply_account(client, clean)
         reaching_changed = bool(passwords) or 'incoming' in clean or 'smtp' in clean
@@ -479,9 +510,14 @@ def update_account(client_id):
         client.updated_at = models.utcnow()
         client.save()
         store_passwords(client, passwords, dropped_smtp='smtp' in clean and clean['smtp'] is None)
-    if reaching_changed and client.sync_enabled:
+    # An earlier sync_since (or none) asks for older mail: the sync compares it with what folders hold.
+    if (reaching_changed or earlier_since(before_since, client.sync_since)) and client.sync_enabled:
         start_sync_now(client)
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
+
+
+def earlier_since(before, after):
+    return before is not None and (after is None or after < before)
 
 
 @api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True)

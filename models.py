@@ -124,7 +124,27 @@ def current_tenant():
     return None if scope is _ALL else scope
 
 
+class NeverReusedIdField(pw.AutoField):
+    """An integer id that is never given to a second row, even after the first is deleted.
+
+    Our ids leave the service (API responses, events, webhooks, clients'
+    caches): an old id must never reach different mail. SQLite without
+    AUTOINCREMENT numbers a new row max(rowid) + 1, so deleting the newest row
+    frees its id for the next insert (sqlite.org/autoinc.html); AUTOINCREMENT
+    remembers the highest id ever used in sqlite_sequence. PostgreSQL's SERIAL
+    draws from a sequence, which never goes back, so it needs nothing.
+    """
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        if ctx.state.field_types.get('AUTO') == 'INTEGER':   # SQLite's rendering of an AutoField
+            return pw.NodeList((node, pw.SQL('AUTOINCREMENT')))
+        return node
+
+
 class BaseModel(pw.Model):
+    id = NeverReusedIdField()   # a model with an id of its own (a task id, a hash) declares it instead
+
     class Meta:
         database = database
         legacy_table_names = False
@@ -306,6 +326,7 @@ class EmailClient(TenantModel):
     # credentials change.
     next_sync_at = pw.DateTimeField(null=True, default=utcnow, index=True)
     failures = pw.IntegerField(default=0)
+    sync_since = pw.DateField(null=True)   # mail that arrived before this day is not fetched (IMAP only)
 
     @classmethod
     def ids_of_user(cls, user_id):
@@ -461,9 +482,12 @@ class EmailFolder(TenantModel):
     raw_name = pw.CharField(max_length=1000)     # as the server names it (modified UTF-7)
     role = pw.CharField(max_length=10, null=True)
     uidvalidity = pw.BigIntegerField(null=True)
-    uidnext = pw.BigIntegerField(null=True)      # every UID below this is stored (or was skipped)
+    # Every UID below this is stored (or was skipped); None while a first sync or a reconciliation
+    # fills the folder newest first, when no such bound holds: the next sync reconciles again.
+    uidnext = pw.BigIntegerField(null=True)
     highestmodseq = pw.BigIntegerField(null=True)
     last_synced_at = pw.DateTimeField(null=True)
+    sync_since = pw.DateField(null=True)         # the account's sync_since when the folder was last filled
 
     class Meta:
         indexes = ((('client', 'raw_name'), True),)
@@ -763,6 +787,34 @@ def update_flags(folder, flags_by_uid):
     return changed
 
 
+def folder_identities(folder):
+    """(id, Message-ID, size, date) of each of the folder's messages: what recognises them under a new UIDVALIDITY."""
+    return list(EmailMessage.select(EmailMessage.id, EmailMessage.message_id, EmailMessage.size, EmailMessage.date)
+                .where(EmailMessage.folder == folder.id).tuples())
+
+
+def renumber_folder(folder, uids_by_id, gone_ids, uidvalidity):
+    """Give the folder's surviving messages their UIDs under a new UIDVALIDITY and drop the gone ones, in one
+    transaction: a reader sees the folder before or after, never emptied. Returns how many were dropped.
+
+    The folder is left without uidnext: the sync that follows reconciles it (fetches what did not match).
+    """
+    with database.atomic():
+        dropped = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(list(gone_ids)))) if gone_ids else 0
+        # (folder, uid) is unique and a new UID may be a stale one of another row: clear them all first.
+        EmailMessage.update(uid=None).where(EmailMessage.folder == folder.id).execute()
+        table = EmailMessage._meta.table_name
+        sql = f'UPDATE "{table}" SET "uid" = {database.param} WHERE "id" = {database.param} AND "folder_id" = {database.param}'
+        params = [(uid, message_id, folder.id) for message_id, uid in uids_by_id.items()]
+        if isinstance(database.obj, pw.SqliteDatabase):
+            database.cursor().executemany(sql, params)
+        else:   # a round trip per row otherwise
+            psycopg2.extras.execute_batch(database.cursor(), sql, params, page_size=500)
+        EmailFolder.update(uidvalidity=uidvalidity, uidnext=None, highestmodseq=None) \
+            .where(EmailFolder.id == folder.id).execute()
+    return dropped
+
+
 def message_ids(folder, key, values):
     """Ids of the folder's messages whose `key` (uid or pop3_uid) is in `values`."""
     field = getattr(EmailMessage, key)
@@ -929,6 +981,59 @@ def metric_totals(migrator):
     database.create_tables([MetricTotal])
 
 
+@migration(9)
+def reserved_9(migrator):
+    """Reserved for another branch of this round (the lead renumbers at merge)."""
+
+
+@migration(10)
+def reserved_10(migrator):
+    """Reserved for another branch of this round (the lead renumbers at merge)."""
+
+
+@migration(11)
+def ids_never_reused_and_sync_since(migrator):
+    """Version 11: no id is ever given twice (SQLite tables rebuilt with AUTOINCREMENT; PostgreSQL's
+    sequences never go back); per-account sync_since, and the one each folder was filled under."""
+    if isinstance(database.obj, pw.SqliteDatabase):
+        for model in MODELS:
+            if isinstance(model._meta.primary_key, NeverReusedIdField):
+                rebuild_with_autoincrement(model._meta.table_name)
+        problems = database.execute_sql('PRAGMA foreign_key_check').fetchall()
+        if problems:
+            raise RuntimeError(f'foreign keys broken by the rebuild: {problems[:5]}')
+    return missing_columns(migrator, EmailClient.sync_since, EmailFolder.sync_since)
+
+
+SQLITE_PLAIN_ID = '"id" INTEGER NOT NULL PRIMARY KEY'
+
+
+def rebuild_with_autoincrement(table):
+    """Give a SQLite table AUTOINCREMENT, which only CREATE TABLE can: the rebuild of
+    sqlite.org/lang_altertable.html#otheralter (new table, copy, drop, rename, indexes), run by
+    migrate() with foreign keys off, since dropping the old table would cascade its deletes.
+
+    The stored CREATE statement is reused, so columns added by earlier migrations keep their place.
+    sqlite_sequence starts at the highest id copied; an id freed above it before now cannot be known.
+    """
+    (sql,) = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                  (table,)).fetchone()
+    if 'AUTOINCREMENT' in sql.upper():
+        return
+    if SQLITE_PLAIN_ID not in sql:
+        raise RuntimeError(f'{table}: unexpected id column in {sql[:200]!r}')
+    indexes = [row[0] for row in database.execute_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL", (table,))]
+    rebuilt = f'{table}__rebuilt'
+    create = sql.replace(f'CREATE TABLE "{table}"', f'CREATE TABLE "{rebuilt}"', 1)
+    database.execute_sql(create.replace(SQLITE_PLAIN_ID, SQLITE_PLAIN_ID + ' AUTOINCREMENT', 1))
+    database.execute_sql(f'INSERT INTO "{rebuilt}" SELECT * FROM "{table}"')
+    database.execute_sql(f'DROP TABLE "{table}"')
+    database.execute_sql(f'ALTER TABLE "{rebuilt}" RENAME TO "{table}"')
+    for index in indexes:
+        database.execute_sql(index)
+
+
 LATEST = len(MIGRATIONS)
 
 
@@ -949,10 +1054,26 @@ def migrate():
                 SchemaVersion.create(version=LATEST)
             return 0, LATEST
         migrator = pw_migrate.SchemaMigrator.from_database(database.obj)
-        for version in range(old + 1, LATEST + 1):
-            with database.atomic():
-                operations = MIGRATIONS[version - 1](migrator) or []
-                pw_migrate.migrate(*operations)
-                SchemaVersion.delete().execute()
-                SchemaVersion.create(version=version)
+        with foreign_keys_off():
+            for version in range(old + 1, LATEST + 1):
+                with database.atomic():
+                    operations = MIGRATIONS[version - 1](migrator) or []
+                    pw_migrate.migrate(*operations)
+                    SchemaVersion.delete().execute()
+                    SchemaVersion.create(version=version)
         return old, LATEST
+
+
+@contextlib.contextmanager
+def foreign_keys_off():
+    """SQLite: foreign keys off while migrations run. A table rebuild drops the old table, and with them on
+    that drop deletes its rows first, cascading to every row that refers to them; the pragma cannot change
+    inside a transaction, so it is set around them. (A migration that rebuilds checks the keys itself.)"""
+    sqlite = isinstance(database.obj, pw.SqliteDatabase)
+    if sqlite:
+        database.execute_sql('PRAGMA foreign_keys = OFF')
+    try:
+        yield
+    finally:
+        if sqlite:
+            database.execute_sql('PRAGMA foreign_keys = ON')
