@@ -511,13 +511,9 @@ def update_account(client_id):
         client.save()
         store_passwords(client, passwords, dropped_smtp='smtp' in clean and clean['smtp'] is None)
     # An earlier sync_since (or none) asks for older mail: the sync compares it with what folders hold.
-    if (reaching_changed or earlier_since(before_since, client.sync_since)) and client.sync_enabled:
+    if (reaching_changed or models.sync_since_moved_back(before_since, client.sync_since)) and client.sync_enabled:
         start_sync_now(client)
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
-
-
-def earlier_since(before, after):
-    return before is not None and (after is None or after < before)
 
 
 @api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True)

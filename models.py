@@ -334,6 +334,11 @@ class EmailClient(TenantModel):
         return cls.select(cls.id).where(cls.user_id == user_id)
 
 
+def sync_since_moved_back(before, after):
+    """True if sync_since `after` asks for mail that `before` left on the server (None: all mail)."""
+    return before is not None and (after is None or after < before)
+
+
 class Credential(TenantModel):
     """An account password, Fernet-encrypted; `kind` is incoming or smtp."""
     client = pw.ForeignKeyField(EmailClient, backref='credentials', on_delete='CASCADE')
@@ -804,7 +809,8 @@ def renumber_folder(folder, uids_by_id, gone_ids, uidvalidity):
         # (folder, uid) is unique and a new UID may be a stale one of another row: clear them all first.
         EmailMessage.update(uid=None).where(EmailMessage.folder == folder.id).execute()
         table = EmailMessage._meta.table_name
-        sql = f'UPDATE "{table}" SET "uid" = {database.param} WHERE "id" = {database.param} AND "folder_id" = {database.param}'
+        param = database.param
+        sql = f'UPDATE "{table}" SET "uid" = {param} WHERE "id" = {param} AND "folder_id" = {param}'
         params = [(uid, message_id, folder.id) for message_id, uid in uids_by_id.items()]
         if isinstance(database.obj, pw.SqliteDatabase):
             database.cursor().executemany(sql, params)

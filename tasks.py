@@ -169,6 +169,7 @@ def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_
         with open_incoming(client) as session:
             if client.incoming_protocol == 'imap':
                 sync_imap(session, client, counts, folder_id, force_full_sync)
+                follow_sync_since(session, client, counts, folder_id)
             else:
                 sync_pop3(session, client, counts, force_full_sync)
     except AuthenticationFailed as exc:
@@ -270,6 +271,17 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
                                   last_synced_at=models.utcnow()).where(models.EmailFolder.id == folder.id).execute()
 
 
+def follow_sync_since(session, client, counts, folder_id):
+    """A PATCH that moved sync_since back while this sync ran found it running and queued no other:
+    fetch the older mail now rather than at the next periodic sync (a few times at most)."""
+    for _ in range(3):
+        latest = models.EmailClient.get_by_id(client.id).sync_since
+        if not models.sync_since_moved_back(client.sync_since, latest):
+            return
+        client.sync_since = latest
+        sync_imap(session, client, counts, folder_id, force_full_sync=False)
+
+
 def refresh_folders(session, client, counts):
     """Match the server's folders: new ones added, vanished ones dropped with their messages."""
     remote = [f for f in session.folders() if f.selectable]
@@ -299,8 +311,8 @@ def qresync_of(session, client, folder, force_full_sync):
 def needs_reconciling(client, folder, force_full_sync):
     """True when the folder must be compared with the server whole: asked for, never (or not completely)
     filled, or the account's sync_since moved back past what the folder was filled with."""
-    widened = folder.sync_since is not None and (client.sync_since is None or client.sync_since < folder.sync_since)
-    return force_full_sync or folder.uidnext is None or widened
+    return force_full_sync or folder.uidnext is None or models.sync_since_moved_back(folder.sync_since,
+                                                                                   client.sync_since)
 
 
 def plan_folder(session, client, folder, state, counts, force_full_sync):

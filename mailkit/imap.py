@@ -124,6 +124,8 @@ ROLES = ('inbox', 'sent', 'trash', 'junk', 'archive', 'drafts')
 MAX_SET_LENGTH = 4000
 # fetch() holds one batch in memory: 500 messages of 20 MB would be 10 GB.
 BATCH_BYTES = 64 * 1024 * 1024
+# identities() asks for this many messages a command: ~200 bytes of reply each.
+IDENTITY_BATCH = 5000
 # Real folder names are far shorter; the bound keeps a server's megabyte name
 # (imaplib reads lines of up to 1 MB) from costing more than a normal LIST.
 MAX_FOLDER_NAME = 4096
@@ -916,8 +918,11 @@ class ImapSession:
         """Size and the Message-ID and Date header lines (as `raw`) of these messages: enough to recognise
         stored mail under a new UIDVALIDITY without downloading it again."""
         self._require_selected('fetching message identities')
-        for chunk in uid_sets(sorted(set(uids))):
-            self._run('fetching message identities', 'UID', 'FETCH', chunk,
+        wanted = sorted(set(uids))
+        sets = [text for start in range(0, len(wanted), IDENTITY_BATCH)
+                for text in uid_sets(wanted[start:start + IDENTITY_BATCH])]
+        for uid_text in sets:
+            self._run('fetching message identities', 'UID', 'FETCH', uid_text,
                       '(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID DATE)])',
                       ok_codes=frozenset({'EXPUNGEISSUED'}))
             yield from parse_fetch(self._untagged('FETCH'))

@@ -150,7 +150,8 @@ def test_the_id_of_a_deleted_newest_row_is_not_given_again(unique):
             models.EmailClient: lambda: models.EmailClient.create(
                 user_id=1, email='b@example.com', incoming_protocol='imap', incoming_host='h', incoming_port=993,
                 incoming_security='tls', incoming_username='u'),
-            models.EmailFolder: lambda: models.EmailFolder.create(client=client.id, name='f', raw_name=f'f{next(made)}'),
+            models.EmailFolder: lambda: models.EmailFolder.create(client=client.id, name='f',
+                                                                  raw_name=f'f{next(made)}'),
             models.EmailMessage: lambda: models.EmailMessage.create(client=client.id, folder=folder.id, blob='0' * 64),
             models.Attachment: lambda: models.Attachment.create(message=message.id, content_type='text/plain', size=1,
                                                                 blob='0' * 64),

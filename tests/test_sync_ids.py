@@ -37,6 +37,9 @@ def test_force_full_sync_keeps_ids_and_verdicts_and_counts_only_real_deletions(u
     sync(user, account)
     before = by_subject(user, account_id=account)
     scores = score_all(user, account)
+    reported = before['message 2']['id']
+    resp = user.post(f'/api/v1/messages/{reported}/report', {'verdict': 'ham'})
+    wait_for_state(resp.json['task_id'], 'succeeded')
     mailbox.change('INBOX', lambda s: (s.expunge_uids([uids[0]]), s.store_flags([uids[1]], add=[r'\Seen'])))
     mailbox.append(message(9))
     result = sync(user, account, force_full_sync=True)
@@ -45,6 +48,7 @@ def test_force_full_sync_keeps_ids_and_verdicts_and_counts_only_real_deletions(u
     assert sorted(after) == ['message 1', 'message 2', 'message 3', 'message 9']
     assert_kept(user, before, after, scores, ('message 1', 'message 2', 'message 3'))
     assert after['message 1']['is_read']
+    assert user.get(f'/api/v1/messages/{reported}').json['spam']['is_spam'] is False   # the user's report holds
     assert user.get(f'/api/v1/messages/{before["message 0"]["id"]}').status == 404
     assert sync(user, account, force_full_sync=True)['messages_deleted'] == 0
 
