@@ -176,3 +176,14 @@ def test_first_sync_stores_the_newest_mail_first(user, mailbox, consumer):
     first_batch = stored[:50]   # tests run with mail.sync_batch = 50
     assert sorted(first_batch) == sorted(uids)[-50:]
     assert min(stored[:50]) > max(stored[50:100]) > max(stored[100:])
+
+
+def test_pop3_stores_the_newest_mail_first_and_force_full_sync_keeps_ids(user, mailbox, consumer):
+    mailbox.append(*(message(n) for n in range(3)))
+    account = add_account(user, mailbox, 'pop3')
+    assert sync(user, account)['messages_synced'] == 3
+    stored = sorted(messages(user, account_id=account), key=lambda m: m['id'])
+    assert [m['subject'] for m in stored] == ['message 2', 'message 1', 'message 0']
+    result = sync(user, account, force_full_sync=True)
+    assert (result['messages_synced'], result['messages_deleted']) == (0, 0)
+    assert sorted(m['id'] for m in messages(user, account_id=account)) == sorted(m['id'] for m in stored)
