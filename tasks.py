@@ -283,9 +283,11 @@ def follow_sync_since(session, client, counts, folder_id):
 
 
 def refresh_folders(session, client, counts):
-    """Match the server's folders: new ones added, vanished ones dropped with their messages."""
+    """Match the server's folders: new ones added, renamed ones followed, vanished ones dropped with their
+    messages."""
     remote = [f for f in session.folders() if f.selectable]
     local = {f.raw_name: f for f in models.EmailFolder.select().where(models.EmailFolder.client == client.id)}
+    follow_renames(session, local, remote)
     for gone in set(local) - {f.raw_name for f in remote}:
         counts['messages_deleted'] += models.delete_messages(
             models.EmailMessage.select().where(models.EmailMessage.folder == local[gone].id))
@@ -299,6 +301,27 @@ def refresh_folders(session, client, counts):
             row.name, row.role = folder.name, folder.role
             row.save()
     return [local[f.raw_name] for f in remote]
+
+
+def follow_renames(session, local, remote):
+    """A folder renamed on the server looks like one vanished and one new; most servers keep a renamed
+    folder's UIDVALIDITY (Dovecot does). A new folder with the UIDVALIDITY of a vanished one takes over its
+    row, so its messages keep their ids. Its stored UIDVALIDITY becomes 0, which no server sends (RFC 3501:
+    nz-number), so the sync matches its messages by Message-ID, size and Date: two folders that happen to
+    share a UIDVALIDITY cost a fetch, and never show one message under another's id."""
+    names = {f.raw_name for f in remote}
+    vanished = {row.uidvalidity: row for raw_name, row in local.items() if raw_name not in names and row.uidvalidity}
+    for folder in remote:
+        if not vanished:
+            return
+        if folder.raw_name in local:
+            continue
+        row = vanished.pop(session.uidvalidity_of(folder.raw_name), None)
+        if row is not None:
+            del local[row.raw_name]
+            row.name, row.raw_name, row.role, row.uidvalidity = folder.name, folder.raw_name, folder.role, 0
+            row.save()
+            local[folder.raw_name] = row
 
 
 def qresync_of(session, client, folder, force_full_sync):

@@ -800,6 +800,15 @@ class ImapSession:
         self._run(f'creating folder {name!r}', 'CREATE', _quote(raw_name), ok_codes=frozenset({'ALREADYEXISTS'}))
         return raw_name
 
+    def uidvalidity_of(self, raw_name: str) -> int | None:
+        """A folder's UIDVALIDITY by STATUS (RFC 3501, 6.3.10), without selecting it."""
+        self._run(f'STATUS {raw_name!r}', 'STATUS', _quote(raw_name), '(UIDVALIDITY)')
+        for line in self._untagged('STATUS'):
+            match = re.search(rb'UIDVALIDITY (\d+)', line[0] if isinstance(line, tuple) else line or b'')
+            if match:
+                return int(match.group(1))
+        return None
+
     def _folder_exists(self, raw_name: str) -> bool:
         self._run(f'looking for folder {raw_name!r}', 'LIST', '""', _quote(raw_name))
         return any('\\nonexistent' not in {flag.lower() for flag in folder.flags}

@@ -187,3 +187,18 @@ def test_pop3_stores_the_newest_mail_first_and_force_full_sync_keeps_ids(user, m
     result = sync(user, account, force_full_sync=True)
     assert (result['messages_synced'], result['messages_deleted']) == (0, 0)
     assert sorted(m['id'] for m in messages(user, account_id=account)) == sorted(m['id'] for m in stored)
+
+
+def test_a_folder_renamed_on_the_server_keeps_its_messages_ids(user, mailbox, consumer):
+    mailbox.append(message(1), message(2), folder='Projects')
+    account = add_account(user, mailbox)
+    sync(user, account)
+    projects = folder_of(user, account, 'Projects')['id']
+    before = by_subject(user, folder_id=projects)
+    scores = score_all(user, account)
+    mailbox.change('Projects', lambda s: (s.conn.close(), setattr(s.conn, 'state', 'AUTH'),
+                                          s.conn.rename('Projects', '"Projects 2026"')))
+    result = sync(user, account)
+    assert (result['messages_deleted'], result['messages_synced']) == (0, 0)
+    assert folder_of(user, account, 'Projects 2026')['id'] == projects
+    assert_kept(user, before, by_subject(user, folder_id=projects), scores, ('message 1', 'message 2'))
