@@ -140,6 +140,23 @@ Time = Annotated[datetime.datetime, BeforeValidator(iso_time),
                  WithJsonSchema({'type': 'string', 'format': 'date-time', 'maxLength': 40})]
 
 
+def since_day(value):
+    """A 'YYYY-MM-DD' day from 1970 on (sync_since)."""
+    day = None
+    if isinstance(value, str) and re.fullmatch(r'[0-9]{4}-[0-9]{2}-[0-9]{2}', value):
+        try:
+            day = datetime.date.fromisoformat(value)
+        except ValueError:
+            pass
+    if day is None or day.year < 1970:
+        raise fail('must be a date like "2026-01-01" (from 1970 on), or null')
+    return day
+
+
+Day = Annotated[datetime.date, BeforeValidator(since_day),
+                WithJsonSchema({'type': 'string', 'format': 'date', 'maxLength': 10})]
+
+
 def QueryInt(low, high):   # noqa: N802 (a type)
     return Annotated[int, Field(ge=low, le=high), BeforeValidator(query_int)]
 
@@ -259,6 +276,7 @@ class AccountCreate(Body):
     sync_interval: Annotated[int, Field(ge=60, le=86400)] = Field(300, description='seconds between syncs')
     copy_sent: bool = Field(True, description='append sent mail to the IMAP Sent folder')
     move_spam: bool = Field(False, description='move mail scored as spam to Junk on the server')
+    sync_since: Day | None = Field(None, description='older mail is not fetched (IMAP only; null: all mail)')
 
 
 class AccountUpdate(Body):
@@ -269,6 +287,7 @@ class AccountUpdate(Body):
     sync_interval: Annotated[int, Field(ge=60, le=86400)] = None
     copy_sent: bool = None
     move_spam: bool = None
+    sync_since: Day | None = Field(None, description='null: fetch all mail again (an earlier day starts a sync)')
 
 
 class ServerShown(Answer):
@@ -290,6 +309,7 @@ class Account(Answer):
     sync_interval: int
     copy_sent: bool
     move_spam: bool
+    sync_since: str | None
     sync_state: str = Field(description='idle, syncing, error or auth_error')
     last_sync_at: str | None
     last_error: str | None

@@ -311,6 +311,17 @@ def merged_server(prefix, change, current, full, fields):
     return dict(current, **given)
 
 
+def check_sync_since(clean, client):
+    """POP3 cannot search by date (RFC 1939 has no SEARCH; only reading each message's headers with TOP
+    would tell, on every sync): sync_since is refused for POP3 accounts rather than silently ignored."""
+    protocol = (clean.get('incoming') or {}).get('protocol') or (client.incoming_protocol if client else None)
+    since = clean['sync_since'] if 'sync_since' in clean else (client.sync_since if client else None)
+    if protocol == 'pop3' and since is not None:
+        raise ApiError(422, 'not_supported', 'sync_since works with IMAP accounts only: POP3 cannot search '
+                                             'by date. Leave it out (or null) for a POP3 account.',
+                       fields={'sync_since': 'is not supported with POP3'})
+
+
 def incoming_of(client):
     return {'protocol': client.incoming_protocol, 'host': client.incoming_host, 'port': client.incoming_port,
             'security': client.incoming_security, 'username': client.incoming_username}
@@ -333,6 +344,7 @@ def account_dict(client, kinds_with_password):
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
+        'sync_since': client.sync_since.isoformat() if client.sync_since else None,
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
         'sync_task_id': client.sync_task_id,
@@ -379,7 +391,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'sync_since'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords
@@ -397,6 +409,7 @@ def store_passwords(client, passwords, dropped_smtp):
 def create_account(body):
     """Add a mail account; its first sync starts at once when sync is enabled."""
     clean = body.model_dump(exclude_unset=True)
+    check_sync_since(clean, None)
     limit = SETTINGS['accounts.max_per_user']
     if EmailClient.select().where(EmailClient.user_id == caller().user_id).count() >= limit:
         raise ApiError(409, 'account_limit', f'This user has {limit} accounts, the most allowed '
@@ -441,6 +454,8 @@ def update_account(client_id, body):
     request (422 otherwise); a new server or password starts a sync at once."""
     client = one(EmailClient, client_id, 'account')
     clean = account_changes(body, client)
+    check_sync_since(clean, client)
+    before_since = client.sync_since
     with models.database.atomic():
         passwords = apply_account(client, clean)
         reaching_changed = bool(passwords) or 'incoming' in clean or 'smtp' in clean
@@ -449,7 +464,8 @@ def update_account(client_id, body):
         client.updated_at = models.utcnow()
         client.save()
         store_passwords(client, passwords, dropped_smtp='smtp' in clean and clean['smtp'] is None)
-    if reaching_changed and client.sync_enabled:
+    # An earlier sync_since (or none) asks for older mail: the sync compares it with what folders hold.
+    if (reaching_changed or models.sync_since_moved_back(before_since, client.sync_since)) and client.sync_enabled:
         start_sync_now(client)
     return account_dict(client, password_kinds([client.id]).get(client.id, set()))
 

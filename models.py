@@ -144,7 +144,27 @@ def current_tenant():
     return None if scope is _ALL else scope
 
 
+class NeverReusedIdField(pw.AutoField):
+    """An integer id that is never given to a second row, even after the first is deleted.
+
+    Our ids leave the service (API responses, events, webhooks, clients'
+    caches): an old id must never reach different mail. SQLite without
+    AUTOINCREMENT numbers a new row max(rowid) + 1, so deleting the newest row
+    frees its id for the next insert (sqlite.org/autoinc.html); AUTOINCREMENT
+    remembers the highest id ever used in sqlite_sequence. PostgreSQL's SERIAL
+    draws from a sequence, which never goes back, so it needs nothing.
+    """
+
+    def ddl(self, ctx):
+        node = super().ddl(ctx)
+        if ctx.state.field_types.get('AUTO') == 'INTEGER':   # SQLite's rendering of an AutoField
+            return pw.NodeList((node, pw.SQL('AUTOINCREMENT')))
+        return node
+
+
 class BaseModel(pw.Model):
+    id = NeverReusedIdField()   # a model with an id of its own (a task id, a hash) declares it instead
+
     class Meta:
         database = database
         legacy_table_names = False
@@ -328,11 +348,17 @@ class EmailClient(TenantModel):
     # credentials change.
     next_sync_at = pw.DateTimeField(null=True, default=utcnow, index=True)
     failures = pw.IntegerField(default=0)
+    sync_since = pw.DateField(null=True)   # mail that arrived before this day is not fetched (IMAP only)
 
     @classmethod
     def ids_of_user(cls, user_id):
         """The ids of a user's accounts, as a subquery."""
         return cls.select(cls.id).where(cls.user_id == user_id)
+
+
+def sync_since_moved_back(before, after):
+    """True if sync_since `after` asks for mail that `before` left on the server (None: all mail)."""
+    return before is not None and (after is None or after < before)
 
 
 class Credential(TenantModel):
@@ -483,9 +509,12 @@ class EmailFolder(TenantModel):
     raw_name = pw.CharField(max_length=1000)     # as the server names it (modified UTF-7)
     role = pw.CharField(max_length=10, null=True)
     uidvalidity = pw.BigIntegerField(null=True)
-    uidnext = pw.BigIntegerField(null=True)      # every UID below this is stored (or was skipped)
+    # Every UID below this is stored (or was skipped); None while a first sync or a reconciliation
+    # fills the folder newest first, when no such bound holds: the next sync reconciles again.
+    uidnext = pw.BigIntegerField(null=True)
     highestmodseq = pw.BigIntegerField(null=True)
     last_synced_at = pw.DateTimeField(null=True)
+    sync_since = pw.DateField(null=True)         # the account's sync_since when the folder was last filled
 
     class Meta:
         indexes = ((('client', 'raw_name'), True),)
@@ -608,18 +637,9 @@ class SpamLearning(TenantModel):
     updated_at = pw.DateTimeField(default=utcnow)
 
 
-class NeverReusedIdField(pw.BigAutoField):
-    """An id that is never given to another row, even after deletes.
-
-    SQLite reuses the highest deleted rowid unless the table is declared
-    AUTOINCREMENT (sqlite.org/autoinc.html); PostgreSQL's sequences never go
-    back. Event ids are cursors and webhook-id headers, so a reused one would
-    hand a client a different event under an id it has already seen.
-    """
-
-    def ddl(self, ctx):
-        node = super().ddl(ctx)
-        return pw.NodeList((node, pw.SQL('AUTOINCREMENT'))) if isinstance(database.obj, pw.SqliteDatabase) else node
+class NeverReusedBigIdField(NeverReusedIdField, pw.BigAutoField):
+    """NeverReusedIdField as a 64-bit id: event ids are cursors and webhook-id headers, and the feed
+    writes many more rows than any other table."""
 
 
 EVENT_TYPES = ('message.created', 'message.updated', 'message.deleted', 'folder.created', 'folder.deleted',
@@ -630,7 +650,7 @@ EVENT_PREFIX = 'evt_'
 
 class Event(TenantModel):
     """The change feed: one row per change, written in the transaction of the change (see emit())."""
-    id = NeverReusedIdField()
+    id = NeverReusedBigIdField()
     tenant_id = pw.IntegerField(null=True)     # None: the service's own work (a periodic task's task.dead)
     user_id = pw.IntegerField(null=True)       # the account's owner: whose key and webhooks see the event
     account_id = pw.IntegerField(null=True)
@@ -675,7 +695,7 @@ class Webhook(TenantModel):
     claims the endpoint with a lease (`lease_owner`, `lease_until`), so one
     delivers at a time and order holds; `wanted_at` says a run is queued.
     """
-    id = NeverReusedIdField()
+    id = NeverReusedBigIdField()
     user_id = pw.IntegerField(index=True)
     url = pw.CharField(max_length=2000)
     events = JSONField(default=list)            # types delivered; [] means every type
@@ -703,7 +723,7 @@ class Webhook(TenantModel):
 
 class WebhookDelivery(TenantModel):
     """One attempt to deliver one event to one endpoint: the delivery log."""
-    id = NeverReusedIdField()
+    id = NeverReusedBigIdField()
     webhook_id = pw.BigIntegerField()
     event_id = pw.BigIntegerField()
     event_type = pw.CharField(max_length=40)
@@ -1058,6 +1078,35 @@ def update_flags(folder, flags_by_uid):
     return changed
 
 
+def folder_identities(folder):
+    """(id, Message-ID, size, date) of each of the folder's messages: what recognises them under a new UIDVALIDITY."""
+    return list(EmailMessage.select(EmailMessage.id, EmailMessage.message_id, EmailMessage.size, EmailMessage.date)
+                .where(EmailMessage.folder == folder.id).tuples())
+
+
+def renumber_folder(folder, uids_by_id, gone_ids, uidvalidity):
+    """Give the folder's surviving messages their UIDs under a new UIDVALIDITY and drop the gone ones, in one
+    transaction: a reader sees the folder before or after, never emptied. Returns how many were dropped.
+
+    The folder is left without uidnext: the sync that follows reconciles it (fetches what did not match).
+    """
+    with database.atomic():
+        dropped = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(list(gone_ids)))) if gone_ids else 0
+        # (folder, uid) is unique and a new UID may be a stale one of another row: clear them all first.
+        EmailMessage.update(uid=None).where(EmailMessage.folder == folder.id).execute()
+        table = EmailMessage._meta.table_name
+        param = database.param
+        sql = f'UPDATE "{table}" SET "uid" = {param} WHERE "id" = {param} AND "folder_id" = {param}'
+        params = [(uid, message_id, folder.id) for message_id, uid in uids_by_id.items()]
+        if isinstance(database.obj, pw.SqliteDatabase):
+            database.cursor().executemany(sql, params)
+        else:   # a round trip per row otherwise
+            psycopg2.extras.execute_batch(database.cursor(), sql, params, page_size=500)
+        EmailFolder.update(uidvalidity=uidvalidity, uidnext=None, highestmodseq=None) \
+            .where(EmailFolder.id == folder.id).execute()
+    return dropped
+
+
 def message_ids(folder, key, values):
     """Ids of the folder's messages whose `key` (uid or pop3_uid) is in `values`."""
     field = getattr(EmailMessage, key)
@@ -1236,6 +1285,49 @@ def change_feed_and_webhooks(migrator):
     database.create_tables([Event, EventRetention, Webhook, WebhookDelivery])
 
 
+@migration(11)
+def ids_never_reused_and_sync_since(migrator):
+    """Version 11: no id is ever given twice (SQLite tables rebuilt with AUTOINCREMENT; PostgreSQL's
+    sequences never go back); per-account sync_since, and the one each folder was filled under."""
+    if isinstance(database.obj, pw.SqliteDatabase):
+        for model in MODELS:
+            if isinstance(model._meta.primary_key, NeverReusedIdField):
+                rebuild_with_autoincrement(model._meta.table_name)
+        problems = database.execute_sql('PRAGMA foreign_key_check').fetchall()
+        if problems:
+            raise RuntimeError(f'foreign keys broken by the rebuild: {problems[:5]}')
+    return missing_columns(migrator, EmailClient.sync_since, EmailFolder.sync_since)
+
+
+SQLITE_PLAIN_ID = '"id" INTEGER NOT NULL PRIMARY KEY'
+
+
+def rebuild_with_autoincrement(table):
+    """Give a SQLite table AUTOINCREMENT, which only CREATE TABLE can: the rebuild of
+    sqlite.org/lang_altertable.html#otheralter (new table, copy, drop, rename, indexes), run by
+    migrate() with foreign keys off, since dropping the old table would cascade its deletes.
+
+    The stored CREATE statement is reused, so columns added by earlier migrations keep their place.
+    sqlite_sequence starts at the highest id copied; an id freed above it before now cannot be known.
+    """
+    (sql,) = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                                  (table,)).fetchone()
+    if 'AUTOINCREMENT' in sql.upper():
+        return
+    if SQLITE_PLAIN_ID not in sql:
+        raise RuntimeError(f'{table}: unexpected id column in {sql[:200]!r}')
+    indexes = [row[0] for row in database.execute_sql(
+        "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL", (table,))]
+    rebuilt = f'{table}__rebuilt'
+    create = sql.replace(f'CREATE TABLE "{table}"', f'CREATE TABLE "{rebuilt}"', 1)
+    database.execute_sql(create.replace(SQLITE_PLAIN_ID, SQLITE_PLAIN_ID + ' AUTOINCREMENT', 1))
+    database.execute_sql(f'INSERT INTO "{rebuilt}" SELECT * FROM "{table}"')
+    database.execute_sql(f'DROP TABLE "{table}"')
+    database.execute_sql(f'ALTER TABLE "{rebuilt}" RENAME TO "{table}"')
+    for index in indexes:
+        database.execute_sql(index)
+
+
 LATEST = len(MIGRATIONS)
 
 
@@ -1256,10 +1348,26 @@ def migrate():
                 SchemaVersion.create(version=LATEST)
             return 0, LATEST
         migrator = pw_migrate.SchemaMigrator.from_database(database.obj)
-        for version in range(old + 1, LATEST + 1):
-            with database.atomic():
-                operations = MIGRATIONS[version - 1](migrator) or []
-                pw_migrate.migrate(*operations)
-                SchemaVersion.delete().execute()
-                SchemaVersion.create(version=version)
+        with foreign_keys_off():
+            for version in range(old + 1, LATEST + 1):
+                with database.atomic():
+                    operations = MIGRATIONS[version - 1](migrator) or []
+                    pw_migrate.migrate(*operations)
+                    SchemaVersion.delete().execute()
+                    SchemaVersion.create(version=version)
         return old, LATEST
+
+
+@contextlib.contextmanager
+def foreign_keys_off():
+    """SQLite: foreign keys off while migrations run. A table rebuild drops the old table, and with them on
+    that drop deletes its rows first, cascading to every row that refers to them; the pragma cannot change
+    inside a transaction, so it is set around them. (A migration that rebuilds checks the keys itself.)"""
+    sqlite = isinstance(database.obj, pw.SqliteDatabase)
+    if sqlite:
+        database.execute_sql('PRAGMA foreign_keys = OFF')
+    try:
+        yield
+    finally:
+        if sqlite:
+            database.execute_sql('PRAGMA foreign_keys = ON')

@@ -189,6 +189,7 @@ def sync_emails(email_client_id, tenant_id, user_id, folder_id=None, force_full_
         with open_incoming(client) as session:
             if client.incoming_protocol == 'imap':
                 sync_imap(session, client, counts, folder_id, force_full_sync)
+                follow_sync_since(session, client, counts, folder_id)
             else:
                 sync_pop3(session, client, counts, force_full_sync)
     except AuthenticationFailed as exc:
@@ -241,14 +242,25 @@ def retry_after(client, failures):
 # IMAP (RFC 3501, 7162): a folder's UIDs mean something only under its
 # UIDVALIDITY; we store UIDVALIDITY, the next UID still to fetch (uidnext,
 # committed with each batch, so a killed sync resumes there) and
-# HIGHESTMODSEQ. Next time: a changed UIDVALIDITY drops the folder's rows and
-# starts over; an unchanged UIDVALIDITY, UIDNEXT and HIGHESTMODSEQ means
-# nothing happened (no further command); otherwise new UIDs are fetched, flags
-# changed since our modseq are applied (CONDSTORE), and expunged UIDs come from
-# QRESYNC's VANISHED or, without it, from comparing UID sets.
+# HIGHESTMODSEQ. Next time: an unchanged UIDVALIDITY, UIDNEXT and
+# HIGHESTMODSEQ means nothing happened (no further command); otherwise new
+# UIDs are fetched, flags changed since our modseq are applied (CONDSTORE),
+# and expunged UIDs come from QRESYNC's VANISHED or, without it, from
+# comparing UID sets.
+#
+# A message keeps its id while the server keeps the message. A first sync,
+# force_full_sync, a sync_since moved back and a changed UIDVALIDITY all
+# reconcile the folder in place: what is gone on the server goes, flags are
+# refreshed, what is missing is fetched newest first, and the rest is never
+# touched, so readers never see the folder emptied. A changed UIDVALIDITY
+# first matches stored messages to the server's by Message-ID, size and Date
+# and gives them their new UIDs. While a folder fills newest first its
+# uidnext is None (no "everything below" bound holds): a killed fill resumes
+# by comparing UID sets. Mail that arrived before the account's sync_since is
+# never fetched (SEARCH SINCE); what was stored before it was set stays.
 #
 # POP3 (RFC 1939): only INBOX, keyed by UIDL; what the server no longer lists
-# was deleted elsewhere.
+# was deleted elsewhere. It cannot search by date, so sync_since is IMAP only.
 
 def sync_imap(session, client, counts, folder_id, force_full_sync):
     folders = refresh_folders(session, client, counts)
@@ -260,10 +272,11 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
     for folder in folders:
         try:
             state = session.select(folder.raw_name, readonly=True,
-                                   qresync=qresync_of(session, folder, force_full_sync))
+                                   qresync=qresync_of(session, client, folder, force_full_sync))
         except FolderGone:  # deleted on the server since LIST: the next sync drops it
             continue
-        plans.append((folder, state, plan_folder(session, folder, state, counts, force_full_sync)))
+        plans.append((folder, state, plan_folder(session, client, folder, state, counts, force_full_sync)))
+    plans.sort(key=lambda plan: plan[0].role != 'inbox')  # the inbox's mail is the first a user wants to read
     progress = Progress(sum(len(uids) for _, _, uids in plans))
     for folder, state, uids in plans:
         if uids:
@@ -276,14 +289,27 @@ def sync_imap(session, client, counts, folder_id, force_full_sync):
             if folder.role == 'inbox' and not initial:  # new mail, not a mailbox's history
                 queue_spam_checks(client, models.message_ids(folder, 'uid', uids))
         models.EmailFolder.update(uidvalidity=state.uidvalidity, highestmodseq=state.highestmodseq,
-                                  uidnext=max(state.uidnext or 1, folder.uidnext or 1),
+                                  uidnext=max(state.uidnext or 1, folder.uidnext or 1), sync_since=client.sync_since,
                                   last_synced_at=models.utcnow()).where(models.EmailFolder.id == folder.id).execute()
 
 
+def follow_sync_since(session, client, counts, folder_id):
+    """A PATCH that moved sync_since back while this sync ran found it running and queued no other:
+    fetch the older mail now rather than at the next periodic sync (a few times at most)."""
+    for _ in range(3):
+        latest = models.EmailClient.get_by_id(client.id).sync_since
+        if not models.sync_since_moved_back(client.sync_since, latest):
+            return
+        client.sync_since = latest
+        sync_imap(session, client, counts, folder_id, force_full_sync=False)
+
+
 def refresh_folders(session, client, counts):
-    """Match the server's folders: new ones added, vanished ones dropped with their messages."""
+    """Match the server's folders: new ones added, renamed ones followed, vanished ones dropped with their
+    messages."""
     remote = [f for f in session.folders() if f.selectable]
     local = {f.raw_name: f for f in models.EmailFolder.select().where(models.EmailFolder.client == client.id)}
+    follow_renames(session, local, remote)
     for gone in set(local) - {f.raw_name for f in remote}:
         counts['messages_deleted'] += models.delete_messages(
             models.EmailMessage.select().where(models.EmailMessage.folder == local[gone].id))
@@ -299,23 +325,50 @@ def refresh_folders(session, client, counts):
     return [local[f.raw_name] for f in remote]
 
 
-def qresync_of(session, folder, force_full_sync):
-    if force_full_sync or not (folder.uidvalidity and folder.highestmodseq) or 'QRESYNC' not in session.capabilities:
+def follow_renames(session, local, remote):
+    """A folder renamed on the server looks like one vanished and one new; most servers keep a renamed
+    folder's UIDVALIDITY (Dovecot does). A new folder with the UIDVALIDITY of a vanished one takes over its
+    row, so its messages keep their ids. Its stored UIDVALIDITY becomes 0, which no server sends (RFC 3501:
+    nz-number), so the sync matches its messages by Message-ID, size and Date: two folders that happen to
+    share a UIDVALIDITY cost a fetch, and never show one message under another's id."""
+    names = {f.raw_name for f in remote}
+    vanished = {row.uidvalidity: row for raw_name, row in local.items() if raw_name not in names and row.uidvalidity}
+    for folder in remote:
+        if not vanished:
+            return
+        if folder.raw_name in local:
+            continue
+        row = vanished.pop(session.uidvalidity_of(folder.raw_name), None)
+        if row is not None:
+            del local[row.raw_name]
+            row.name, row.raw_name, row.role, row.uidvalidity = folder.name, folder.raw_name, folder.role, 0
+            row.save()
+            local[folder.raw_name] = row
+
+
+def qresync_of(session, client, folder, force_full_sync):
+    if needs_reconciling(client, folder, force_full_sync) or not (folder.uidvalidity and folder.highestmodseq) \
+            or 'QRESYNC' not in session.capabilities:
         return None
     return folder.uidvalidity, folder.highestmodseq
 
 
-def plan_folder(session, folder, state, counts, force_full_sync):
-    """Apply flag changes and deletions; return the UIDs still to fetch."""
-    if force_full_sync or folder.uidvalidity != state.uidvalidity:
+def needs_reconciling(client, folder, force_full_sync):
+    """True when the folder must be compared with the server whole: asked for, never (or not completely)
+    filled, or the account's sync_since moved back past what the folder was filled with."""
+    return force_full_sync or folder.uidnext is None or models.sync_since_moved_back(folder.sync_since,
+                                                                                   client.sync_since)
+
+
+def plan_folder(session, client, folder, state, counts, force_full_sync):
+    """Apply flag changes and deletions; return the UIDs still to fetch (newest first when reconciling)."""
+    if folder.uidvalidity is not None and folder.uidvalidity != state.uidvalidity:
         # A UID means nothing without its UIDVALIDITY (RFC 3501, 2.3.1.1): if
         # the server changed it, every UID stored for this folder is stale.
-        counts['messages_deleted'] += models.delete_messages(
-            models.EmailMessage.select().where(models.EmailMessage.folder == folder.id))
-        folder.uidnext = 1
-        models.EmailFolder.update(uidvalidity=state.uidvalidity, uidnext=1, highestmodseq=None) \
-            .where(models.EmailFolder.id == folder.id).execute()
-        return session.uids_since(1) if state.exists else []
+        counts['messages_deleted'] += rematch_folder(session, folder, state)
+        folder.uidvalidity, folder.uidnext, folder.highestmodseq = state.uidvalidity, None, None
+    if needs_reconciling(client, folder, force_full_sync):
+        return reconcile_folder(session, client, folder, state, counts)
     if state.highestmodseq and state.highestmodseq == folder.highestmodseq and state.uidnext == folder.uidnext:
         return []  # CONDSTORE: nothing was added, changed or expunged since we last looked
     stored = models.folder_uids(folder)
@@ -331,7 +384,51 @@ def plan_folder(session, folder, state, counts, force_full_sync):
                                            models.EmailMessage.uid.in_(list(gone & stored))))
     counts['messages_updated'] += models.update_flags(folder, {u: f for u, f in changed.items() if u in stored})
     start = folder.uidnext or 1
-    return [uid for uid in session.uids_since(start) if uid >= start] if state.exists else []
+    return [uid for uid in session.uids_since(start, since=client.sync_since) if uid >= start] if state.exists else []
+
+
+def reconcile_folder(session, client, folder, state, counts):
+    """Compare the folder with the server in place: drop what is gone, refresh flags, and return the missing
+    UIDs, newest first. Until they are all stored the folder has no uidnext, so a killed sync comes back here."""
+    models.EmailFolder.update(uidvalidity=state.uidvalidity, uidnext=None, highestmodseq=None) \
+        .where(models.EmailFolder.id == folder.id).execute()
+    folder.uidnext = None
+    listed = set(session.uids()) if state.exists else set()
+    stored = models.folder_uids(folder) - {None}
+    gone = stored - listed
+    counts['messages_deleted'] += models.delete_messages(
+        models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
+                                           models.EmailMessage.uid.in_(list(gone))))
+    if stored - gone:
+        flags = session.all_flags()
+        counts['messages_updated'] += models.update_flags(folder, {u: f for u, f in flags.items() if u in stored})
+    wanted = set(session.uids(since=client.sync_since)) if client.sync_since and listed else listed
+    return sorted(wanted - stored, reverse=True)
+
+
+def rematch_folder(session, folder, state):
+    """After a UIDVALIDITY change: the stored messages that the server still has (same Message-ID, size and
+    Date) take their new UIDs and keep their ids, spam verdicts and reports; the others are dropped.
+    Returns how many were dropped (really gone from the server)."""
+    on_server = {}
+    for found in session.identities(session.uids()) if state.exists else ():
+        on_server.setdefault(identity(found.raw, found.size), []).append(found.uid)
+    renumbered, gone = {}, []
+    for message_id, header_id, size, date in models.folder_identities(folder):
+        candidates = on_server.get((header_id, size, date)) if header_id or date else None
+        if candidates:
+            renumbered[message_id] = candidates.pop(0)
+        else:
+            gone.append(message_id)
+    logger.info('folder %s: UIDVALIDITY %s -> %s, %d messages matched, %d gone', folder.id, folder.uidvalidity,
+                state.uidvalidity, len(renumbered), len(gone))
+    return models.renumber_folder(folder, renumbered, gone, state.uidvalidity)
+
+
+def identity(header_lines, size):
+    """(Message-ID, size, Date) of a message, as message_fields stores them, from its Message-ID and Date lines."""
+    fields = message_fields(bytes(header_lines) + b'\r\n')
+    return fields.get('message_id'), size, fields.get('date')
 
 
 class Progress:
@@ -346,20 +443,23 @@ class Progress:
 
 
 def fetch_new(session, folder, uids, counts, progress):
-    """Fetch and store in batches; each batch commits with the folder's new uidnext."""
+    """Fetch and store in batches; each batch commits with the folder's new uidnext, unless the folder is
+    filling newest first (no uidnext: nothing below a bound is complete until it is done)."""
+    newest_first = folder.uidnext is None
     batch = []
-    for message in session.fetch(uids, batch=SETTINGS['mail.sync_batch']):
+    for message in session.fetch(uids, batch=SETTINGS['mail.sync_batch'], newest_first=newest_first):
         batch.append(message)
         if len(batch) == SETTINGS['mail.sync_batch']:
-            store_imap_batch(folder, batch, counts, progress)
+            store_imap_batch(folder, batch, counts, progress, newest_first)
             batch = []
     if batch:
-        store_imap_batch(folder, batch, counts, progress)
+        store_imap_batch(folder, batch, counts, progress, newest_first)
 
 
-def store_imap_batch(folder, batch, counts, progress):
+def store_imap_batch(folder, batch, counts, progress, newest_first):
     items = [dict(message_fields(m.raw), uid=m.uid, **models.flag_fields(m.flags)) for m in batch]
-    folder.uidnext = batch[-1].uid + 1
+    if not newest_first:
+        folder.uidnext = max(m.uid for m in batch) + 1
     counts['messages_synced'] += models.store_messages(folder, items, 'uid', uidnext=folder.uidnext)
     progress.add(len(batch))
 
@@ -394,16 +494,15 @@ def no_nul(text):
 
 
 def sync_pop3(session, client, counts, force_full_sync):
+    """Every POP3 sync compares UIDLs whole, so force_full_sync has nothing more to do: what is kept
+    keeps its id. New mail is fetched newest first (POP3 numbers messages in arrival order)."""
     folder = pop3_inbox(client)
-    if force_full_sync:
-        counts['messages_deleted'] += models.delete_messages(
-            models.EmailMessage.select().where(models.EmailMessage.folder == folder.id))
     listed = session.uidl()
     stored = models.folder_pop3_uids(folder)
     counts['messages_deleted'] += models.delete_messages(
         models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
                                            models.EmailMessage.pop3_uid.in_(list(stored - set(listed)))))
-    new = [uid for uid in listed if uid not in stored]
+    new = [uid for uid in reversed(listed) if uid not in stored]
     progress = Progress(len(new))
     for chunk in models.chunks(new, 100):
         items = [dict(message_fields(session.fetch(listed[uid])), pop3_uid=uid) for uid in chunk]

@@ -19,8 +19,11 @@ UIDs and the invariants a sync builds on
 ----------------------------------------
 - A UID names one message in one folder and never changes or moves to another
   message while the folder's UIDVALIDITY stays the same (2.3.1.1). If
-  UIDVALIDITY changes, every UID stored for that folder is meaningless: drop
-  them and fetch the folder again.
+  UIDVALIDITY changes, every UID stored for that folder is meaningless, but
+  the messages often are the same ones (a rebuilt index, a restored
+  mailbox): `identities()` fetches each message's size, Message-ID and Date
+  (a few hundred bytes each) so the caller can match what it stored instead
+  of dropping and downloading the folder again.
 - UIDs only grow. Every message that arrives after a SELECT gets a UID of at
   least that SELECT's UIDNEXT, so "what is new" is `uids_since(stored uidnext)`.
   Beware: the set `n:*` always includes the last message even when its UID is
@@ -51,13 +54,19 @@ fetched again by the next one, so store messages by UID idempotently. On the
 next run:
 
 1. `select(raw_name, qresync=(uidvalidity, highestmodseq))`. If UIDVALIDITY
-   changed, forget the folder's UIDs and fetch it all. If UIDNEXT and
-   HIGHESTMODSEQ are unchanged, nothing happened: done in one round trip.
+   changed, match the stored messages by `identities()` and take their new
+   UIDs; the unmatched are gone. If UIDNEXT and HIGHESTMODSEQ are unchanged,
+   nothing happened: done in one round trip.
 2. New messages: `fetch(uids_since(stored uidnext))`.
 3. Flag changes: `changed` from the QRESYNC select, or `changed_flags(modseq)`
    (CONDSTORE), or `all_flags()` without CONDSTORE.
 4. Expunges: `vanished` from the QRESYNC select; without QRESYNC, the stored
    UIDs missing from `uids()`.
+
+A first sync of a big folder goes the other way: `uids(since=day)` lists what
+is wanted (SEARCH SINCE: mail older than a chosen day is never fetched) and
+`fetch(..., newest_first=True)` brings the most recent mail first. No UIDNEXT
+bound holds while it runs, so a caller resumes it by comparing UID sets.
 
 Flags are stored as the server names them, minus \\Recent: that one belongs to
 a single session (RFC 3501, 2.3.2), changes without a MODSEQ and would make
@@ -120,6 +129,8 @@ ROLES = ('inbox', 'sent', 'trash', 'junk', 'archive', 'drafts')
 MAX_SET_LENGTH = 4000
 # fetch() holds one batch in memory: 500 messages of 20 MB would be 10 GB.
 BATCH_BYTES = 64 * 1024 * 1024
+# identities() asks for this many messages a command: ~200 bytes of reply each.
+IDENTITY_BATCH = 5000
 # Real folder names are far shorter; the bound keeps a server's megabyte name
 # (imaplib reads lines of up to 1 MB) from costing more than a normal LIST.
 MAX_FOLDER_NAME = 4096
@@ -539,12 +550,12 @@ def parse_sizes(data: list) -> dict[int, int]:
     return sizes
 
 
-def batches(sizes: dict[int, int], count: int, max_bytes: int) -> Iterator[list[int]]:
-    """UIDs in ascending order, cut into batches of at most count messages and max_bytes
+def batches(sizes: dict[int, int], count: int, max_bytes: int, descending: bool = False) -> Iterator[list[int]]:
+    """UIDs in ascending (or descending) order, cut into batches of at most count messages and max_bytes
     (a message larger than max_bytes goes alone)."""
     batch: list[int] = []
     total = 0
-    for uid in sorted(sizes):
+    for uid in sorted(sizes, reverse=descending):
         if batch and (len(batch) == count or total + sizes[uid] > max_bytes):
             yield batch
             batch, total = [], 0
@@ -552,6 +563,16 @@ def batches(sizes: dict[int, int], count: int, max_bytes: int) -> Iterator[list[
         total += sizes[uid]
     if batch:
         yield batch
+
+
+def search_date(day: datetime.date) -> str:
+    """RFC 3501's date for SEARCH: 2026-01-05 -> '5-Jan-2026' (English month names whatever the locale)."""
+    month = next(name for name, number in _MONTHS.items() if number == day.month).decode()
+    return f'{day.day}-{month}-{day.year:04d}'
+
+
+def _since(day: datetime.date | None) -> tuple[str, ...]:
+    return ('SINCE', search_date(day)) if day else ()
 
 
 def parse_esearch(data: list) -> list[int]:
@@ -876,6 +897,15 @@ class ImapSession:
         self._run(f'creating folder {name!r}', 'CREATE', _quote(raw_name), ok_codes=frozenset({'ALREADYEXISTS'}))
         return raw_name
 
+    def uidvalidity_of(self, raw_name: str) -> int | None:
+        """A folder's UIDVALIDITY by STATUS (RFC 3501, 6.3.10), without selecting it."""
+        self._run(f'STATUS {raw_name!r}', 'STATUS', _quote(raw_name), '(UIDVALIDITY)')
+        for line in self._untagged('STATUS'):
+            match = re.search(rb'UIDVALIDITY (\d+)', line[0] if isinstance(line, tuple) else line or b'')
+            if match:
+                return int(match.group(1))
+        return None
+
     def _folder_exists(self, raw_name: str) -> bool:
         self._run(f'looking for folder {raw_name!r}', 'LIST', '""', _quote(raw_name))
         return any('\\nonexistent' not in {flag.lower() for flag in folder.flags}
@@ -932,15 +962,17 @@ class ImapSession:
 
     # -------------------------------------------------- reading
 
-    def uids(self) -> list[int]:
-        """Every UID in the selected folder, ascending."""
-        return self._search('listing UIDs', 'ALL')
+    def uids(self, since: datetime.date | None = None) -> list[int]:
+        """Every UID in the selected folder, ascending; with `since`, only mail that arrived on or after
+        that day (SEARCH SINCE compares the internal date, RFC 3501 6.4.4)."""
+        return self._search('listing UIDs', *_since(since) or ('ALL',))
 
-    def uids_since(self, uid: int) -> list[int]:
-        """The UIDs >= uid in the selected folder, ascending."""
+    def uids_since(self, uid: int, since: datetime.date | None = None) -> list[int]:
+        """The UIDs >= uid in the selected folder, ascending (and arrived on or after `since`)."""
         first = max(int(uid), 1)
         # n:* always includes the highest UID, even below n (RFC 3501, 6.4.8): filter.
-        return [found for found in self._search(f'listing UIDs from {first}', 'UID', f'{first}:*') if found >= first]
+        return [found for found in self._search(f'listing UIDs from {first}', 'UID', f'{first}:*', *_since(since))
+                if found >= first]
 
     def _search(self, doing: str, *criteria: str) -> list[int]:
         self._require_selected(doing)
@@ -951,16 +983,18 @@ class ImapSession:
         self._run(doing, 'UID', 'SEARCH', *criteria)
         return sorted(number(token, 'a UID') for line in self._untagged('SEARCH') for token in (line or b'').split())
 
-    def fetch(self, uids: Iterable[int], batch: int = 500,
-              batch_bytes: int = BATCH_BYTES) -> Iterator[FetchedMessage]:
-        """The messages with these UIDs, ascending, at most batch messages and batch_bytes per command;
-        messages that are not there (expunged meanwhile, or never were) are left out."""
+    def fetch(self, uids: Iterable[int], batch: int = 500, batch_bytes: int = BATCH_BYTES,
+              newest_first: bool = False) -> Iterator[FetchedMessage]:
+        """The messages with these UIDs, ascending (or, newest_first, batches from the highest UID down), at
+        most batch messages and batch_bytes per command; messages that are not there (expunged meanwhile, or
+        never were) are left out."""
         self._require_selected('fetching messages')
         items = 'UID FLAGS RFC822.SIZE INTERNALDATE BODY.PEEK[]'   # PEEK: fetching must not set \Seen
         if 'CONDSTORE' in self.capabilities:
             items += ' MODSEQ'
         wanted = sorted(set(uids))
-        for chunk in batches(self._sizes_for_batching(wanted, batch, batch_bytes), batch, batch_bytes):
+        sizes = self._sizes_for_batching(wanted, batch, batch_bytes)
+        for chunk in batches(sizes, batch, batch_bytes, descending=newest_first):
             self._run(f'fetching {len(chunk)} messages', 'UID', 'FETCH', uid_set(chunk), f'({items})',
                       ok_codes=frozenset({'EXPUNGEISSUED'}))
             yield from parse_fetch(self._untagged('FETCH'))
@@ -982,6 +1016,19 @@ class ImapSession:
                       ok_codes=frozenset({'EXPUNGEISSUED'}))
             sizes.update(parse_sizes(self._untagged('FETCH')))
         return sizes
+
+    def identities(self, uids: Iterable[int]) -> Iterator[FetchedMessage]:
+        """Size and the Message-ID and Date header lines (as `raw`) of these messages: enough to recognise
+        stored mail under a new UIDVALIDITY without downloading it again."""
+        self._require_selected('fetching message identities')
+        wanted = sorted(set(uids))
+        sets = [text for start in range(0, len(wanted), IDENTITY_BATCH)
+                for text in uid_sets(wanted[start:start + IDENTITY_BATCH])]
+        for uid_text in sets:
+            self._run('fetching message identities', 'UID', 'FETCH', uid_text,
+                      '(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID DATE)])',
+                      ok_codes=frozenset({'EXPUNGEISSUED'}))
+            yield from parse_fetch(self._untagged('FETCH'))
 
     def changed_flags(self, since_modseq: int) -> dict[int, tuple[str, ...]]:
         """{uid: flags} of the messages whose flags changed after since_modseq (needs CONDSTORE)."""

@@ -440,6 +440,27 @@ def test_uids_and_uids_since(session):
     assert session.uids_since(4) == []   # the server answers 4:* with UID 3: filtered out
 
 
+def test_uids_since_a_day_and_newest_first_fetch(session):
+    day = datetime.date(2026, 1, 5)
+    for n, when in enumerate((day - datetime.timedelta(days=1), day, day + datetime.timedelta(days=30))):
+        session.append('INBOX', message(n), date=datetime.datetime.combine(when, datetime.time(23),
+                                                                           datetime.timezone.utc))
+    assert imap.search_date(day) == '5-Jan-2026'
+    session.select('INBOX')
+    assert session.uids(since=day) == [2, 3] and session.uids_since(3, since=day) == [3]
+    session.capabilities.discard('ESEARCH')
+    assert session.uids(since=day) == [2, 3]
+    assert [m.uid for m in session.fetch([1, 2, 3], batch=2, newest_first=True)] == [2, 3, 1]   # [3, 2], [1]
+
+
+def test_identities_are_size_and_the_id_and_date_lines(session):
+    uids = fill(session, 2)
+    session.select('INBOX')
+    found = {m.uid: m for m in session.identities(uids)}
+    assert found[1].size == len(message(1))
+    assert found[1].raw.lower().startswith((b'message-id:', b'date:')) and b'Subject' not in found[1].raw
+
+
 def test_uids_without_esearch(session):
     fill(session, 3)
     session.select('INBOX')

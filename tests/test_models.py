@@ -1,4 +1,5 @@
-"""Tenant scope and schema migrations."""
+"""Tenant scope, ids and schema migrations."""
+import itertools
 import threading
 
 import peewee as pw
@@ -114,6 +115,61 @@ def test_a_transaction_that_read_first_still_writes_after_a_concurrent_commit(tw
             models.EmailClient.tenant_id.in_(two_tenants))) == [11, 12]
 
 
+def integer_id_tables():
+    return [m._meta.table_name for m in models.MODELS if isinstance(m._meta.primary_key, models.NeverReusedIdField)]
+
+
+def ids_never_reused(db, table):
+    """The schema promises it: SQLite's AUTOINCREMENT, or a PostgreSQL sequence as the id's default."""
+    if isinstance(db, pw.SqliteDatabase):
+        (sql,) = db.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        return 'AUTOINCREMENT' in sql
+    (default,) = db.execute_sql("SELECT column_default FROM information_schema.columns "
+                                "WHERE table_name = %s AND column_name = 'id'", (table,)).fetchone()
+    return (default or '').startswith('nextval(')
+
+
+def test_every_integer_id_is_never_given_twice_by_the_schema():
+    tables = integer_id_tables()
+    assert {'email_message', 'email_folder', 'email_client', 'attachment', 'upload', 'outbox'} <= set(tables)
+    assert [t for t in tables if not ids_never_reused(models.database.obj, t)] == []
+
+
+def test_the_id_of_a_deleted_newest_row_is_not_given_again(unique):
+    """SQLite without AUTOINCREMENT gave the next row max(id) + 1: the id a client still held for the
+    message just deleted would have reached the next one stored."""
+    tenant = models.Tenant.create(name=unique)
+    made = itertools.count()
+    with models.tenant_scope(tenant.id):
+        client = models.EmailClient.create(user_id=1, email='a@example.com', incoming_protocol='imap',
+                                           incoming_host='h', incoming_port=993, incoming_security='tls',
+                                           incoming_username='u')
+        folder = models.EmailFolder.create(client=client.id, name='INBOX', raw_name='INBOX')
+        message = models.EmailMessage.create(client=client.id, folder=folder.id, blob='0' * 64)
+        makers = {
+            models.EmailClient: lambda: models.EmailClient.create(
+                user_id=1, email='b@example.com', incoming_protocol='imap', incoming_host='h', incoming_port=993,
+                incoming_security='tls', incoming_username='u'),
+            models.EmailFolder: lambda: models.EmailFolder.create(client=client.id, name='f',
+                                                                  raw_name=f'f{next(made)}'),
+            models.EmailMessage: lambda: models.EmailMessage.create(client=client.id, folder=folder.id, blob='0' * 64),
+            models.Attachment: lambda: models.Attachment.create(message=message.id, content_type='text/plain', size=1,
+                                                                blob='0' * 64),
+            models.Upload: lambda: models.Upload.create(user_id=1, filename='a', content_type='text/plain', size=1,
+                                                        blob='0' * 64),
+            models.Outbox: lambda: models.Outbox.create(client=client.id, user_id=1, task_id=f'{unique}-{next(made)}',
+                                                        message_id='<m@x>'),
+            models.User: lambda: models.User.create(name=f'u{next(made)}'),
+        }
+        for model, make in makers.items():
+            newest = make()
+            newest.delete_instance()
+            assert make().id > newest.id, model.__name__
+    newest = models.Tenant.create(name=unique + '-gone')
+    newest.delete_instance()
+    assert models.Tenant.create(name=unique + '-next').id > newest.id
+
+
 def fresh_database(name):
     if MODE == 'scaleout':
         return models.open_database(STATE['postgres'].create_database(name))
@@ -126,7 +182,11 @@ def columns(db):
 
 def test_a_version_1_database_upgrades_in_place(unique):
     old_db, new_db = fresh_database(f'v1_{unique}'), fresh_database(f'new_{unique}')
-    schema_v1.create_v1(old_db)
+    v1 = {model.__name__: model for model in schema_v1.create_v1(old_db)}
+    old_client = v1['EmailClient'].create(tenant_id=1, user_id=1, email='a@example.com', incoming_protocol='imap',
+                                          incoming_host='h', incoming_port=993, incoming_security='tls',
+                                          incoming_username='u')
+    v1['Credential'].create(tenant_id=1, client=old_client.id, kind='incoming', secret='s')
     original = models.database.obj
     try:
         models.database.initialize(old_db)
@@ -140,6 +200,14 @@ def test_a_version_1_database_upgrades_in_place(unique):
             old_task = models.TaskRecord.get_by_id('old-task')
         assert (old_task.state, old_task.retries_left, old_task.next_retry_at) == ('succeeded', 0, None)
         assert models.Tenant.get(models.Tenant.name == 'old-tenant')
+        # Version 11 rebuilt the SQLite tables of version 1 with AUTOINCREMENT, keeping their rows (dropping
+        # email_client with foreign keys on would have cascaded to its credentials).
+        with models.all_tenants():
+            assert models.Credential.get(models.Credential.client == old_client.id).secret == 's'
+        assert [t for t in integer_id_tables() if not ids_never_reused(old_db, t)] == []
+        newest = models.Tenant.create(name='newest')
+        newest.delete_instance()
+        assert models.Tenant.create(name='next').id > newest.id
     finally:
         models.database.initialize(original)
         old_db.close()
