@@ -293,7 +293,7 @@ def want_object(fields, name, value, allowed):
 
 INCOMING_FIELDS = ('protocol', 'host', 'port', 'security', 'username', 'password')
 SMTP_FIELDS = ('host', 'port', 'security', 'username', 'password')
-ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam')
+ACCOUNT_FIELDS = ('email', 'incoming', 'smtp', 'sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'push')
 
 
 # Changing any of these sends the stored password somewhere else: the request must give it again.
@@ -341,7 +341,7 @@ def validate_account(body, client=None):
         clean['sync_enabled'] = body['sync_enabled']
     if 'sync_interval' in body:
         clean['sync_interval'] = want_int(fields, 'sync_interval', body['sync_interval'], 60, 86400)
-    for flag in ('copy_sent', 'move_spam'):
+    for flag in ('copy_sent', 'move_spam', 'push'):
         if flag in body:
             if not isinstance(body[flag], bool):
                 fields.fail(flag, 'must be true or false')
@@ -372,6 +372,8 @@ def account_dict(client, kinds_with_password):
         'incoming': incoming, 'smtp': smtp,
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
+        # push: IMAP IDLE by a watcher where the server offers it; push_state: how that goes (null: not watched)
+        'push': client.push, 'push_state': push_state(client),
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
         'sync_task_id': client.sync_task_id,
@@ -380,6 +382,12 @@ def account_dict(client, kinds_with_password):
         'consecutive_failures': client.failures,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
+
+
+def push_state(client):
+    """The watcher's word on this account: connecting, idling, backoff, auth_error, unsupported; None if unwatched."""
+    lease = models.WatchLease.get_or_none(models.WatchLease.client == client.id)
+    return lease.state if lease else None
 
 
 def error_code(last_error):
@@ -418,7 +426,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'push'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords
