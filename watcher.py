@@ -74,6 +74,8 @@ logger = logging.getLogger('emailsvc.watcher')
 CONNECTING_AT_ONCE = 50
 # A change that a running sync may have missed is tried again after this many seconds.
 RETRY_SECONDS = 0.5
+# Connection states are written this long after the first of a batch changed.
+STATE_BATCH_SECONDS = 0.2
 # A connection that lived this long was healthy: its failure starts the backoff from 1 s again.
 HEALTHY_SECONDS = 60.0
 
@@ -103,7 +105,8 @@ class Watcher:
         self.watches: dict[int, tuple[Account, asyncio.Task]] = {}
         self.dirty: dict[int, float] = {}          # account id -> when to try queueing its sync
         self.states: dict[int, tuple[str, str | None]] = {}   # lease states still to write
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()               # a change to queue a sync for
+        self.news = asyncio.Event()               # a state to write
         self.connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
 
     # -------------------------------------------------- the beat
@@ -111,19 +114,40 @@ class Watcher:
     async def run(self, stop: asyncio.Event):
         logger.info('watcher %s started', self.holder)
         queuing = asyncio.create_task(self.queue_syncs())
+        loop = asyncio.get_running_loop()
+        next_beat = loop.time()
         try:
             while not stop.is_set():
                 try:
-                    self.reconcile(self.hold_leases())
+                    if loop.time() >= next_beat:
+                        next_beat = loop.time() + self.beat
+                        self.reconcile(self.hold_leases())
+                    self.flush_states()
                 except Exception:   # a database outage must not end the watcher: its connections live on
                     logger.exception('watcher beat failed; trying again in %ss', self.beat)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.beat)
+                await self.until_beat_or_news(stop, next_beat - loop.time())
         finally:
             queuing.cancel()
             await self.let_go(list(self.watches))
             self.release_leases()
             logger.info('watcher %s stopped', self.holder)
+
+    async def until_beat_or_news(self, stop, seconds):
+        """Sleep until the next beat, or a little after a connection's state changed (connected,
+        failed), so what the lease rows say follows within a moment, not a beat."""
+        if not self.states:
+            self.news.clear()
+            waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.news.wait())]
+            await asyncio.wait(waits, timeout=max(0.0, seconds), return_when=asyncio.FIRST_COMPLETED)
+            for waiting in waits:
+                waiting.cancel()
+        if self.states and not stop.is_set():
+            await asyncio.sleep(STATE_BATCH_SECONDS)   # one UPDATE for many connections that change together
+
+    def note(self, account_id, state, detail=None):
+        """Record a connection's state for its lease row; written within STATE_BATCH_SECONDS."""
+        self.states[account_id] = (state, detail)
+        self.news.set()
 
     def hold_leases(self):
         """Renew, take and drop leases; returns {account id: Account} of the accounts held now."""
@@ -145,21 +169,24 @@ class Watcher:
                 lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None) \
                     .where(lease.client.in_(chunk), lease.expires < now).execute()
             held = {i for (i,) in lease.select(lease.client).where(lease.holder == self.holder).tuples()}
-            self.write_states(held)
         return {i: wanted[i] for i in held if i in wanted}
 
-    def write_states(self, held):
-        """The states the connections reached since the last beat, one UPDATE per state."""
+    def flush_states(self):
+        """Write the states connections reached since the last write: one UPDATE per state, on our leases only."""
+        pending, self.states = self.states, {}
         by_state = {}
-        for account_id, state in self.states.items():
-            if account_id in held:
-                by_state.setdefault(state, []).append(account_id)
-        self.states.clear()
+        for account_id, state in pending.items():
+            by_state.setdefault(state, []).append(account_id)
         lease = models.WatchLease
-        for (state, detail), ids in by_state.items():
-            for chunk in models.chunks(ids, 500):
-                lease.update(state=state, detail=detail) \
-                    .where(lease.client.in_(chunk), lease.holder == self.holder).execute()
+        try:
+            with models.database.connection_context(), models.database.atomic():
+                for (state, detail), ids in by_state.items():
+                    for chunk in models.chunks(ids, 500):
+                        lease.update(state=state, detail=detail) \
+                            .where(lease.client.in_(chunk), lease.holder == self.holder).execute()
+        except Exception:
+            self.states = {**pending, **self.states}   # newer states win; written at the next try
+            raise
 
     def release_leases(self):
         """A clean stop hands its accounts over at the other watchers' next beat, not after the grace."""
@@ -193,7 +220,7 @@ class Watcher:
         loop = asyncio.get_running_loop()
         failures = 0
         while True:
-            self.states[account.id] = ('connecting', None)
+            self.note(account.id, 'connecting')
             idling_since = None
             await self.connecting.acquire()
             slot = [True]   # the connecting slot is held until IDLE begins or the attempt fails
@@ -205,7 +232,7 @@ class Watcher:
                     self.connecting.release()
                 if count == 1:
                     idling_since = loop.time()
-                    self.states[account.id] = ('idling', None)
+                    self.note(account.id, 'idling')
                     self.sync_if_missed(account, status)
 
             try:
@@ -221,10 +248,10 @@ class Watcher:
             except CredentialError as exc:
                 return self.give_up(account, 'error', exc)
             except MailError as exc:
-                self.states[account.id] = ('backoff', tasks.error_text(exc))
+                self.note(account.id, 'backoff', tasks.error_text(exc))
                 logger.info('account %s: IDLE connection failed: %s', account.id, tasks.error_text(exc))
             except Exception as exc:   # a bug must cost one account a reconnect, not the watcher
-                self.states[account.id] = ('backoff', type(exc).__name__)
+                self.note(account.id, 'backoff', type(exc).__name__)
                 logger.exception('account %s: watching failed', account.id)
             finally:
                 if slot[0]:
@@ -236,7 +263,7 @@ class Watcher:
 
     def give_up(self, account, state, exc):
         """Stop trying this account until its settings change (the beat sees a new Account then)."""
-        self.states[account.id] = (state, tasks.error_text(exc))
+        self.note(account.id, state, tasks.error_text(exc))
         logger.warning('account %s: not watching (%s): %s', account.id, state, tasks.error_text(exc))
 
     def sync_if_missed(self, account, status):

@@ -2,16 +2,13 @@
 
 No test here runs periodic_sync: mail that becomes readable came by push.
 """
-import os
-import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 import models
-from tests.conftest import ROOT, STATE, python_env, record, wait_for
+from tests import services
+from tests.conftest import STATE, record, wait_for
 from tests.test_sync import FIRST_SYNC, add_account, first_sync_settled, mailbox, message, messages, user  # noqa: F401 (fixtures)
 
 GRACE = 2.0
@@ -20,35 +17,20 @@ WATCHER_ENV = {'EMAILSVC_WATCHER_HEARTBEAT_SECONDS': '0.3', 'EMAILSVC_WATCHER_RE
                'EMAILSVC_WATCHER_IDLE_SECONDS': '1', 'EMAILSVC_WATCHER_MAX_BACKOFF': '2'}
 
 
-class WatcherProcess:
-    """`python watcher.py` in its own process group."""
+class WatcherProcess(services.PythonChild):
+    """`python watcher.py` with this module's settings."""
 
     def __init__(self, name='watcher'):
-        self.log = STATE['workdir'] / f'{name}.log'
-        self.proc = subprocess.Popen([sys.executable, 'watcher.py'], cwd=ROOT, env=python_env(**WATCHER_ENV),
-                                     stdout=self.log.open('ab'), stderr=subprocess.STDOUT, start_new_session=True)
+        super().__init__(STATE['workdir'] / f'{name}.log', ['watcher.py'], **WATCHER_ENV)
 
     def started(self):
-        assert self.proc.poll() is None, f'watcher exited with {self.proc.returncode}; see {self.log}'
-        return b'started' in self.log.read_bytes()
+        return self.alive() and b'started' in self.log.read_bytes()
 
     def holder(self):
         """Its lease holder name, once it holds anything."""
         row = models.WatchLease.select(models.WatchLease.holder) \
             .where(models.WatchLease.holder.contains(f':{self.proc.pid}:')).first()
         return row.holder if row else None
-
-    def kill(self):
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 @pytest.fixture(scope='module', autouse=True)
