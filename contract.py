@@ -277,6 +277,7 @@ class AccountCreate(Body):
     copy_sent: bool = Field(True, description='append sent mail to the IMAP Sent folder')
     move_spam: bool = Field(False, description='move mail scored as spam to Junk on the server')
     sync_since: Day | None = Field(None, description='older mail is not fetched (IMAP only; null: all mail)')
+    push: bool = Field(True, description='IMAP IDLE by a watcher where the server offers it (new mail in seconds)')
 
 
 class AccountUpdate(Body):
@@ -288,6 +289,7 @@ class AccountUpdate(Body):
     copy_sent: bool = None
     move_spam: bool = None
     sync_since: Day | None = Field(None, description='null: fetch all mail again (an earlier day starts a sync)')
+    push: bool = None
 
 
 class ServerShown(Answer):
@@ -310,6 +312,9 @@ class Account(Answer):
     copy_sent: bool
     move_spam: bool
     sync_since: str | None
+    push: bool
+    push_state: str | None = Field(description='the watcher: connecting, idling, backoff, auth_error, unsupported; '
+                                               'null while no watcher holds the account')
     sync_state: str = Field(description='idle, syncing, error or auth_error')
     last_sync_at: str | None
     last_error: str | None

@@ -345,6 +345,8 @@ def account_dict(client, kinds_with_password):
         'sync_enabled': client.sync_enabled, 'sync_interval': client.sync_interval,
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
         'sync_since': client.sync_since.isoformat() if client.sync_since else None,
+        # push: IMAP IDLE by a watcher where the server offers it; push_state: how that goes (null: not watched)
+        'push': client.push, 'push_state': push_state(client),
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
         'sync_task_id': client.sync_task_id,
@@ -353,6 +355,12 @@ def account_dict(client, kinds_with_password):
         'consecutive_failures': client.failures,
         'created_at': models.iso(client.created_at), 'updated_at': models.iso(client.updated_at),
     }
+
+
+def push_state(client):
+    """The watcher's word on this account: connecting, idling, backoff, auth_error, unsupported; None if unwatched."""
+    lease = models.WatchLease.get_or_none(models.WatchLease.client == client.id)
+    return lease.state if lease else None
 
 
 def error_code(last_error):
@@ -391,7 +399,7 @@ def apply_account(client, clean):
             setattr(client, f'smtp_{key}', smtp.get(key))
         if smtp.get('password'):
             passwords['smtp'] = smtp['password']
-    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'sync_since'):
+    for key in ('sync_enabled', 'sync_interval', 'copy_sent', 'move_spam', 'sync_since', 'push'):
         if key in clean:
             setattr(client, key, clean[key])
     return passwords

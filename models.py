@@ -52,6 +52,14 @@ def database_now():
     return value if isinstance(value, datetime.datetime) else pw.format_date_time(value, pw.DateTimeField.formats)
 
 
+def db_clock():
+    """Now, in seconds since the epoch, by the database's clock: watchers on hosts whose clocks
+    disagree compare their leases by one clock."""
+    if isinstance(database.obj, pw.SqliteDatabase):
+        return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
+    return pw.SQL('CAST(extract(epoch FROM clock_timestamp()) AS double precision)')
+
+
 # ---------------------------------------------------------------- database
 
 def open_database(url):
@@ -339,6 +347,7 @@ class EmailClient(TenantModel):
     sync_task_id = pw.CharField(max_length=64, null=True)  # the sync queued or running, if any
     copy_sent = pw.BooleanField(default=True)  # append sent mail to the IMAP Sent folder
     move_spam = pw.BooleanField(default=False)  # move mail scored as spam to Junk on the server
+    push = pw.BooleanField(default=True)  # a watcher holds IMAP IDLE on INBOX, where the server offers it
     last_sync_at = pw.DateTimeField(null=True)
     last_error = pw.TextField(null=True)
     created_at = pw.DateTimeField(default=utcnow)
@@ -446,6 +455,17 @@ class ConsumerHeartbeat(BaseModel):
     tasks_done = pw.IntegerField(default=0)
     current_task = pw.CharField(max_length=64, null=True)
     rss_kb = pw.IntegerField(null=True)
+
+
+class WatchLease(BaseModel):
+    """Which watcher holds IDLE on an account, until when (the database's clock), and how it goes."""
+    client = pw.ForeignKeyField(EmailClient, primary_key=True, on_delete='CASCADE')
+    holder = pw.CharField(max_length=100, index=True)  # host:pid:random of the watcher
+    # Seconds since the epoch by the database's clock, renewed while the holder lives. Double: FloatField
+    # is REAL on PostgreSQL, whose 24-bit mantissa rounds epoch seconds to 128 s steps.
+    expires = pw.DoubleField()
+    state = pw.CharField(max_length=16, default='connecting')  # connecting | idling | backoff | auth_error | ...
+    detail = pw.TextField(null=True)  # the last failure, as tasks.error_text words it
 
 
 class DashboardSession(BaseModel):
@@ -749,7 +769,7 @@ def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
-MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat,
+MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat, WatchLease,
           DashboardSession, TaskRollup, MetricTotal, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning,
           Event, EventRetention, Webhook, WebhookDelivery)
 
@@ -1310,8 +1330,11 @@ def rebuild_with_autoincrement(table):
     The stored CREATE statement is reused, so columns added by earlier migrations keep their place.
     sqlite_sequence starts at the highest id copied; an id freed above it before now cannot be known.
     """
-    (sql,) = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
-                                  (table,)).fetchone()
+    row = database.execute_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (table,)).fetchone()
+    if row is None:   # made by a later migration, already with AUTOINCREMENT
+        return
+    (sql,) = row
     if 'AUTOINCREMENT' in sql.upper():
         return
     if SQLITE_PLAIN_ID not in sql:
@@ -1326,6 +1349,13 @@ def rebuild_with_autoincrement(table):
     database.execute_sql(f'ALTER TABLE "{rebuilt}" RENAME TO "{table}"')
     for index in indexes:
         database.execute_sql(index)
+
+
+@migration(12)
+def push_watch(migrator):
+    """Version 12: per-account IMAP IDLE push, and the watchers' leases on accounts."""
+    database.create_tables([WatchLease])
+    return missing_columns(migrator, EmailClient.push)
 
 
 LATEST = len(MIGRATIONS)

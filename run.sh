@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # emailsvc: one entry point for running, administering and testing the service.
 #
-#   ./run.sh                  web server + consumer on the embedded default (Ctrl-C stops both)
-#   ./run.sh web | consumer   one of them, in the foreground
+#   ./run.sh                  web server, consumer and watcher on the embedded default (Ctrl-C stops all)
+#   ./run.sh web | consumer | watcher   one of them, in the foreground
 #   ./run.sh admin ...        tenants, users, API keys, key rotation
 #   ./run.sh tasks ...        inspect and manage tasks
 #   ./run.sh test [args]      the whole suite, embedded and Redis + PostgreSQL modes
@@ -68,20 +68,23 @@ serve_both() {
     local consumer=$!
     setsid "$PY" emailsvc.py web &
     local web=$!
-    trap 'kill -INT "$consumer" "$web" 2>/dev/null; wait "$consumer" "$web"; exit 0' INT TERM
-    # Either child ending stops the other: a half-running service is worse than none.
-    wait -n "$consumer" "$web" || true
-    kill -INT "$consumer" "$web" 2>/dev/null || true
-    wait "$consumer" "$web" 2>/dev/null || true
+    setsid "$PY" watcher.py &
+    local watcher=$!
+    trap 'kill -INT "$consumer" "$web" "$watcher" 2>/dev/null; wait "$consumer" "$web" "$watcher"; exit 0' INT TERM
+    # Any child ending stops the others: a half-running service is worse than none.
+    wait -n "$consumer" "$web" "$watcher" || true
+    kill -INT "$consumer" "$web" "$watcher" 2>/dev/null || true
+    wait "$consumer" "$web" "$watcher" 2>/dev/null || true
 }
 
 usage() {
     cat <<'EOF'
 usage: ./run.sh [COMMAND] [ARGS]   (COMMAND --help says more)
 
-  (none)              web server + consumer on the embedded default; Ctrl-C stops both
+  (none)              web server, consumer and watcher on the embedded default; Ctrl-C stops all
   web                 the HTTP API alone, in the foreground
   consumer            the task consumer alone, in the foreground
+  watcher             the IMAP IDLE watcher alone (push: new mail synced within seconds), in the foreground
   migrate             upgrade the database schema
   admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key,
                       backup, generate-secrets
@@ -99,6 +102,9 @@ case "$command" in
     web|consumer|admin|tasks|migrate)
         ensure_venv requirements.txt
         exec "$PY" emailsvc.py "$command" "$@" ;;
+    watcher)   # its own entry point: the HTTP layer's imports would only add to its memory
+        ensure_venv requirements.txt
+        exec "$PY" watcher.py "$@" ;;
     test)
         ensure_test_packages
         ensure_venv requirements-test.txt

@@ -118,12 +118,8 @@ def connect(host: str, port: int, timeout, policy: Policy | None = None,
         addresses = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:   # UnicodeError: a name IDNA cannot encode
         raise connection_failure('host_not_found', where) from exc
-    if policy is not None:
-        addresses = [address for address in addresses if policy.allows(address[4][0])]
-        if not addresses:
-            raise connection_failure('destination_not_allowed', where)
     failure = None
-    for family, kind, protocol, _, sockaddr in addresses:
+    for family, kind, protocol, _, sockaddr in permitted(addresses, policy, where):
         sock = socket.socket(family, kind, protocol)
         try:
             if timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:
@@ -136,6 +132,16 @@ def connect(host: str, port: int, timeout, policy: Policy | None = None,
             sock.close()
             failure = exc
     raise classify(failure, where) from failure
+
+
+def permitted(addresses: list, policy: Policy | None, where: str) -> list:
+    """The getaddrinfo() entries whose address the policy allows (all when None); destination_not_allowed if none."""
+    if policy is None:
+        return addresses
+    addresses = [address for address in addresses if policy.allows(address[4][0])]
+    if not addresses:
+        raise connection_failure('destination_not_allowed', where)
+    return addresses
 
 
 class Route:

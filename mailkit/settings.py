@@ -55,6 +55,14 @@ SETTINGS = (  # key, type, default, meaning
     ('lanes.periodic', int, 2, 'worker processes for periodic_sync, cleanup and noop; its consumers run the '
                                'periodic schedule'),
     ('lanes.webhooks', int, 2, 'worker processes for webhook deliveries'),
+    ('watcher.idle_seconds', float, 1500.0, 'seconds after which a watcher ends IDLE and begins it again, before '
+                                            'the server drops an idle client (RFC 2177: at most 1740, 29 minutes)'),
+    ('watcher.heartbeat_seconds', float, 5.0, 'how often a watcher renews its leases and reads accounts again '
+                                              '(new, changed, deleted ones and new passwords)'),
+    ('watcher.recovery_grace', float, 30.0, "seconds a dead watcher's accounts wait before another watcher "
+                                            'takes them over'),
+    ('watcher.max_backoff', float, 300.0, 'longest pause, in seconds, before a watcher reconnects to a failing '
+                                          'server (doubling from 1 s, with jitter)'),
     ('health.max_wait_seconds', float, 900.0, '/health/detailed is degraded when the oldest waiting task has '
                                               'waited longer (0: no limit)'),
     ('metrics.allowed_networks', str, '', 'CIDR list (comma-separated) that may read /metrics without a key; '
@@ -214,6 +222,9 @@ def check_choice(key, value, source):
                                   f'{how_to_fix(key, source)}') from None
     if key.startswith('lanes.') and value < 0:
         raise ConfigError(f'{source} must be 0 or more worker processes, got {value}; {how_to_fix(key, source)}')
+    if key == 'watcher.idle_seconds' and not 0 < value <= 1740:
+        raise ConfigError(f'{source} must be more than 0 and at most 1740 seconds (RFC 2177 asks for a new IDLE '
+                          f'at least every 29 minutes), got {value!r}; {how_to_fix(key, source)}')
     choices = CHOICES.get(key)
     if choices and value not in choices:
         raise ConfigError(f'{source} must be one of {", ".join(choices)}, got {value!r}; '

@@ -747,3 +747,35 @@ def start_smtp(workdir: pathlib.Path, *, auth_require_tls: bool = True, auth_req
     server = SmtpServer(workdir, auth_require_tls=auth_require_tls, auth_required=auth_required)
     server._start()
     return server
+
+
+# ---------------------------------------------------------------- our own processes
+
+class PythonChild:
+    """`python ARGS` from the project root in a session of its own, its output in `log`."""
+
+    def __init__(self, log: pathlib.Path, args: list[str], **env: str):
+        self.log = log
+        environment = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1', **env)
+        self.proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=environment,
+                                     stdout=log.open('ab'), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise ServiceError(f'{self.log.stem} exited with {self.proc.returncode}; see {self.log}')
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL to its whole group, as an OOM killer or a power cut would."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30) -> None:
+        """SIGINT, its clean stop; SIGKILL if it is still there after `timeout`."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -1,4 +1,4 @@
-"""Imports point down only: emailsvc -> tasks -> taskq -> models -> mailkit.
+"""Imports point down only: emailsvc -> tasks -> taskq -> models -> mailkit (watcher and dashboard sit on tasks).
 
 A module may import its own package and anything below its layer, never
 above: mailkit imports nothing of ours, models no task machinery, taskq never
@@ -11,6 +11,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LAYERS = {'emailsvc': 5, 'dashboard': 4, 'contract': 4,  # emailsvc.py mounts the dashboard's app, uses the contract
+          'watcher': 4,  # its own process: reads accounts, asks tasks to decrypt and to queue syncs
          'tasks': 3, 'taskq': 2, 'models': 1, 'mailkit': 0}
 
 

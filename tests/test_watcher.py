@@ -1,0 +1,185 @@
+"""The watcher process (push): real watchers, the session's Dovecot, consumer and web server.
+
+No test here runs periodic_sync: mail that becomes readable came by push.
+"""
+import time
+
+import pytest
+
+import models
+from tests import services
+from tests.conftest import STATE, record, wait_for
+from tests.test_sync import FIRST_SYNC, add_account, first_sync_settled, mailbox, message, messages, user  # noqa: F401 (fixtures)
+
+GRACE = 2.0
+WATCHER_ENV = {'EMAILSVC_WATCHER_HEARTBEAT_SECONDS': '0.3', 'EMAILSVC_WATCHER_RECOVERY_GRACE': str(GRACE),
+               # Short, so that every test here also runs through DONE and a new IDLE several times.
+               'EMAILSVC_WATCHER_IDLE_SECONDS': '1', 'EMAILSVC_WATCHER_MAX_BACKOFF': '2'}
+
+
+class WatcherProcess(services.PythonChild):
+    """`python watcher.py` with this module's settings."""
+
+    def __init__(self, name='watcher'):
+        super().__init__(STATE['workdir'] / f'{name}.log', ['watcher.py'], **WATCHER_ENV)
+
+    def started(self):
+        return self.alive() and b'started' in self.log.read_bytes()
+
+    def holder(self):
+        """Its lease holder name, once it holds anything."""
+        row = models.WatchLease.select(models.WatchLease.holder) \
+            .where(models.WatchLease.holder.contains(f':{self.proc.pid}:')).first()
+        return row.holder if row else None
+
+
+@pytest.fixture(scope='module', autouse=True)
+def only_this_modules_accounts():
+    """Accounts other test modules made (hundreds, many on hosts that do not exist) are not watched here."""
+    with models.all_tenants():
+        models.EmailClient.update(push=False).execute()
+    yield
+
+
+@pytest.fixture
+def watcher():
+    process = WatcherProcess()
+    yield process
+    process.stop()
+
+
+def lease(account_id):
+    return models.WatchLease.get_or_none(models.WatchLease.client == account_id)
+
+
+def push_state(api, account_id):
+    return api.get(f'/api/v1/accounts/{account_id}').json['push_state']
+
+
+def wait_until_idling(api, account_id, timeout=15):
+    wait_for(lambda: push_state(api, account_id) == 'idling', timeout,
+             message=lambda: f'account {account_id} to be idling (now {push_state(api, account_id)!r})')
+
+
+def watched_account(api, mailbox):
+    """An account whose first sync is over and whose INBOX a watcher idles on."""
+    account = add_account(api, mailbox)
+    first_sync_settled(FIRST_SYNC.pop(account))
+    wait_until_idling(api, account)
+    return account
+
+
+def readable(api, account_id, subject):
+    return any(m['subject'] == subject for m in messages(api, account_id=account_id))
+
+
+def syncs_of(account_id):
+    """The account's sync_emails records in the ledger, oldest first."""
+    task = models.TaskRecord
+    with models.all_tenants():
+        rows = task.select().where(task.name == 'sync_emails').order_by(task.enqueued_at)
+        return [row for row in rows if (row.args or {}).get('email_client_id') == account_id]
+
+
+def dovecot_login_failures(user):
+    return sum(1 for line in STATE['dovecot'].log.read_text(errors='replace').splitlines()
+               if f'({user},' in line and 'Password mismatch' in line)
+
+
+def stays(condition, seconds):
+    """condition() holds throughout `seconds` (checked every 50 ms)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not condition():
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_appended_mail_is_readable_within_seconds(user, mailbox, consumer, watcher):
+    account = watched_account(user, mailbox)
+    started = time.monotonic()
+    mailbox.append(message(1, 'pushed'))
+    wait_for(lambda: readable(user, account, 'pushed'), timeout=5, interval=0.05,
+             message='the appended message to be readable by push')
+    assert time.monotonic() - started < 5
+    assert user.get(f'/api/v1/accounts/{account}').json['push'] is True
+
+
+def test_a_burst_of_changes_queues_one_sync(user, mailbox, consumer, watcher):
+    account = watched_account(user, mailbox)
+    before = len(syncs_of(account))
+    consumer.stop()   # the sync the first change queues waits for the whole burst
+    try:
+        for n in range(5):
+            mailbox.append(message(n, f'burst {n}'))
+        wait_for(lambda: len(syncs_of(account)) > before, timeout=5, message='a sync queued by push')
+        assert stays(lambda: len(syncs_of(account)) == before + 1, 1.5), 'the burst queued more than one sync'
+        assert syncs_of(account)[-1].args['folder_id'] is not None   # INBOX alone, not the whole account
+    finally:
+        consumer.start()
+    wait_for(lambda: all(readable(user, account, f'burst {n}') for n in range(5)), timeout=15)
+    assert len(syncs_of(account)) == before + 1
+
+
+def test_a_rejected_login_gives_up_until_the_password_changes(user, mailbox, consumer, watcher):
+    account = add_account(user, mailbox, password='wrong-password')
+    first_sync_settled(FIRST_SYNC.pop(account))
+    wait_for(lambda: push_state(user, account) == 'auth_error', timeout=15)
+    failures = dovecot_login_failures(mailbox.user)
+    assert stays(lambda: dovecot_login_failures(mailbox.user) == failures, 3 * float(
+        WATCHER_ENV['EMAILSVC_WATCHER_MAX_BACKOFF'])), 'the watcher tried the rejected password again'
+    assert 'wrong-password' not in (lease(account).detail or '')
+
+    resp = user.patch(f'/api/v1/accounts/{account}', {'incoming': {'password': 'dove-pw-1'}})
+    assert resp.status == 200, resp.text
+    wait_until_idling(user, account)
+    mailbox.append(message(1, 'after the fix'))
+    wait_for(lambda: readable(user, account, 'after the fix'), timeout=10)
+
+
+def test_push_off_lets_the_account_go(user, mailbox, consumer, watcher):
+    account = watched_account(user, mailbox)
+    resp = user.patch(f'/api/v1/accounts/{account}', {'push': False})
+    assert resp.status == 200 and resp.json['push'] is False
+    wait_for(lambda: lease(account) is None, timeout=5, message='the lease to be dropped')
+    bad = user.patch(f'/api/v1/accounts/{account}', {'push': 'yes'})
+    assert bad.status == 422 and bad.json['fields'] == {'push': 'must be true or false'}
+
+
+def test_a_second_watcher_takes_over_when_the_first_dies(user, mailbox, consumer, watcher, unique):
+    from tests.test_sync import Mailbox
+    accounts = [watched_account(user, mailbox)]
+    second_box = Mailbox(STATE['dovecot'], f'{unique}b')
+    accounts.append(watched_account(user, second_box))
+    first = watcher.holder()
+    assert {lease(a).holder for a in accounts} == {first}
+    second = WatcherProcess('watcher-2')
+    try:
+        wait_for(second.started, timeout=20, message='the second watcher to start')
+        assert stays(lambda: {lease(a).holder for a in accounts} == {first}, 1.0), \
+            'a live watcher lost an account'   # exactly one watcher per account while both live
+
+        watcher.kill()
+        killed = time.monotonic()
+        wait_for(lambda: all(lease(a).holder != first and lease(a).state == 'idling' for a in accounts),
+                 timeout=GRACE + 10, message='the second watcher to idle on every account')
+        assert time.monotonic() - killed <= GRACE + 10
+        assert {lease(a).holder for a in accounts} == {second.holder()}
+        second_box.append(message(1, 'after takeover'))
+        wait_for(lambda: readable(user, accounts[1], 'after takeover'), timeout=10)
+    finally:
+        second.stop()
+    assert all(lease(a) is None for a in accounts), 'a clean stop hands its leases back'
+
+
+def test_mail_that_came_while_nobody_watched_is_synced_on_connect(user, mailbox, consumer):
+    account = add_account(user, mailbox)
+    first_sync_settled(FIRST_SYNC.pop(account))
+    mailbox.append(message(1, 'while unwatched'))
+    process = WatcherProcess('watcher-late')
+    try:
+        wait_for(lambda: readable(user, account, 'while unwatched'), timeout=15)
+    finally:
+        process.stop()
+    assert record(syncs_of(account)[-1].id).args['folder_id'] is not None
