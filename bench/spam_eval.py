@@ -11,8 +11,8 @@ Each training part fits its own calibration and strict threshold on its own
 out-of-fold scores, exactly as `python -m mailkit.spam_train` does.
 
 Printed: precision, recall, F1 and false-positive rate at the default
-THRESHOLD and at the strict threshold (the training folds' 0.5 % FPR
-point), the reliability table (do scores mean probabilities?), how often each
+THRESHOLD and at the strict threshold (the service's: where a 95 % upper bound of the training folds' FPR is 0.5 %,
+with 95 % intervals), the reliability table (do scores mean probabilities?), how often each
 indicator fires, and scoring throughput: `Model.score` on parsed messages,
 one core. The baseline in the same run is multinomial naive Bayes over the
 words of every header and the body (each counted once per message): the
@@ -77,6 +77,13 @@ def figures(tp, fp, fn, tn) -> str:
     fpr = fp / (fp + tn) if fp + tn else 0.0
     return (f'precision {precision:.4f}  recall {recall:.4f}  F1 {f1:.4f}  FPR {fpr:.4f}'
             f'  (spam caught {tp}/{tp + fn}, ham flagged {fp}/{fp + tn})')
+
+
+def interval(hits: int, total: int) -> str:
+    """hits/total as a percentage with its two-sided 95 % Clopper-Pearson interval."""
+    low = 1 - spam_train.fpr_upper_bound(total - hits, total, 0.975) if hits else 0.0
+    high = spam_train.fpr_upper_bound(hits, total, 0.975)
+    return f'{hits / total:.2%} (95 % CI {low:.2%} - {high:.2%}, {hits} of {total})'
 
 
 def recall_at_fpr(scores, labels, max_fpr) -> float:
@@ -191,11 +198,13 @@ def cross_validate(folder: Path) -> int:
 
     print(f'\nAt THRESHOLD {spam.THRESHOLD}:')
     print('  ' + figures(*confusion(scores, labels, spam.THRESHOLD)))
-    print(f'At each fold\'s strict threshold (chosen on its training folds for FPR <= {TARGET_FPR:.1%}):')
+    print(f'At each fold\'s strict threshold (the service threshold; chosen on its training folds so that a 95 % upper bound of '
+          f'their FPR is <= {TARGET_FPR:.1%}), on the held-out fold:')
     tp = sum(1 for h, y in zip(strict_hits, labels) if h and y)
     fp = sum(1 for h, y in zip(strict_hits, labels) if h and not y)
     strict = (tp, fp, sum(labels) - tp, len(labels) - sum(labels) - fp)
     print('  ' + figures(*strict))
+    print(f'  FPR {interval(strict[1], strict[1] + strict[3])}   recall {interval(strict[0], strict[0] + strict[2])}')
     print(f'  thresholds: {", ".join(f"{m.strict_threshold:.3f}" for m, _ in models)}')
     ours = recall_at_fpr(scores, labels, TARGET_FPR)
     base = recall_at_fpr(baseline_cv(corpus, folds), labels, TARGET_FPR)

@@ -36,8 +36,9 @@ sum into a probability:
    offset. A score of 0.9 means about 9 in 10 such messages are spam *at
    the training corpus's spam rate* (31 %); in a mailbox with another spam
    rate the odds shift by the ratio of the two base rates.
-   `Model.strict_threshold` is the out-of-fold point of 0.5 % false
-   positives, for callers that prefer fewer false positives to recall.
+   `Model.strict_threshold` is the service's threshold: the point where
+   a 95 % upper bound of the out-of-fold false-positive rate is 0.5 %
+   (a margin, so the rate holds on unseen mail; see mailkit.spam_train).
 4. Tenant learning (`Delta`): a tenant's reports are a small dict of token
    weights added on top of the immutable base model, stored by the caller
    and passed to `score`. One tenant's Delta cannot move another's scores.
@@ -844,7 +845,7 @@ class Model:
         self.weights = weights
         self.bias = bias
         self.calibration = calibration
-        self.strict_threshold = strict_threshold     # out-of-fold false-positive rate <= spam_train.STRICT_FPR
+        self.strict_threshold = strict_threshold     # 95 % upper bound of out-of-fold FPR <= spam_train.STRICT_FPR
         self.training = training or {}
 
     # -------------------------------------------------------------- files
