@@ -223,7 +223,7 @@ def describe(err: dict) -> str:
     if kind in MESSAGES:
         return MESSAGES[kind]
     if kind == 'literal_error':
-        return f'must be one of {ctx["expected"]}'
+        return f'must be {ctx["expected"]}'
     if kind in ('greater_than_equal', 'less_than_equal'):
         return f'must be {"at least" if kind == "greater_than_equal" else "at most"} {ctx.get("ge", ctx.get("le"))}'
     if kind in ('string_too_long', 'too_long'):

@@ -31,10 +31,9 @@ import contract
 import dashboard
 import models
 import tasks
-from mailkit import logs, smtp, webhooks
+from mailkit import logs, webhooks
 from mailkit import settings as settings_mod
 from mailkit.credentials import key_list
-from mailkit.errors import InvalidSetting, check_setting
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
 from taskq import ledger, metrics
 
