@@ -36,6 +36,7 @@ from mailkit import settings as settings_mod
 from mailkit.credentials import key_list
 from models import ApiKey, ConsumerHeartbeat, EmailClient, TaskRecord, Tenant, User
 from taskq import ledger, metrics
+from taskq.workers import consumer_of
 
 SETTINGS = tasks.SETTINGS
 logger = logging.getLogger('emailsvc.web')
@@ -1752,7 +1753,7 @@ def heartbeats(alive_only=False):
         if alive_only and not alive:
             continue
         task = running.get(beat.id)
-        items.append({'consumer': f'{beat.host}:{beat.consumer_pid}', 'worker': beat.id, 'alive': alive,
+        items.append({'consumer': f'{consumer_of(beat.id)}:{beat.consumer_pid}', 'worker': beat.id, 'alive': alive,
                       'started': models.iso(beat.started_at), 'last_beat': models.iso(beat.last_seen),
                       'last_beat_ago': ago(beat.last_seen, now),
                       'running': f'{task.name} {task.id}' if task else None,

@@ -55,7 +55,7 @@ import subprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 
 import models
-from taskq import ledger
+from taskq import ledger, workers
 
 RUN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800)
 WAIT_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -216,7 +216,8 @@ def live_consumers(alive_seconds, now=None):
     """{'alive': consumers, 'workers': worker processes} with a heartbeat within `alive_seconds`."""
     cutoff = (now or models.utcnow()) - datetime.timedelta(seconds=alive_seconds)
     H = models.ConsumerHeartbeat
-    rows = list(H.select(H.host, H.consumer_pid).where(H.last_seen >= cutoff).tuples())
+    # By consumer id, not host and pid: hostnames and pids repeat across containers.
+    rows = [workers.consumer_of(worker) for worker, in H.select(H.id).where(H.last_seen >= cutoff).tuples()]
     return {'alive': len(set(rows)), 'workers': len(rows)}
 
 

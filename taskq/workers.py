@@ -300,6 +300,13 @@ class Recovery:
         return {match.group(1).decode() for data in payloads if (match := self.PAYLOAD_ID.search(bytes(data)))}
 
 
+def consumer_of(worker):
+    """The consumer a worker belongs to, `host:consumer id`, from its name `host:pid:consumer id`
+    (a name from before consumer ids, `host:pid`, stands for itself)."""
+    host, pid, consumer = (worker.split(':', 2) + [''])[:3]
+    return f'{host}:{consumer}' if consumer else worker
+
+
 def rss_kb():
     """This process's resident memory in KiB (Linux), or None."""
     try:
