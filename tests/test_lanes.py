@@ -47,6 +47,18 @@ def test_a_backlog_of_slow_syncs_does_not_delay_a_send(sender, smtp_server, sync
     assert any(record(t.id).state == 'pending' for t in sync_backlog)   # the backlog was still there
 
 
+def test_a_task_revoked_while_it_waits_behind_others_never_runs(consumer):
+    # Busy workers pop the next task with its revoke marks in one round trip (Redis): the mark must count.
+    ahead = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0.5)) for _ in range(3)]
+    revoked = tasks.huey.enqueue(probe_tasks.slow_sync.s(0))
+    ledger.revoke(tasks.huey, revoked.id)
+    after = tasks.huey.enqueue(probe_tasks.slow_sync.s(0))
+    for task in ahead + [after]:
+        wait_for_state(task.id, 'succeeded')
+    row = record(revoked.id)
+    assert (row.state, row.attempts, row.started_at) == ('revoked', 0, None)
+
+
 def test_each_workflow_has_its_lane():
     lanes = {name: wrapper.task_class.lane for name, wrapper in tasks.huey.service_tasks.items()}
     assert {k: lanes[k] for k in ('sync_emails', 'send_email', 'delete_emails', 'check_spam', 'file_report',
