@@ -1697,6 +1697,10 @@ def tasks_queues(args):
         return
     rows = [{'priority': priority, 'waiting': count} for priority, count in depth['by_priority'].items()]
     print(table(rows + [{'priority': 'total', 'waiting': depth['depth']}], ('priority', 'waiting')))
+    lanes = [{'lane': lane, 'waiting': waiting['depth'], 'workers': tasks.huey.lane_workers[lane]}
+             for lane, waiting in depth['by_lane'].items()]
+    print()
+    print(table(lanes, ('lane', 'waiting', 'workers')))
 
 
 def tasks_revoke(args):

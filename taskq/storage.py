@@ -261,14 +261,11 @@ class WakingSqliteStorage(SqliteStorage):
             head, = curs.fetchone()
             if head is None:  # the band drained: every tenant starts even
                 curs.execute('delete from turn where queue = ? and priority = ?', (self.queue, priority))
-                turn = 1
-            else:
-                curs.execute('select turn from turn where queue = ? and priority = ? and tenant = ?',
-                             (self.queue, priority, tenant))
-                last = curs.fetchone()
-                turn = max(int(top - head), (last[0] if last else 0) + 1)
-            curs.execute('insert or replace into turn (queue, priority, tenant, turn) values (?, ?, ?, ?)',
-                         (self.queue, priority, tenant, turn))
+            # The turn is max(h, last + 1): h for a tenant with none waiting before.
+            curs.execute('insert into turn (queue, priority, tenant, turn) values (?, ?, ?, ?) '
+                         'on conflict (queue, priority, tenant) do update set turn = max(excluded.turn, turn + 1) '
+                         'returning turn', (self.queue, priority, tenant, 1 if head is None else int(top - head)))
+            turn, = curs.fetchone()
             curs.execute('insert into task (queue, data, priority) values (?, ?, ?)',
                          (self.queue, self.to_blob(data), top - turn))
         self.ring()

@@ -71,6 +71,8 @@ def test_tasks_status_and_queues(consumer):
     assert status['state'] == 'succeeded' and status['task_id'] == task.id
     queues = json.loads(run('tasks', 'queues', '--json').stdout)
     assert set(queues['by_priority']) >= {'10', '8', '5', '3'}
+    assert set(queues['by_lane']) == set(tasks.huey.lane_workers)
+    assert 'LANE' in run('tasks', 'queues').stdout
 
 
 # ---------------------------------------------------------------- listings, prefixes, help, ping

@@ -47,6 +47,18 @@ def test_a_backlog_of_slow_syncs_does_not_delay_a_send(sender, smtp_server, sync
     assert any(record(t.id).state == 'pending' for t in sync_backlog)   # the backlog was still there
 
 
+def test_a_task_revoked_while_it_waits_behind_others_never_runs(consumer):
+    # Busy workers pop the next task with its revoke marks in one round trip (Redis): the mark must count.
+    ahead = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0.5)) for _ in range(3)]
+    revoked = tasks.huey.enqueue(probe_tasks.slow_sync.s(0))
+    ledger.revoke(tasks.huey, revoked.id)
+    after = tasks.huey.enqueue(probe_tasks.slow_sync.s(0))
+    for task in ahead + [after]:
+        wait_for_state(task.id, 'succeeded')
+    row = record(revoked.id)
+    assert (row.state, row.attempts, row.started_at) == ('revoked', 0, None)
+
+
 def test_each_workflow_has_its_lane():
     lanes = {name: wrapper.task_class.lane for name, wrapper in tasks.huey.service_tasks.items()}
     assert {k: lanes[k] for k in ('sync_emails', 'send_email', 'delete_emails', 'check_spam', 'file_report',
@@ -138,6 +150,22 @@ def test_queue_depth_is_shown_by_lane(no_session_consumer, client, web, make_key
 
 
 # ---------------------------------------------------------------- fairness within a lane
+
+def test_tenants_take_turns_within_a_priority_and_priorities_come_first():
+    huey = tasks.huey
+    lane = huey.storage.lane_class(f'{huey.name}-turns-{os.getpid()}', lane='test', **huey.storage_kwargs)
+    lane.flush_queue()
+    queued = [('a1', 5, 1), ('a2', 5, 1), ('a3', 5, 1), ('a4', 5, 1), ('b1', 5, 2), ('b2', 5, 2), ('c1', 5, None),
+              ('urgent', 8, 1)]
+    for name, priority, tenant in queued:
+        lane.enqueue(name.encode(), priority, tenant)
+    popped = [lane.pop_now().decode() for _ in queued]
+    assert popped == ['urgent', 'a1', 'b1', 'c1', 'a2', 'b2', 'a3', 'a4'], popped
+    assert lane.pop_now() is None
+    lane.enqueue(b'a5', 5, 1)   # the band drained: tenant 1 starts even again, not behind its past
+    lane.enqueue(b'b3', 5, 2)
+    assert [lane.pop_now(), lane.pop_now()] == [b'a5', b'b3']
+
 
 def test_one_tenants_backlog_does_not_starve_another(consumer):
     backlog = [tasks.huey.enqueue(probe_tasks.slow_sync.s(0.3, tenant_id=-1)) for _ in range(12)]
