@@ -184,3 +184,18 @@ def test_an_event_exists_only_if_its_change_committed(user, mailbox, consumer):
             pass
     assert events(user, after=start)['items'] == []
     assert not [m for m in messages(user, account_id=account) if m['uid'] == 999]
+
+
+def test_a_message_moved_to_trash_is_updated_and_an_expunged_one_deleted(user, mailbox, consumer):
+    from tests.test_delete import delete, synced
+    from tests.test_spam_api import folder_of_role
+    account, listed = synced(user, mailbox, count=2)
+    start = events(user, after='now')['next_cursor']
+    delete(user, [listed[0]['id']])
+    delete(user, [listed[1]['id']], permanent=True)
+    feed = events(user, after=start, types='message.updated,message.deleted')['items']
+    assert [(e['type'], e['data']['message_id']) for e in feed] == [
+        ('message.updated', listed[0]['id']), ('message.deleted', listed[1]['id'])]
+    assert feed[0]['data']['changes'] == ['folder']
+    assert feed[0]['data']['folder_id'] == folder_of_role(user, account, 'trash')
+    assert feed[0]['data']['previous_folder_id'] == folder_of_role(user, account, 'inbox')
