@@ -21,6 +21,7 @@ end wakes them.
 import argparse
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def main():
         if receiver.server is not None:
             receiver.stop()
         services.stop_all(started_services)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == '__main__':
