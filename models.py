@@ -1001,12 +1001,17 @@ def delete_messages(query):
     """Delete the messages `query` selects, with their attachments; returns how many."""
     rows = list(query.select(EmailMessage.id, EmailMessage.folder, EmailMessage.client).tuples())
     for chunk in chunks(rows, 500):
-        ids = [row[0] for row in chunk]
         with database.atomic():
-            Attachment.delete().where(Attachment.message.in_(ids)).execute()
-            EmailMessage.delete().where(EmailMessage.id.in_(ids)).execute()
+            remove_messages([row[0] for row in chunk])
             emit_message_events('message.deleted', chunk)
     return len(rows)
+
+
+def remove_messages(ids):
+    """Delete these message rows and their attachments' rows (no event: the caller emits)."""
+    if ids:
+        Attachment.delete().where(Attachment.message.in_(ids)).execute()
+        EmailMessage.delete().where(EmailMessage.id.in_(ids)).execute()
 
 
 def forget_messages(messages, permanent, moved=None):
@@ -1048,16 +1053,23 @@ def move_in_place(places):
     Returns how many moved.
     """
     with database.atomic():
+        copies, moved = [], []
         for message_id, (folder_id, uid) in places.items():
-            delete_messages(EmailMessage.select().where(EmailMessage.folder == folder_id, EmailMessage.uid == uid,
-                                                        EmailMessage.id != message_id))
+            duplicates = list(EmailMessage.select(EmailMessage.id, EmailMessage.folder, EmailMessage.client).where(
+                EmailMessage.folder == folder_id, EmailMessage.uid == uid, EmailMessage.id != message_id).tuples())
+            remove_messages([row[0] for row in duplicates])
+            copies += duplicates
             before = EmailMessage.select(EmailMessage.folder, EmailMessage.client) \
                 .where(EmailMessage.id == message_id).tuples().first()
             EmailMessage.update(folder=folder_id, uid=uid, is_deleted=False).where(EmailMessage.id == message_id) \
                 .execute()
             if before is not None:
-                emit_message_events('message.updated', [(message_id, folder_id, before[1])],
-                                    changes=['folder'], previous_folder_id=before[0])
+                moved.append((message_id, folder_id, before))
+        # Events after every row write of the transaction (see emit_many).
+        emit_message_events('message.deleted', copies)
+        for message_id, folder_id, (previous_folder_id, client_id) in moved:
+            emit_message_events('message.updated', [(message_id, folder_id, client_id)],
+                                changes=['folder'], previous_folder_id=previous_folder_id)
     return len(places)
 
 

@@ -1,9 +1,9 @@
 """Webhook delivery benchmark: throughput, then no event lost across a receiver outage and consumer SIGKILLs.
 
 The real consumer (`huey_consumer tasks.huey -w 2 -k process`, periodic tasks
-on) delivers to a real HTTP receiver on loopback (tests/webhook_receiver.py,
-a thread of this process) that verifies every signature with the independent
-`standardwebhooks` package. Events are written with models.emit, as the
+on) delivers to a real HTTP receiver on loopback (tests/webhook_receiver.py's
+StreamReceiver: asyncio, a thread of this process) that verifies every
+signature with the independent `standardwebhooks` package as it arrives. Events are written with models.emit, as the
 tasks write them, and deliveries woken with tasks.wake_webhooks, as a task's
 end wakes them.
 
@@ -21,6 +21,7 @@ end wakes them.
 import argparse
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from cryptography.fernet import Fernet  # noqa: E402
 
 from tests import services  # noqa: E402
-from tests.webhook_receiver import Receiver  # noqa: E402
+from tests.webhook_receiver import StreamReceiver  # noqa: E402
 
 TARGET_RATE = 500   # deliveries/s
 
@@ -230,7 +231,7 @@ def main():
     import models
     import tasks
     models.migrate()
-    receiver = Receiver(services.free_port()).start()
+    receiver = StreamReceiver(services.free_port()).start()
     consumer = ConsumerProcess(workdir)
     consumer.start()
     try:
@@ -274,6 +275,7 @@ def main():
         if receiver.server is not None:
             receiver.stop()
         services.stop_all(started_services)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == '__main__':

@@ -165,5 +165,11 @@ class _EgressConnection(http.client.HTTPConnection):
     def connect(self):
         sock = egress.connect(self.host, self.port, self.timeout, self.policy)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # no 40 ms delayed-ACK stall per post
-        # The certificate is checked against the host name the tenant gave, never the address (RFC 6125).
-        self.sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host) if self.ssl_context else sock
+        if self.ssl_context is None:
+            self.sock = sock
+            return
+        try:   # the certificate is checked against the host name the tenant gave, never the address (RFC 6125)
+            self.sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        except OSError as exc:   # certificate_untrusted, tls_on_plain_port, ...: a fixed code, as for mail servers
+            sock.close()
+            raise egress.classify(exc, f'{self.host}:{self.port}') from None

@@ -184,3 +184,46 @@ def test_an_event_exists_only_if_its_change_committed(user, mailbox, consumer):
             pass
     assert events(user, after=start)['items'] == []
     assert not [m for m in messages(user, account_id=account) if m['uid'] == 999]
+
+
+def test_a_message_moved_to_trash_is_updated_and_an_expunged_one_deleted(user, mailbox, consumer):
+    from tests.test_delete import delete, synced
+    from tests.test_spam_api import folder_of_role
+    account, listed = synced(user, mailbox, count=2)
+    start = events(user, after='now')['next_cursor']
+    delete(user, [listed[0]['id']])
+    delete(user, [listed[1]['id']], permanent=True)
+    feed = events(user, after=start, types='message.updated,message.deleted')['items']
+    assert [(e['type'], e['data']['message_id']) for e in feed] == [
+        ('message.updated', listed[0]['id']), ('message.deleted', listed[1]['id'])]
+    assert feed[0]['data']['changes'] == ['folder']
+    assert feed[0]['data']['folder_id'] == folder_of_role(user, account, 'trash')
+    assert feed[0]['data']['previous_folder_id'] == folder_of_role(user, account, 'inbox')
+
+
+def test_events_become_visible_in_id_order(user):
+    """A writer that took a later id commits after one that took an earlier id, so a reader paging by id
+    never passes an event that is still to commit (PostgreSQL: the event-writer lock; SQLite: one writer)."""
+    tenant_id, user_id = user.ids
+    start = events(user, after='now')['next_cursor']
+    first_emitted, times = threading.Event(), {}
+
+    def write(name, hold):
+        with models.database.connection_context(), models.tenant_scope(tenant_id):
+            with models.database.atomic():
+                models.emit('account.recovered', tenant_id=tenant_id, user_id=user_id, data={'w': name})
+                first_emitted.set()
+                time.sleep(hold)
+            times[name] = time.monotonic()
+
+    slow = threading.Thread(target=write, args=('slow', 1.0))
+    slow.start()
+    first_emitted.wait(5)
+    fast = threading.Thread(target=write, args=('fast', 0))
+    fast.start()
+    time.sleep(0.3)
+    assert events(user, after=start)['items'] == []   # neither committed: nothing to page past yet
+    slow.join(10)
+    fast.join(10)
+    assert times['fast'] >= times['slow']
+    assert [e['data']['w'] for e in events(user, after=start)['items']] == ['slow', 'fast']

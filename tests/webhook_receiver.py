@@ -76,3 +76,59 @@ class Receiver:
     def all_valid(self, path):
         with self.lock:
             return all(valid for p, _, valid, *_ in self.received if p == path)
+
+
+class StreamReceiver(Receiver):
+    """The same receiver on asyncio streams (one thread, no per-request header objects): what a benchmark
+    uses, so the figure is the sender's rather than http.server's. HTTP/1.1 with Content-Length bodies only."""
+
+    def start(self):
+        import asyncio
+        self.loop = asyncio.new_event_loop()
+        self.writers = set()
+        ready = threading.Event()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def _run(self, ready):
+        import asyncio
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, '127.0.0.1', self.port))
+        ready.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader, writer):
+        import asyncio
+        self.writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b'\r\n\r\n')
+                request_line, *lines = head.decode('latin-1').split('\r\n')
+                headers = dict(line.split(': ', 1) for line in lines if ': ' in line)
+                lowered = {k.lower(): v for k, v in headers.items()}
+                body = await reader.readexactly(int(lowered.get('content-length', 0)))
+                self.record(request_line.split(' ')[1], lowered, body)
+                writer.write(f'HTTP/1.1 {self.status} OK\r\nContent-Length: 0\r\n\r\n'.encode())
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    def stop(self):
+        """Stop listening and drop open connections."""
+        def close():
+            self.server.close()
+            for writer in list(self.writers):
+                writer.transport.abort()
+        self.loop.call_soon_threadsafe(close)
+        done = threading.Event()
+        self.loop.call_soon_threadsafe(lambda: self.loop.create_task(self._closed(done)))
+        done.wait(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.server = None
+
+    async def _closed(self, done):
+        await self.server.wait_closed()
+        done.set()
