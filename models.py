@@ -1014,6 +1014,13 @@ def remove_messages(ids):
         EmailMessage.delete().where(EmailMessage.id.in_(ids)).execute()
 
 
+def delete_uids(folder, uids):
+    """Delete the folder's messages with these UIDs (expunged on the server); returns how many."""
+    return sum(delete_messages(EmailMessage.select().where(EmailMessage.folder == folder.id,
+                                                           EmailMessage.uid.in_(chunk)))
+               for chunk in chunks(sorted(uids), 500))
+
+
 def forget_messages(messages, permanent, moved=None):
     """After a delete on the server; returns how many were deleted.
 
@@ -1123,7 +1130,8 @@ def renumber_folder(folder, uids_by_id, gone_ids, uidvalidity):
     The folder is left without uidnext: the sync that follows reconciles it (fetches what did not match).
     """
     with database.atomic():
-        dropped = delete_messages(EmailMessage.select().where(EmailMessage.id.in_(list(gone_ids)))) if gone_ids else 0
+        dropped = sum(delete_messages(EmailMessage.select().where(EmailMessage.id.in_(chunk)))
+                      for chunk in chunks(list(gone_ids), 500))
         # (folder, uid) is unique and a new UID may be a stale one of another row: clear them all first.
         EmailMessage.update(uid=None).where(EmailMessage.folder == folder.id).execute()
         table = EmailMessage._meta.table_name

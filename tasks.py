@@ -379,9 +379,7 @@ def plan_folder(session, client, folder, state, counts, force_full_sync):
         gone = stored - set(session.uids())
         changed = (session.changed_flags(folder.highestmodseq) if state.highestmodseq and folder.highestmodseq
                    else session.all_flags())
-    counts['messages_deleted'] += models.delete_messages(
-        models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
-                                           models.EmailMessage.uid.in_(list(gone & stored))))
+    counts['messages_deleted'] += models.delete_uids(folder, gone & stored)
     counts['messages_updated'] += models.update_flags(folder, {u: f for u, f in changed.items() if u in stored})
     start = folder.uidnext or 1
     return [uid for uid in session.uids_since(start, since=client.sync_since) if uid >= start] if state.exists else []
@@ -396,9 +394,7 @@ def reconcile_folder(session, client, folder, state, counts):
     listed = set(session.uids()) if state.exists else set()
     stored = models.folder_uids(folder) - {None}
     gone = stored - listed
-    counts['messages_deleted'] += models.delete_messages(
-        models.EmailMessage.select().where(models.EmailMessage.folder == folder.id,
-                                           models.EmailMessage.uid.in_(list(gone))))
+    counts['messages_deleted'] += models.delete_uids(folder, gone)
     if stored - gone:
         flags = session.all_flags()
         counts['messages_updated'] += models.update_flags(folder, {u: f for u, f in flags.items() if u in stored})

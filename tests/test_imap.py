@@ -453,6 +453,13 @@ def test_uids_since_a_day_and_newest_first_fetch(session):
     assert [m.uid for m in session.fetch([1, 2, 3], batch=2, newest_first=True)] == [2, 3, 1]   # [3, 2], [1]
 
 
+def test_uidvalidity_of_a_folder_without_selecting_it(session):
+    raw_name = session.create_folder('Elsewhere')
+    expected = session.select(raw_name).uidvalidity
+    session.select('INBOX')
+    assert session.uidvalidity_of(raw_name) == expected and session.selected == 'INBOX'
+
+
 def test_identities_are_size_and_the_id_and_date_lines(session):
     uids = fill(session, 2)
     session.select('INBOX')
