@@ -1,6 +1,7 @@
-# emailsvc in one image. The command is ./run.sh: web server and consumer
-# together on the embedded default (SQLite under /app/var, a volume); compose.yaml
-# runs the same image scaled out (./run.sh web, ./run.sh consumer).
+# emailsvc in one image. The command is ./run.sh: web server, consumer and
+# watcher (IMAP IDLE push) together on the embedded default (SQLite under
+# /app/var, a volume); compose.yaml runs the same image scaled out
+# (./run.sh web, ./run.sh consumer, ./run.sh watcher).
 FROM python:3.11-slim-bookworm
 
 ARG VERSION=unknown

@@ -61,6 +61,8 @@ import signal
 import socket
 import typing
 
+import peewee as pw
+
 import models
 import tasks
 from mailkit import idle, logs
@@ -74,6 +76,8 @@ logger = logging.getLogger('emailsvc.watcher')
 CONNECTING_AT_ONCE = 50
 # A change that a running sync may have missed is tried again after this many seconds.
 RETRY_SECONDS = 0.5
+# A takeover looks this long after the lease it waits for expires (by the database's clock).
+TAKEOVER_MARGIN = 0.1
 # Connection states are written this long after the first of a batch changed.
 STATE_BATCH_SECONDS = 0.2
 # A connection that lived this long was healthy: its failure starts the backoff from 1 s again.
@@ -120,8 +124,11 @@ class Watcher:
             while not stop.is_set():
                 try:
                     if loop.time() >= next_beat:
-                        next_beat = loop.time() + self.beat
-                        self.reconcile(self.hold_leases())
+                        held, expiring = self.hold_leases()
+                        self.reconcile(held)
+                        # Look again just after the next lease of another watcher's could lapse: a dead
+                        # watcher's accounts move at the end of its grace, not up to a beat later.
+                        next_beat = loop.time() + min(self.beat, expiring + TAKEOVER_MARGIN)
                     self.flush_states()
                 except Exception:   # a database outage must not end the watcher: its connections live on
                     logger.exception('watcher beat failed; trying again in %ss', self.beat)
@@ -150,7 +157,8 @@ class Watcher:
         self.news.set()
 
     def hold_leases(self):
-        """Renew, take and drop leases; returns {account id: Account} of the accounts held now."""
+        """Renew, take and drop leases; returns ({account id: Account} of the accounts held now,
+        seconds until the first lease another watcher holds expires unless renewed)."""
         lease, now = models.WatchLease, models.db_clock()
         with models.database.connection_context(), models.all_tenants():
             wanted = watchable_accounts()
@@ -169,7 +177,8 @@ class Watcher:
                 lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None) \
                     .where(lease.client.in_(chunk), lease.expires < now).execute()
             held = {i for (i,) in lease.select(lease.client).where(lease.holder == self.holder).tuples()}
-        return {i: wanted[i] for i in held if i in wanted}
+            expiring = lease.select(pw.fn.MIN(lease.expires) - now).where(lease.holder != self.holder).scalar()
+        return {i: wanted[i] for i in held if i in wanted}, self.grace if expiring is None else max(0.0, expiring)
 
     def flush_states(self):
         """Write the states connections reached since the last write: one UPDATE per state, on our leases only."""

@@ -183,3 +183,19 @@ def test_mail_that_came_while_nobody_watched_is_synced_on_connect(user, mailbox,
     finally:
         process.stop()
     assert record(syncs_of(account)[-1].id).args['folder_id'] is not None
+
+
+def test_plain_run_sh_starts_a_watcher_and_ctrl_c_stops_it(tmp_path):
+    from tests.test_stop import Service
+    service = Service(tmp_path, 'with-watcher', STATE['dovecot'].cert_path)
+    try:
+        service.start()
+        wait_for(lambda: b'"watcher ' in service.log.read_bytes() and b' started"' in service.log.read_bytes(),
+                 timeout=30, message='./run.sh to start a watcher')
+        service.ctrl_c()
+        assert service.wait_stopped() == 0
+    finally:
+        service.kill()
+    lines = service.log.read_bytes().splitlines()
+    assert any(b'"message": "watcher ' in line and line.endswith(b' stopped"}') for line in lines), \
+        'the watcher did not stop cleanly (handing its leases back)'
