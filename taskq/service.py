@@ -346,6 +346,7 @@ class LedgerConsumer(Consumer):
     """
 
     def __init__(self, huey, lanes=None, workers=None, periodic=True, **options):
+        self._early_signals = hold_stop_signals()
         served = huey.lane_workers if lanes is None else {name: huey.lane_workers[name] for name in lanes}
         self.lane_plan = [name for name, count in served.items() for _ in range(count)]
         if not self.lane_plan:
@@ -353,6 +354,12 @@ class LedgerConsumer(Consumer):
         self._initial_lanes = iter(self.lane_plan)
         super().__init__(huey, workers=len(self.lane_plan), periodic=periodic and 'periodic' in served, **options)
         logger.info('consumer serves lanes %s', ', '.join(f'{name} ({count})' for name, count in served.items()))
+
+    def start(self):
+        """Huey's start, then any stop signal that came while it forked, to the handlers it set last."""
+        super().start()
+        for signum in self._early_signals:
+            os.kill(os.getpid(), signum)
 
     def _create_worker(self, lane=None):
         lane = lane or next(self._initial_lanes)  # Huey's __init__ creates them in lane_plan's order
@@ -380,6 +387,19 @@ class LedgerConsumer(Consumer):
             self.scheduler = self._create_process(self._create_scheduler(), 'Scheduler')
             self.scheduler.start()
         return healthy
+
+
+def hold_stop_signals():
+    """Keep SIGINT and SIGTERM that arrive before Huey's consumer sets its handlers, which it does only
+    after forking every worker; returns the list they are kept in.
+
+    A background job of a shell starts with SIGINT ignored (run.sh starts the consumer so), so a Ctrl-C
+    forwarded in that second was lost and the consumer ran on; the default SIGTERM would kill the main
+    process alone and leave the workers forked so far taking tasks."""
+    early = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, frame: early.append(number))
+    return early
 
 
 def record_kill(note):

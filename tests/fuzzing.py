@@ -131,7 +131,9 @@ def target_env(workdir, mode, postgres=None, redis_url=None):
     os.makedirs(var, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED='1', EMAILSVC_VAR=var,
                # No consumer serves this queue: without these, /health/detailed would be 503 "no live consumer".
-               EMAILSVC_CONSUMER_STARTUP_GRACE='1000000', EMAILSVC_HEALTH_MAX_WAIT_SECONDS='0')
+               EMAILSVC_CONSUMER_STARTUP_GRACE='1000000', EMAILSVC_HEALTH_MAX_WAIT_SECONDS='0',
+               # A generated wait=3600 long-polls for events.max_wait (25 s), past the client's read timeout.
+               EMAILSVC_EVENTS_MAX_WAIT='0.5')
     if mode == 'scaleout':
         env['EMAILSVC_DATABASE_URL'] = postgres.create_database(f'fuzz_{tag}')
         env['EMAILSVC_QUEUE_URL'] = redis_url.rsplit('/', 1)[0] + '/7'

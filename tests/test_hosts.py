@@ -26,12 +26,15 @@ import tasks
 from mailkit import logs, smtp
 from taskq.workers import consumer_of
 from tests import probe_tasks
-from tests.conftest import MODE, ROOT, STATE, TEST_SETTINGS, Consumer, python_env, record, wait_for, wait_for_state
+from tests.conftest import (MODE, ROOT, STATE, TEST_SETTINGS, Consumer, lane_workers, python_env, record, wait_for,
+                            wait_for_state)
 from tests.test_send import MAIL, sender, smtp_server  # noqa: F401 (fixtures)
 from tests.test_sync import user  # noqa: F401 (fixture)
 
 GRACE = float(TEST_SETTINGS['EMAILSVC_CONSUMER_RECOVERY_GRACE'])
 LIBFAKETIME = '/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1'
+# The lanes of the tasks these tests run: the probes (no lane of their own: periodic), sends, syncs, deletes.
+HOST_LANES = ('periodic', 'send', 'sync', 'delete')
 
 
 class Host(Consumer):
@@ -42,20 +45,22 @@ class Host(Consumer):
         self.hostname, self.skew = hostname, skew
         self.log = workdir / f'consumer-{hostname}-{uuid.uuid4().hex[:6]}.log'
 
-    def start(self, workers=2):
+    def start(self, workers=2, lanes=HOST_LANES):
         # The probes here run past the suite's 2 s soft limit, on purpose: longer than the grace.
         extra = dict(EMAILSVC_LIMITS_DEFAULT_SOFT='30', EMAILSVC_LIMITS_DEFAULT_HARD='40')
+        extra.update(lane_workers(workers, only=lanes))   # `workers` in each lane the tests use, none elsewhere
         if self.skew:
             # The library itself rather than the `faketime` wrapper, which forks and
             # waits: the consumer must be the process we started, to signal its group.
             extra.update(LD_PRELOAD=LIBFAKETIME, FAKETIME=self.skew, FAKETIME_DONT_FAKE_MONOTONIC='1')
         consumer = [sys.executable, '-m', 'huey.bin.huey_consumer', 'tests.probe_tasks.huey',
-                    '-w', str(workers), '-k', 'process', '-c', '1', '--no-periodic']
+                    '-k', 'process', '-c', '1', '--no-periodic']
         # unshare without --fork execs in place, and so does the shell: the pid is the consumer's.
         command = ['unshare', '--uts', 'sh', '-c', f'hostname {self.hostname} && exec "$@"', 'sh', *consumer]
         self.proc = subprocess.Popen(command, cwd=ROOT, env=python_env(**extra), stdout=self.log.open('ab'),
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: self.alive_workers() >= workers, timeout=20, message=f'{self.hostname} to heartbeat')
+        wait_for(lambda: self.alive_workers() >= workers * len(lanes), timeout=20,
+                 message=f'{self.hostname} to heartbeat')
         return self
 
     def signal_group(self, sig):
@@ -69,8 +74,8 @@ def hosts(consumer_process):
     consumer_process.stop()
     started = []
 
-    def start(hostname, skew=None, workers=2):
-        host = Host(STATE['workdir'], hostname, skew).start(workers)
+    def start(hostname, skew=None, workers=2, lanes=HOST_LANES):
+        host = Host(STATE['workdir'], hostname, skew).start(workers, lanes)
         started.append(host)
         return host
     yield start
@@ -127,7 +132,7 @@ def assert_each_ran_once(task_ids, path, why):
 # ---------------------------------------------------------------- identity
 
 def test_two_hosts_with_one_hostname_are_two_workers(hosts):
-    first, second = hosts('twin', workers=1), hosts('twin', workers=1)
+    first, second = hosts('twin', workers=1, lanes=('periodic',)), hosts('twin', workers=1, lanes=('periodic',))
     with models.all_tenants():
         beats = list(models.ConsumerHeartbeat.select().where(
             models.ConsumerHeartbeat.consumer_pid.in_([first.proc.pid, second.proc.pid])))

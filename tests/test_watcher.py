@@ -190,8 +190,9 @@ def test_plain_run_sh_starts_a_watcher_and_ctrl_c_stops_it(tmp_path):
     service = Service(tmp_path, 'with-watcher', STATE['dovecot'].cert_path)
     try:
         service.start()
-        wait_for(lambda: b'"watcher ' in service.log.read_bytes() and b' started"' in service.log.read_bytes(),
-                 timeout=30, message='./run.sh to start a watcher')
+        wait_for(lambda: b'"watcher ' in service.log.read_bytes() and b' started"' in service.log.read_bytes()
+                 and b'consumer serves lanes' in service.log.read_bytes(),
+                 timeout=30, message='./run.sh to start a watcher and a consumer')
         service.ctrl_c()
         assert service.wait_stopped() == 0
     finally:
