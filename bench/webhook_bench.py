@@ -245,7 +245,8 @@ def main():
               f'(signatures valid: {all(receiver.all_valid(p) for p in receiver.secrets)})')
         print(f'  CPU per delivery: consumer {cpu["consumer"] / count * 1000:.2f} ms, receiver (HTTP parsing + '
               f'signature check) {cpu["receiver"] / count * 1000:.2f} ms: at most '
-              f'{os.cpu_count() / ((cpu["consumer"] + cpu["receiver"]) / count):.0f} deliveries/s on an idle machine')
+              f'{os.cpu_count() / ((cpu["consumer"] + cpu["receiver"]) / count):.0f} deliveries/s on an idle machine '
+              f'(the database and broker servers not counted)')
         if args.throughput_only:
             print(f'{TARGET_RATE} deliveries/s ' + ('met' if rate >= TARGET_RATE else 'NOT MET'))
             return
