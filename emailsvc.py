@@ -201,10 +201,10 @@ def valid(model, data, prefix=()):
     return value
 
 
-def invalid(fields, code='validation_failed', status=422):
-    """The 422 of a bad body: the first problem in the message, all of them in `fields`."""
+def invalid(fields, code='validation_failed'):
+    """The 422 of a bad body or query: the first problem in the message, all of them in `fields`."""
     first, problem = next(iter(fields.items()))
-    return ApiError(status, code, f'{first}: {problem}', fields=fields)
+    return ApiError(422, code, f'{first}: {problem}', fields=fields)
 
 
 def query_of(model):

@@ -27,8 +27,11 @@ def main():
     parser.add_argument('--mode', choices=('embedded', 'scaleout'), default='embedded')
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix='fuzz-bench-')
+    from cryptography.fernet import Fernet
+    # Scaled out, nothing is generated into var/: the secret and the credential key must be given.
     os.environ.update(EMAILSVC_CONFIG=os.path.join(work, 'absent.ini'),
-                      EMAILSVC_SERVER_SECRET='bench-' + os.urandom(16).hex(), EMAILSVC_LOG_LEVEL='WARNING')
+                      EMAILSVC_SERVER_SECRET='bench-' + os.urandom(16).hex(), EMAILSVC_LOG_LEVEL='WARNING',
+                      EMAILSVC_SECURITY_CREDENTIAL_KEYS=Fernet.generate_key().decode())
     running = []
     postgres = redis = None
     if args.mode == 'scaleout':
