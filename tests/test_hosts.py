@@ -171,8 +171,8 @@ def database_outage(seconds):
 
 def test_database_outage_longer_than_the_grace_requeues_nothing(hosts):
     path = tick_file()
-    _, on_first = busy_host(hosts, 'first', path, 80)
-    _, on_second = busy_host(hosts, 'second', path, 80)
+    _, on_first = busy_host(hosts, 'first', path, 60)
+    _, on_second = busy_host(hosts, 'second', path, 60)
     database_outage(GRACE * 2)
     assert_each_ran_once(on_first + on_second, path, 'after the outage')
 
