@@ -408,7 +408,7 @@ def record_kill(note):
         killed = json.loads(note.read_text())
     except ValueError:
         return  # caught between the watchdog's open and write: the next check reads it whole
-    worker = killed['worker']
+    worker = killed.get('worker')   # None in a note from before worker names had consumer ids: no match
     try:
         ledger.update(killed['task_id'], only_states=(ledger.RUNNING,), expect={'worker': worker},
                       state=ledger.FAILED, finished_at=models.utcnow(),

@@ -112,7 +112,7 @@ class Lease:
         self.huey = huey
         self.max_gap = huey.settings['consumer.recovery_grace'] / 2
         self.lock = threading.Lock()
-        self.registered = False
+        self.registered = self.ended = False
         self.renewed_at = None    # monotonic start of the last successful renewal
         self.unbroken = False     # False after a failed or slow renewal, until the next one succeeds in time
         # What the dashboard shows of this worker: kept in memory by the task
@@ -122,6 +122,8 @@ class Lease:
     def renew(self):
         """Register or renew; raises Fenced if the row is gone, the database's error if it cannot answer."""
         with self.lock:
+            if self.ended:
+                return
             started = time.monotonic()
             try:
                 self._write()
@@ -166,6 +168,7 @@ class Lease:
 
     def end(self):
         with self.lock:
+            self.ended = True   # a beat after this would find the row gone and take itself for fenced
             models.with_reconnect(lambda: H.delete().where(H.id == self.huey.worker_id()).execute())
 
 
@@ -219,6 +222,7 @@ class Recovery:
         self.grace = huey.settings['consumer.recovery_grace']
         self.observed = {}    # worker -> (its last_seen stamp, monotonic time this worker first saw it)
         self.suspects = set()  # ids that looked lost at the previous check
+        self.pruned_at = None
 
     def run(self):
         """Requeue the tasks of gone workers and the tasks the broker lost; returns their ids."""
@@ -232,6 +236,7 @@ class Recovery:
                     recovered += self.requeue(row, (ledger.RUNNING,), {'worker': worker},
                                               f'worker {worker} stopped renewing its lease; re-queued')
             recovered += self.lost_by_broker()
+            self.prune_leases()
         if recovered:
             logger.warning('re-queued %d orphaned tasks: %s', len(recovered), ', '.join(recovered))
         return recovered
@@ -269,6 +274,18 @@ class Recovery:
         if fenced:
             logger.warning('worker %s has not renewed its lease for %ss: fenced', worker, self.grace)
         return fenced
+
+    # Every worker start registers a new name, so the rows of workers long gone
+    # (and idle when they went) are deleted, at most once a minute per worker.
+    PRUNE_AFTER, PRUNE_EVERY = 3600, 60
+
+    def prune_leases(self):
+        if self.pruned_at is not None and time.monotonic() - self.pruned_at < self.PRUNE_EVERY:
+            return
+        self.pruned_at = time.monotonic()
+        busy = ledger.Record.select(ledger.Record.worker).where(ledger.Record.state == ledger.RUNNING,
+                                                                ledger.Record.worker.is_null(False))
+        H.delete().where(H.last_seen < models.pw.SQL(models.clock_sql(-self.PRUNE_AFTER)), H.id.not_in(busy)).execute()
 
     def lost_by_broker(self):
         # The broker is read before the ledger: a task a worker takes in between

@@ -176,8 +176,8 @@ def database_outage(seconds):
 
 def test_database_outage_longer_than_the_grace_requeues_nothing(hosts):
     path = tick_file()
-    _, on_first = busy_host(hosts, 'first', path, 80)
-    _, on_second = busy_host(hosts, 'second', path, 80)
+    _, on_first = busy_host(hosts, 'first', path, 60)
+    _, on_second = busy_host(hosts, 'second', path, 60)
     database_outage(GRACE * 2)
     assert_each_ran_once(on_first + on_second, path, 'after the outage')
 
@@ -257,13 +257,14 @@ def test_one_send_run_twice_at_once_is_delivered_once(sender, smtp_server):
 
 # ---------------------------------------------------------------- three hosts under chaos
 
-@pytest.mark.skipif(MODE != 'scaleout', reason='several hosts share a database only in the scale-out mode '
-                                                '(Redis and PostgreSQL); embedded is one host by design')
 def test_three_hosts_under_kills_and_stops_lose_nothing_and_deliver_once(sender, smtp_server, hosts):
-    # Two hosts share a hostname (containers); one runs two minutes ahead.
-    fleet = [hosts('twin'), hosts('twin'), hosts('ahead', skew='+120s')]
+    # Two hosts share a hostname (containers); one runs two minutes ahead. Embedded, the three
+    # share one SQLite file, so they are one host's processes, and SQLite's clock is each one's
+    # own: a consumer two minutes ahead stamps its lease two minutes ahead, and its tasks would
+    # wait those two minutes to be recovered after a kill (safe, but past this test's bound).
+    fleet = [hosts('twin'), hosts('twin'), hosts('ahead', skew='+120s' if MODE == 'scaleout' else None)]
     rng = random.Random(12)
-    accepted, sends = set(), set()
+    accepted, sends, blows = set(), set(), []
     path = tick_file()
     chaos_at = time.monotonic() + 1.5
     for n in range(90):
@@ -280,7 +281,7 @@ def test_three_hosts_under_kills_and_stops_lose_nothing_and_deliver_once(sender,
             assert resp.status == 202, resp.text
             accepted.add(resp.json['task_id'])
         if time.monotonic() >= chaos_at:
-            upset(rng.choice(fleet), rng)
+            blows.append(upset(rng.choice(fleet), rng))
             chaos_at = time.monotonic() + rng.uniform(1.0, 2.0)
         time.sleep(0.1)
     for host in fleet:   # whatever chaos left stopped goes on
@@ -296,6 +297,11 @@ def test_three_hosts_under_kills_and_stops_lose_nothing_and_deliver_once(sender,
         delivered = models.Outbox.select().where(models.Outbox.task_id.in_(list(sends)),
                                                  models.Outbox.state == 'sent').count()
     assert delivered == len(received)
+    with models.all_tenants():
+        rerun = models.TaskRecord.select().where(models.TaskRecord.id.in_(list(accepted)),
+                                                 models.TaskRecord.attempts > 1).count()
+    assert len(blows) >= 4, blows
+    print(f'blows {blows}; {rerun} of {len(accepted)} tasks ran more than once (one after the other)')
 
 
 def upset(host, rng):
@@ -316,6 +322,7 @@ def upset(host, rng):
         os.kill(pid, signal.SIGSTOP)
         time.sleep(GRACE * 1.5)
         os.kill(pid, signal.SIGCONT)
+    return blow
 
 
 def finished(ids):
