@@ -1118,7 +1118,7 @@ class LostLease(Exception):
     """Another run holds the endpoint now (this one was too slow to renew): stop without writing."""
 
 
-@service_task(priority=5, retries=0)
+@service_task(priority=5, retries=0, lane='webhooks')
 def deliver_webhook(webhook_id, tenant_id, user_id):
     """Deliver an endpoint's waiting events in order from its cursor, until caught up, failing or out of time."""
     owner = logs.task_id.get() or f'run-{time.monotonic_ns()}'
@@ -1139,7 +1139,7 @@ def deliver_webhook(webhook_id, tenant_id, user_id):
     return {'status': 'success', 'delivered': run.delivered}
 
 
-@service_task(priority=5, retries=0)
+@service_task(priority=5, retries=0, lane='webhooks')
 def redeliver_webhook_event(webhook_id, tenant_id, user_id, delivery_id):
     """Post a logged delivery's event once more, now (out of feed order, as asked); log it as a redelivery."""
     hook = models.Webhook.find(id=webhook_id, user_id=user_id)
@@ -1187,7 +1187,7 @@ def wake_webhooks_after_task(signal_name, task, exc=None):
         wake_webhooks(pairs)
 
 
-@service_task(priority=5, retries=0, periodic=crontab(minute='*'))
+@service_task(priority=5, retries=0, periodic=crontab(minute='*'), lane='webhooks')
 def sweep_webhooks(now=None):
     """The safety net: wake every endpoint with events waiting whose run was lost (a killed worker)."""
     now = now or models.utcnow()
@@ -1201,7 +1201,7 @@ def sweep_webhooks(now=None):
     return {'status': 'ok', 'woken': wake_webhooks(waiting, now)}
 
 
-@service_task(priority=10, retries=0, periodic=crontab(minute='7'))
+@service_task(priority=10, retries=0, periodic=crontab(minute='7'), lane='periodic')
 def prune_events(now=None):
     """Drop events older than events.retention_hours (remembering how far, for 410s) and delivery log rows
     older than webhooks.log_hours."""
