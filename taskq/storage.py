@@ -242,7 +242,7 @@ class WakingSqliteStorage(SqliteStorage):
     """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling; one lane's tasks."""
     blocking = True
     table_turn = ('create table if not exists turn (queue text not null, priority integer not null, '
-                  'tenant text not null, turn integer not null, primary key (queue, priority, tenant))')
+                  'tenant text not null, turn integer not null, primary key (queue, priority, tenant)) without rowid')
     ddl = SqliteStorage.ddl + [table_turn]
 
     def __init__(self, name='huey', lane=None, read_timeout=1.0, **kwargs):
