@@ -2,7 +2,7 @@
 # emailsvc: one entry point for running, administering and testing the service.
 #
 #   ./run.sh                  web server + consumer on the embedded default (Ctrl-C stops both)
-#   ./run.sh web | consumer   one of them, in the foreground
+#   ./run.sh web | consumer   one of them, in the foreground (consumer --lanes send,delete: those lanes only)
 #   ./run.sh admin ...        tenants, users, API keys, key rotation
 #   ./run.sh tasks ...        inspect and manage tasks
 #   ./run.sh test [args]      the whole suite, embedded and Redis + PostgreSQL modes
@@ -81,7 +81,7 @@ usage: ./run.sh [COMMAND] [ARGS]   (COMMAND --help says more)
 
   (none)              web server + consumer on the embedded default; Ctrl-C stops both
   web                 the HTTP API alone, in the foreground
-  consumer            the task consumer alone, in the foreground
+  consumer            the task consumer alone, in the foreground; every lane, or --lanes send,delete
   migrate             upgrade the database schema
   admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key,
                       backup, generate-secrets

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 
+import tasks
 from tests import services
 from tests.conftest import ROOT, Client, wait_for
 
@@ -51,8 +52,10 @@ def started(tmp_path_factory):
 def test_run_sh_serves_on_the_embedded_default(started):
     proc, client, repo = started
     assert client.get('/health').json == {'status': 'ok'}
-    body = client.get('/health/detailed').json
-    assert body['status'] == 'ok' and body['consumers']['workers'] == 2
+    workers = sum(tasks.huey.lane_workers.values())   # every lane's, 2 each
+    wait_for(lambda: client.get('/health/detailed').json['consumers']['workers'] == workers, timeout=60,
+             message="every lane's workers to beat")
+    assert client.get('/health/detailed').json['status'] == 'ok'
     assert (repo / 'var' / 'emailsvc.db').exists() and (repo / 'var' / 'queue.db').exists()
     output = (repo.parent / 'run.log').read_text()
     assert f'http://127.0.0.1:{client.base.rsplit(":", 1)[1]}/' in output and 'create-key' in output
