@@ -2,7 +2,8 @@
 # emailsvc: one entry point for running, administering and testing the service.
 #
 #   ./run.sh                  web server, consumer and watcher on the embedded default (Ctrl-C stops all)
-#   ./run.sh web | consumer | watcher   one of them, in the foreground
+#   ./run.sh web | consumer | watcher   one of them, in the foreground (consumer --lanes send,delete:
+#                             those lanes only)
 #   ./run.sh admin ...        tenants, users, API keys, key rotation
 #   ./run.sh tasks ...        inspect and manage tasks
 #   ./run.sh test [args]      the whole suite, embedded and Redis + PostgreSQL modes
@@ -83,7 +84,7 @@ usage: ./run.sh [COMMAND] [ARGS]   (COMMAND --help says more)
 
   (none)              web server, consumer and watcher on the embedded default; Ctrl-C stops all
   web                 the HTTP API alone, in the foreground
-  consumer            the task consumer alone, in the foreground
+  consumer            the task consumer alone, in the foreground; every lane, or --lanes send,delete
   watcher             the IMAP IDLE watcher alone (push: new mail synced within seconds), in the foreground
   migrate             upgrade the database schema
   admin ACTION        create-tenant, create-user, create-key, list-keys, revoke-key, rotate-key,

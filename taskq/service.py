@@ -68,12 +68,13 @@ class LedgerHuey(Huey):
         self.watchdog = Watchdog(enabled=settings['consumer.worker_type'] == 'process')
         self.lane_workers = settings_mod.lanes(settings)  # lane -> worker processes
         self.storage.add_lanes(self.lane_workers, DEFAULT_LANE, **self.storage_kwargs)
+        self.lane_storages = self.storage.lanes   # lane -> its storage; lane views share it (a retry enqueues)
         self._lane_views = {}
         self.on_shutdown('drop_stale_revoke_marks')(self.drop_stale_marks)
 
     def drop_stale_marks(self):
         """A stopping worker drops the revoke marks it was keeping for its next pop."""
-        for lane in self.storage.lanes.values():
+        for lane in self.lane_storages.values():
             if hasattr(lane, 'drop_stale_marks'):
                 lane.drop_stale_marks()
 
@@ -88,7 +89,7 @@ class LedgerHuey(Huey):
             if task.expires:
                 task.resolve_expires(self.utc)
             self._emit(S.SIGNAL_ENQUEUED, task)
-            self.storage.lanes[type(task).lane].enqueue(self.serialize_task(task), task.priority,
+            self.lane_storages[type(task).lane].enqueue(self.serialize_task(task), task.priority,
                                                         ledger.call_arguments(task).get('tenant_id'))
         except Exception:
             if recorded_now:  # the caller gets the error: leave no phantom pending task behind
@@ -152,7 +153,7 @@ class LedgerHuey(Huey):
         """This Huey as a worker of lane `name` sees it: the same in all but the queue it pops from."""
         if name not in self._lane_views:
             view = copy.copy(self)
-            view.storage = self.storage.lanes[name]
+            view.storage = self.lane_storages[name]
             self._lane_views[name] = view
         return self._lane_views[name]
 
@@ -222,7 +223,7 @@ class LedgerHuey(Huey):
         """Tasks waiting in the broker, by priority and by lane (each lane by priority too)."""
         counts = {str(p): 0 for p in PRIORITIES}
         by_lane = {}
-        for name, lane in self.storage.lanes.items():
+        for name, lane in self.lane_storages.items():
             depth = {str(p): count for p, count in sorted(lane.depth_by_priority(PRIORITIES).items(), reverse=True)
                      if count}
             by_lane[name] = {'depth': sum(depth.values()), 'by_priority': depth}

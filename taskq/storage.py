@@ -34,6 +34,9 @@ minus the turn (SQLite's `priority desc`), or its negation (Redis's ZPOPMIN),
 exact in a double while priorities stay within 0..1000. The turn is given in
 the enqueue's one round trip (a Lua script in Redis, one transaction in
 SQLite), and dequeues are Huey's own: fairness costs the hot path nothing.
+Turns, not a cap on each tenant's running tasks: a cap leaves the line's order
+as it is (a worker would pop and put back each of tenant A's 2,000 tasks to
+reach tenant B's one) and idles workers when only one tenant has work.
 """
 import datetime
 import errno
@@ -239,7 +242,7 @@ class WakingSqliteStorage(SqliteStorage):
     """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling; one lane's tasks."""
     blocking = True
     table_turn = ('create table if not exists turn (queue text not null, priority integer not null, '
-                  'tenant text not null, turn integer not null, primary key (queue, priority, tenant))')
+                  'tenant text not null, turn integer not null, primary key (queue, priority, tenant)) without rowid')
     ddl = SqliteStorage.ddl + [table_turn]
 
     def __init__(self, name='huey', lane=None, read_timeout=1.0, **kwargs):

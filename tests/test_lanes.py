@@ -149,6 +149,15 @@ def test_queue_depth_is_shown_by_lane(no_session_consumer, client, web, make_key
         ledger.revoke(tasks.huey, task.id)
 
 
+def test_a_lane_worker_queues_a_task_into_that_tasks_lane(no_session_consumer):
+    # A worker's Huey is its lane's view; a retry without delay is Huey's enqueue from there.
+    before = tasks.huey.queue_depth()['by_lane']
+    task = tasks.huey.lane('sync').enqueue(probe_tasks.quick_send.s())
+    after = tasks.huey.queue_depth()['by_lane']
+    assert (after['send']['depth'] - before['send']['depth'], after['sync']['depth'] - before['sync']['depth']) == (1, 0)
+    ledger.revoke(tasks.huey, task.id)
+
+
 # ---------------------------------------------------------------- fairness within a lane
 
 def test_tenants_take_turns_within_a_priority_and_priorities_come_first():

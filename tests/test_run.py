@@ -53,7 +53,7 @@ def test_run_sh_serves_on_the_embedded_default(started):
     proc, client, repo = started
     assert client.get('/health').json == {'status': 'ok'}
     workers = sum(tasks.huey.lane_workers.values())   # every lane's, 2 each
-    wait_for(lambda: client.get('/health/detailed').json['consumers']['workers'] == workers, timeout=30,
+    wait_for(lambda: client.get('/health/detailed').json['consumers']['workers'] == workers, timeout=60,
              message="every lane's workers to beat")
     assert client.get('/health/detailed').json['status'] == 'ok'
     assert (repo / 'var' / 'emailsvc.db').exists() and (repo / 'var' / 'queue.db').exists()
