@@ -109,6 +109,7 @@ class Watcher:
         self.watches: dict[int, tuple[Account, asyncio.Task]] = {}
         self.dirty: dict[int, float] = {}          # account id -> when to try queueing its sync
         self.states: dict[int, tuple[str, str | None]] = {}   # lease states still to write
+        self.checks: dict[int, idle.FolderStatus] = {}         # first IDLEs' folder states, to compare
         self.wake = asyncio.Event()               # a change to queue a sync for
         self.news = asyncio.Event()               # a state to write
         self.connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
@@ -173,9 +174,11 @@ class Watcher:
                 lease.insert_many([{'client': i, 'holder': self.holder, 'expires': now + self.grace}
                                    for i in chunk]).on_conflict_ignore().execute()
             taken = [i for i, holder in leased.items() if holder != self.holder and i in wanted]
-            for chunk in models.chunks(taken, 500):
-                lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None) \
-                    .where(lease.client.in_(chunk), lease.expires < now).execute()
+            took = sum(lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None)
+                       .where(lease.client.in_(chunk), lease.expires < now).execute()
+                       for chunk in models.chunks(taken, 500))
+            if took:
+                logger.info('took over %s accounts whose watcher stopped renewing its leases', took)
             held = {i for (i,) in lease.select(lease.client).where(lease.holder == self.holder).tuples()}
             expiring = lease.select(pw.fn.MIN(lease.expires) - now).where(lease.holder != self.holder).scalar()
         return {i: wanted[i] for i in held if i in wanted}, self.grace if expiring is None else max(0.0, expiring)
@@ -242,7 +245,8 @@ class Watcher:
                 if count == 1:
                     idling_since = loop.time()
                     self.note(account.id, 'idling')
-                    self.sync_if_missed(account, status)
+                    self.checks[account.id] = status   # compared with the stored state in a batch
+                    self.wake.set()
 
             try:
                 server = idle.Server(account.host, account.port, account.security, account.username,
@@ -275,13 +279,21 @@ class Watcher:
         self.note(account.id, state, tasks.error_text(exc))
         logger.warning('account %s: not watching (%s): %s', account.id, state, tasks.error_text(exc))
 
-    def sync_if_missed(self, account, status):
-        """Queue a sync when the folder changed since the last sync stored it (nobody watched meanwhile)."""
-        with models.database.connection_context(), models.tenant_scope(account.tenant_id):
-            inbox = inbox_of(account.id)
-        if inbox is None or (inbox.uidvalidity, inbox.uidnext, inbox.highestmodseq) != \
-                (status.uidvalidity, status.uidnext or inbox.uidnext, status.highestmodseq):
-            self.changed(account.id)
+    def compare_with_stored(self):
+        """Mark dirty the accounts whose INBOX changed since their last sync stored it (nobody watched
+        meanwhile): one query for every connection that began IDLE since the last look."""
+        checks, self.checks = self.checks, {}
+        folder = models.EmailFolder
+        stored = {}
+        with models.database.connection_context(), models.all_tenants():
+            for chunk in models.chunks(list(checks), 500):
+                rows = folder.select(folder.client, folder.uidvalidity, folder.uidnext, folder.highestmodseq) \
+                    .where(folder.client.in_(chunk), folder.role == 'inbox').tuples()
+                stored.update((row[0], row[1:]) for row in rows)
+        for account_id, status in checks.items():
+            known = stored.get(account_id)
+            if known is None or known != (status.uidvalidity, status.uidnext or known[1], status.highestmodseq):
+                self.changed(account_id)
 
     # -------------------------------------------------- queueing syncs
 
@@ -295,6 +307,11 @@ class Watcher:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if self.checks:
+                try:
+                    self.compare_with_stored()
+                except Exception:
+                    logger.exception('comparing folder states failed; periodic sync will catch up')
             now = loop.time()
             for account_id in [i for i, due in self.dirty.items() if due <= now]:
                 try:
@@ -317,14 +334,20 @@ class Watcher:
                 return False
             inbox = inbox_of(client.id)
             folder_id = inbox.id if inbox else None
-            task_id, state, queued = tasks.queue_sync(client, client.user_id, folder_id=folder_id)
-            if queued:
-                logger.info('account %s: INBOX changed; sync %s queued', account_id, task_id)
-                return False
-            if state == ledger.RUNNING:
-                return True
-            holder = models.TaskRecord.get_or_none(models.TaskRecord.id == task_id)
-            return holder is not None and (holder.args or {}).get('folder_id') not in (None, folder_id)
+            # Read first: a waiting sync usually covers the change, and the claim's write lock is not needed.
+            holder = sync_record(client.sync_task_id)
+            if holder is None or holder.state not in ledger.ACTIVE_STATES:
+                task_id, _, queued = tasks.queue_sync(client, client.user_id, folder_id=folder_id)
+                if queued:
+                    logger.info('account %s: INBOX changed; sync %s queued', account_id, task_id)
+                    return False
+                holder = sync_record(task_id)
+            return holder is not None and (holder.state == ledger.RUNNING or
+                                           (holder.args or {}).get('folder_id') not in (None, folder_id))
+
+
+def sync_record(task_id):
+    return models.TaskRecord.get_or_none(models.TaskRecord.id == task_id) if task_id else None
 
 
 def watchable_accounts():
