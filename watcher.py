@@ -87,8 +87,6 @@ HEALTHY_SECONDS = 60.0
 class Account(typing.NamedTuple):
     """What watching an account needs; any change of it (a PATCH) means a new connection."""
     id: int
-    tenant_id: int
-    user_id: int
     host: str
     port: int
     security: str
@@ -235,12 +233,12 @@ class Watcher:
             self.note(account.id, 'connecting')
             idling_since = None
             await self.connecting.acquire()
-            slot = [True]   # the connecting slot is held until IDLE begins or the attempt fails
+            connecting = True   # the slot is held until IDLE begins or the attempt fails
 
             def idling(status, count):
-                nonlocal idling_since
-                if slot[0]:
-                    slot[0] = False
+                nonlocal idling_since, connecting
+                if connecting:
+                    connecting = False
                     self.connecting.release()
                 if count == 1:
                     idling_since = loop.time()
@@ -267,7 +265,7 @@ class Watcher:
                 self.note(account.id, 'backoff', type(exc).__name__)
                 logger.exception('account %s: watching failed', account.id)
             finally:
-                if slot[0]:
+                if connecting:
                     self.connecting.release()
             if idling_since is not None and loop.time() - idling_since > HEALTHY_SECONDS:
                 failures = 0
@@ -353,8 +351,8 @@ def sync_record(task_id):
 def watchable_accounts():
     """{id: Account} of every IMAP account with push and sync on that has a stored password."""
     client, credential = models.EmailClient, models.Credential
-    rows = client.select(client.id, client.tenant_id, client.user_id, client.incoming_host, client.incoming_port,
-                         client.incoming_security, client.incoming_username, credential.secret) \
+    rows = client.select(client.id, client.incoming_host, client.incoming_port, client.incoming_security,
+                         client.incoming_username, credential.secret) \
         .join(credential, on=((credential.client == client.id) & (credential.kind == 'incoming'))) \
         .where(client.push == True, client.sync_enabled == True,  # noqa: E712
                client.incoming_protocol == 'imap').tuples()

@@ -192,6 +192,8 @@ def test_plain_run_sh_starts_a_watcher_and_ctrl_c_stops_it(tmp_path):
         service.start()
         wait_for(lambda: b'"watcher ' in service.log.read_bytes() and b' started"' in service.log.read_bytes(),
                  timeout=30, message='./run.sh to start a watcher')
+        wait_for(lambda: service.api.get('/health/detailed').json['consumers']['alive'] >= 1, timeout=30,
+                 message='the whole service to be up (a consumer heartbeating) before Ctrl-C')
         service.ctrl_c()
         assert service.wait_stopped() == 0
     finally:
