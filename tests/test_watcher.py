@@ -2,6 +2,7 @@
 
 No test here runs periodic_sync: mail that becomes readable came by push.
 """
+import subprocess
 import time
 
 import pytest
@@ -201,3 +202,23 @@ def test_plain_run_sh_starts_a_watcher_and_ctrl_c_stops_it(tmp_path):
     lines = service.log.read_bytes().splitlines()
     assert any(b'"message": "watcher ' in line and line.endswith(b' stopped"}') for line in lines), \
         'the watcher did not stop cleanly (handing its leases back)'
+
+
+def test_a_dropped_connection_is_reconnected_and_keeps_pushing(user, mailbox, consumer, watcher):
+    account = watched_account(user, mailbox)
+    dovecot = STATE['dovecot']
+    kicked = subprocess.run([dovecot.doveadm, '-c', str(dovecot.config), 'kick', mailbox.user],
+                            capture_output=True, text=True)
+    assert kicked.returncode == 0, kicked.stderr
+    wait_for(lambda: f'account {account}: IDLE connection failed'.encode() in watcher.log.read_bytes(),
+             timeout=10, message='the watcher to notice the dropped connection')
+    wait_until_idling(user, account)
+    mailbox.append(message(1, 'after reconnect'))
+    wait_for(lambda: readable(user, account, 'after reconnect'), timeout=10)
+
+
+@pytest.mark.parametrize('failures, low, high', [(1, 0.5, 1.0), (2, 1.0, 2.0), (5, 8.0, 16.0), (40, 150.0, 300.0)])
+def test_reconnects_back_off_doubling_with_jitter_up_to_the_cap(failures, low, high):
+    import watcher
+    delays = {watcher.backoff(failures, 300.0) for _ in range(50)}
+    assert all(low <= delay <= high for delay in delays) and len(delays) > 1
