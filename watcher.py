@@ -25,7 +25,10 @@ takeover, a reconnect) is not left to periodic sync.
 Many watchers: leases
 ---------------------
 Each account is watched by exactly one watcher, the holder of its
-`WatchLease` row. A lease lasts `watcher.recovery_grace` seconds by the
+`WatchLease` row. Each watcher holds about its share: the watchable
+accounts divided by the live watchers (`WatcherBeat` rows, renewed with the
+leases), rounded up; one above its share lets the excess go for a newcomer
+to take. A lease lasts `watcher.recovery_grace` seconds by the
 database's clock (never a host's: hosts' clocks disagree) and the holder
 renews all of its leases with one UPDATE every `watcher.heartbeat_seconds`.
 On the same beat every watcher inserts leases for watchable accounts that
@@ -52,8 +55,8 @@ account API shows as `push_state`.
 """
 import argparse
 import asyncio
-import contextlib
 import logging
+import math
 import os
 import random
 import resource
@@ -161,25 +164,39 @@ class Watcher:
         lease, now = models.WatchLease, models.db_clock()
         with models.database.connection_context(), models.all_tenants():
             wanted = watchable_accounts()
+            share = math.ceil(len(wanted) / self.live_watchers(now))
             with models.database.atomic():
                 lease.update(expires=now + self.grace).where(lease.holder == self.holder).execute()
                 leased = dict(lease.select(lease.client, lease.holder).tuples())
-                dropped = [i for i, holder in leased.items() if holder == self.holder and i not in wanted]
+                mine = sorted(i for i, holder in leased.items() if holder == self.holder and i in wanted)
+                # Accounts no longer watchable go; so do those above our share, for a watcher that
+                # has less (it takes them at its next beat, and its first IDLE syncs what came meanwhile).
+                dropped = [i for i, holder in leased.items() if holder == self.holder and i not in wanted] + \
+                    mine[share:]
                 for chunk in models.chunks(dropped, 500):
                     lease.delete().where(lease.holder == self.holder, lease.client.in_(chunk)).execute()
-            free = [i for i in wanted if i not in leased]
+            room = share - len(mine)
+            free = [i for i in wanted if i not in leased][:max(0, room)]
             for chunk in models.chunks(free, 500):
                 lease.insert_many([{'client': i, 'holder': self.holder, 'expires': now + self.grace}
                                    for i in chunk]).on_conflict_ignore().execute()
             taken = [i for i, holder in leased.items() if holder != self.holder and i in wanted]
             took = sum(lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None)
                        .where(lease.client.in_(chunk), lease.expires < now).execute()
-                       for chunk in models.chunks(taken, 500))
+                       for chunk in models.chunks(taken[:max(0, room - len(free))], 500))
             if took:
                 logger.info('took over %s accounts whose watcher stopped renewing its leases', took)
             held = {i for (i,) in lease.select(lease.client).where(lease.holder == self.holder).tuples()}
             expiring = lease.select(pw.fn.MIN(lease.expires) - now).where(lease.holder != self.holder).scalar()
         return {i: wanted[i] for i in held if i in wanted}, self.grace if expiring is None else max(0.0, expiring)
+
+    def live_watchers(self, now):
+        """Beat (our row says we live until the grace is over) and count the watchers alive by the same test."""
+        beat = models.WatcherBeat
+        beat.insert(id=self.holder, expires=now + self.grace) \
+            .on_conflict(conflict_target=[beat.id], update={beat.expires: now + self.grace}).execute()
+        beat.delete().where(beat.expires < now).execute()
+        return max(1, beat.select().count())
 
     def flush_states(self):
         """Write the states connections reached since the last write: one UPDATE per state, on our leases only."""
@@ -203,6 +220,7 @@ class Watcher:
         try:
             with models.database.connection_context():
                 models.WatchLease.delete().where(models.WatchLease.holder == self.holder).execute()
+                models.WatcherBeat.delete().where(models.WatcherBeat.id == self.holder).execute()
         except Exception:
             logger.exception('could not release the leases; they expire in %ss', self.grace)
 

@@ -21,8 +21,9 @@ and a watcher, each a real process with the settings' defaults
    watcher's alone. Time until every lease says `idling`; then, over
    `--idle-seconds` (60) with nothing happening, the watcher's RSS (VmRSS)
    and CPU (utime + stime from /proc, as a % of one core).
-3. Takeover: a second watcher starts (it holds nothing: every lease is the
-   first's and alive); the first is killed with SIGKILL; time until the
+3. Takeover: a second watcher starts, and the accounts are shared out (the
+   first lets the half above its share go, the second takes it); once both
+   idle on their halves, the first is killed with SIGKILL; time until the
    second holds every lease and each says `idling`. Target: within
    watcher.recovery_grace + 10 s.
 
@@ -310,12 +311,15 @@ def main():
         print(f'  every account idling {connected:.1f} s after the accounts were made; over {args.idle_seconds:.0f} s '
               f'idle: RSS {rss_mb:.1f} MB, CPU {cpu:.2f} % of one core')
 
-        print(f'takeover: SIGKILL the watcher, a second one (started beforehand) takes over '
-              f'(recovery_grace {grace:g} s)', flush=True)
+        print(f'takeover: a second watcher starts and takes its share; SIGKILL the first, the second takes '
+              f'over the rest (recovery_grace {grace:g} s)', flush=True)
         second = start(workdir, 'watcher-2', ['watcher.py'], EMAILSVC_LOG_LEVEL='INFO')
         processes.append(second)
-        wait(lambda: second.alive() and b'started' in second.log.read_bytes(), 60, 'the second watcher')
-        time.sleep(1)
+        wait(lambda: second.alive() and all_idling(models, args.accounts // 2, second.proc.pid) and
+             all_idling(models, args.accounts - args.accounts // 2, watcher.proc.pid), 120,
+             lambda: f'the accounts to be shared out between the two watchers ({state_counts(models)})')
+        print(f'  shared out: {len(lease_states(models, watcher.proc.pid))} accounts on the first watcher, '
+              f'{len(lease_states(models, second.proc.pid))} on the second, all idling', flush=True)
         watcher.kill()
         killed = time.monotonic()
         wait(lambda: second.alive() and all_idling(models, args.accounts, second.proc.pid), DEADLINE,

@@ -148,18 +148,24 @@ def test_push_off_lets_the_account_go(user, mailbox, consumer, watcher):
     assert bad.status == 422 and bad.json['fields'] == {'push': 'must be true or false'}
 
 
-def test_a_second_watcher_takes_over_when_the_first_dies(user, mailbox, consumer, watcher, unique):
+def test_two_watchers_share_the_accounts_and_one_takes_over_when_the_other_dies(user, mailbox, consumer,
+                                                                                watcher, unique):
     from tests.test_sync import Mailbox
-    accounts = [watched_account(user, mailbox)]
-    second_box = Mailbox(STATE['dovecot'], f'{unique}b')
-    accounts.append(watched_account(user, second_box))
+    with models.all_tenants():   # the earlier tests' accounts: two accounts, two watchers, one each
+        models.EmailClient.update(push=False).execute()
+    boxes = [mailbox, Mailbox(STATE['dovecot'], f'{unique}b')]
+    accounts = [watched_account(user, box) for box in boxes]
     first = watcher.holder()
     assert {lease(a).holder for a in accounts} == {first}
     second = WatcherProcess('watcher-2')
     try:
-        wait_for(second.started, timeout=20, message='the second watcher to start')
-        assert stays(lambda: {lease(a).holder for a in accounts} == {first}, 1.0), \
-            'a live watcher lost an account'   # exactly one watcher per account while both live
+        def one_each():
+            leases = [lease(a) for a in accounts]
+            return all(row is not None and row.state == 'idling' for row in leases) and \
+                {row.holder for row in leases} == {first, second.holder()}
+        wait_for(one_each, timeout=15, message='the accounts to be shared out, one per watcher')
+        assert stays(one_each, 1.0), 'an account changed hands between two live watchers'
+        orphan = next(i for i, a in enumerate(accounts) if lease(a).holder == first)
 
         watcher.kill()
         killed = time.monotonic()
@@ -167,8 +173,8 @@ def test_a_second_watcher_takes_over_when_the_first_dies(user, mailbox, consumer
                  timeout=GRACE + 10, message='the second watcher to idle on every account')
         assert time.monotonic() - killed <= GRACE + 10
         assert {lease(a).holder for a in accounts} == {second.holder()}
-        second_box.append(message(1, 'after takeover'))
-        wait_for(lambda: readable(user, accounts[1], 'after takeover'), timeout=10)
+        boxes[orphan].append(message(1, 'after takeover'))
+        wait_for(lambda: readable(user, accounts[orphan], 'after takeover'), timeout=10)
     finally:
         second.stop()
     assert all(lease(a) is None for a in accounts), 'a clean stop hands its leases back'
