@@ -468,6 +468,12 @@ class WatchLease(BaseModel):
     detail = pw.TextField(null=True)  # the last failure, as tasks.error_text words it
 
 
+class WatcherBeat(BaseModel):
+    """A live watcher: how many there are sets each one's fair share of the accounts."""
+    id = pw.CharField(primary_key=True, max_length=100)  # the holder name its leases carry
+    expires = pw.DoubleField()  # as WatchLease.expires: the database's clock, renewed at each beat
+
+
 class DashboardSession(BaseModel):
     """A signed-in dashboard visitor; the cookie holds a random token, the row its hash."""
     id = pw.CharField(primary_key=True, max_length=64)  # hash_key(token)
@@ -769,7 +775,7 @@ def iso(value):
     return value.isoformat(timespec='milliseconds') + 'Z' if value else None
 
 
-MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat, WatchLease,
+MODELS = (Tenant, User, ApiKey, EmailClient, Credential, TaskRecord, ConsumerHeartbeat, WatchLease, WatcherBeat,
           DashboardSession, TaskRollup, MetricTotal, Blob, EmailFolder, EmailMessage, Attachment, Upload, Outbox, SpamLearning,
           Event, EventRetention, Webhook, WebhookDelivery)
 
@@ -1373,8 +1379,8 @@ def rebuild_with_autoincrement(table):
 
 @migration(12)
 def push_watch(migrator):
-    """Version 12: per-account IMAP IDLE push, and the watchers' leases on accounts."""
-    database.create_tables([WatchLease])
+    """Version 12: per-account IMAP IDLE push, the watchers' leases on accounts and their beats."""
+    database.create_tables([WatchLease, WatcherBeat])
     return missing_columns(migrator, EmailClient.push)
 
 

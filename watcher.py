@@ -25,7 +25,10 @@ takeover, a reconnect) is not left to periodic sync.
 Many watchers: leases
 ---------------------
 Each account is watched by exactly one watcher, the holder of its
-`WatchLease` row. A lease lasts `watcher.recovery_grace` seconds by the
+`WatchLease` row. Each watcher holds about its share: the watchable
+accounts divided by the live watchers (`WatcherBeat` rows, renewed with the
+leases), rounded up; one above its share lets the excess go for a newcomer
+to take. A lease lasts `watcher.recovery_grace` seconds by the
 database's clock (never a host's: hosts' clocks disagree) and the holder
 renews all of its leases with one UPDATE every `watcher.heartbeat_seconds`.
 On the same beat every watcher inserts leases for watchable accounts that
@@ -52,8 +55,8 @@ account API shows as `push_state`.
 """
 import argparse
 import asyncio
-import contextlib
 import logging
+import math
 import os
 import random
 import resource
@@ -87,8 +90,6 @@ HEALTHY_SECONDS = 60.0
 class Account(typing.NamedTuple):
     """What watching an account needs; any change of it (a PATCH) means a new connection."""
     id: int
-    tenant_id: int
-    user_id: int
     host: str
     port: int
     security: str
@@ -109,6 +110,7 @@ class Watcher:
         self.watches: dict[int, tuple[Account, asyncio.Task]] = {}
         self.dirty: dict[int, float] = {}          # account id -> when to try queueing its sync
         self.states: dict[int, tuple[str, str | None]] = {}   # lease states still to write
+        self.checks: dict[int, idle.FolderStatus] = {}         # first IDLEs' folder states, to compare
         self.wake = asyncio.Event()               # a change to queue a sync for
         self.news = asyncio.Event()               # a state to write
         self.connecting = asyncio.Semaphore(CONNECTING_AT_ONCE)
@@ -162,23 +164,39 @@ class Watcher:
         lease, now = models.WatchLease, models.db_clock()
         with models.database.connection_context(), models.all_tenants():
             wanted = watchable_accounts()
+            share = math.ceil(len(wanted) / self.live_watchers(now))
             with models.database.atomic():
                 lease.update(expires=now + self.grace).where(lease.holder == self.holder).execute()
                 leased = dict(lease.select(lease.client, lease.holder).tuples())
-                dropped = [i for i, holder in leased.items() if holder == self.holder and i not in wanted]
+                mine = sorted(i for i, holder in leased.items() if holder == self.holder and i in wanted)
+                # Accounts no longer watchable go; so do those above our share, for a watcher that
+                # has less (it takes them at its next beat, and its first IDLE syncs what came meanwhile).
+                dropped = [i for i, holder in leased.items() if holder == self.holder and i not in wanted] + \
+                    mine[share:]
                 for chunk in models.chunks(dropped, 500):
                     lease.delete().where(lease.holder == self.holder, lease.client.in_(chunk)).execute()
-            free = [i for i in wanted if i not in leased]
+            room = share - len(mine)
+            free = [i for i in wanted if i not in leased][:max(0, room)]
             for chunk in models.chunks(free, 500):
                 lease.insert_many([{'client': i, 'holder': self.holder, 'expires': now + self.grace}
                                    for i in chunk]).on_conflict_ignore().execute()
             taken = [i for i, holder in leased.items() if holder != self.holder and i in wanted]
-            for chunk in models.chunks(taken, 500):
-                lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None) \
-                    .where(lease.client.in_(chunk), lease.expires < now).execute()
+            took = sum(lease.update(holder=self.holder, expires=now + self.grace, state='connecting', detail=None)
+                       .where(lease.client.in_(chunk), lease.expires < now).execute()
+                       for chunk in models.chunks(taken[:max(0, room - len(free))], 500))
+            if took:
+                logger.info('took over %s accounts whose watcher stopped renewing its leases', took)
             held = {i for (i,) in lease.select(lease.client).where(lease.holder == self.holder).tuples()}
             expiring = lease.select(pw.fn.MIN(lease.expires) - now).where(lease.holder != self.holder).scalar()
         return {i: wanted[i] for i in held if i in wanted}, self.grace if expiring is None else max(0.0, expiring)
+
+    def live_watchers(self, now):
+        """Beat (our row says we live until the grace is over) and count the watchers alive by the same test."""
+        beat = models.WatcherBeat
+        beat.insert(id=self.holder, expires=now + self.grace) \
+            .on_conflict(conflict_target=[beat.id], update={beat.expires: now + self.grace}).execute()
+        beat.delete().where(beat.expires < now).execute()
+        return max(1, beat.select().count())
 
     def flush_states(self):
         """Write the states connections reached since the last write: one UPDATE per state, on our leases only."""
@@ -202,6 +220,7 @@ class Watcher:
         try:
             with models.database.connection_context():
                 models.WatchLease.delete().where(models.WatchLease.holder == self.holder).execute()
+                models.WatcherBeat.delete().where(models.WatcherBeat.id == self.holder).execute()
         except Exception:
             logger.exception('could not release the leases; they expire in %ss', self.grace)
 
@@ -232,17 +251,18 @@ class Watcher:
             self.note(account.id, 'connecting')
             idling_since = None
             await self.connecting.acquire()
-            slot = [True]   # the connecting slot is held until IDLE begins or the attempt fails
+            connecting = True   # the slot is held until IDLE begins or the attempt fails
 
             def idling(status, count):
-                nonlocal idling_since
-                if slot[0]:
-                    slot[0] = False
+                nonlocal idling_since, connecting
+                if connecting:
+                    connecting = False
                     self.connecting.release()
                 if count == 1:
                     idling_since = loop.time()
                     self.note(account.id, 'idling')
-                    self.sync_if_missed(account, status)
+                    self.checks[account.id] = status   # compared with the stored state in a batch
+                    self.wake.set()
 
             try:
                 server = idle.Server(account.host, account.port, account.security, account.username,
@@ -263,7 +283,7 @@ class Watcher:
                 self.note(account.id, 'backoff', type(exc).__name__)
                 logger.exception('account %s: watching failed', account.id)
             finally:
-                if slot[0]:
+                if connecting:
                     self.connecting.release()
             if idling_since is not None and loop.time() - idling_since > HEALTHY_SECONDS:
                 failures = 0
@@ -275,13 +295,21 @@ class Watcher:
         self.note(account.id, state, tasks.error_text(exc))
         logger.warning('account %s: not watching (%s): %s', account.id, state, tasks.error_text(exc))
 
-    def sync_if_missed(self, account, status):
-        """Queue a sync when the folder changed since the last sync stored it (nobody watched meanwhile)."""
-        with models.database.connection_context(), models.tenant_scope(account.tenant_id):
-            inbox = inbox_of(account.id)
-        if inbox is None or (inbox.uidvalidity, inbox.uidnext, inbox.highestmodseq) != \
-                (status.uidvalidity, status.uidnext or inbox.uidnext, status.highestmodseq):
-            self.changed(account.id)
+    def compare_with_stored(self):
+        """Mark dirty the accounts whose INBOX changed since their last sync stored it (nobody watched
+        meanwhile): one query for every connection that began IDLE since the last look."""
+        checks, self.checks = self.checks, {}
+        folder = models.EmailFolder
+        stored = {}
+        with models.database.connection_context(), models.all_tenants():
+            for chunk in models.chunks(list(checks), 500):
+                rows = folder.select(folder.client, folder.uidvalidity, folder.uidnext, folder.highestmodseq) \
+                    .where(folder.client.in_(chunk), folder.role == 'inbox').tuples()
+                stored.update((row[0], row[1:]) for row in rows)
+        for account_id, status in checks.items():
+            known = stored.get(account_id)
+            if known is None or known != (status.uidvalidity, status.uidnext or known[1], status.highestmodseq):
+                self.changed(account_id)
 
     # -------------------------------------------------- queueing syncs
 
@@ -295,6 +323,11 @@ class Watcher:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if self.checks:
+                try:
+                    self.compare_with_stored()
+                except Exception:
+                    logger.exception('comparing folder states failed; periodic sync will catch up')
             now = loop.time()
             for account_id in [i for i, due in self.dirty.items() if due <= now]:
                 try:
@@ -317,21 +350,27 @@ class Watcher:
                 return False
             inbox = inbox_of(client.id)
             folder_id = inbox.id if inbox else None
-            task_id, state, queued = tasks.queue_sync(client, client.user_id, folder_id=folder_id)
-            if queued:
-                logger.info('account %s: INBOX changed; sync %s queued', account_id, task_id)
-                return False
-            if state == ledger.RUNNING:
-                return True
-            holder = models.TaskRecord.get_or_none(models.TaskRecord.id == task_id)
-            return holder is not None and (holder.args or {}).get('folder_id') not in (None, folder_id)
+            # Read first: a waiting sync usually covers the change, and the claim's write lock is not needed.
+            holder = sync_record(client.sync_task_id)
+            if holder is None or holder.state not in ledger.ACTIVE_STATES:
+                task_id, _, queued = tasks.queue_sync(client, client.user_id, folder_id=folder_id)
+                if queued:
+                    logger.info('account %s: INBOX changed; sync %s queued', account_id, task_id)
+                    return False
+                holder = sync_record(task_id)
+            return holder is not None and (holder.state == ledger.RUNNING or
+                                           (holder.args or {}).get('folder_id') not in (None, folder_id))
+
+
+def sync_record(task_id):
+    return models.TaskRecord.get_or_none(models.TaskRecord.id == task_id) if task_id else None
 
 
 def watchable_accounts():
     """{id: Account} of every IMAP account with push and sync on that has a stored password."""
     client, credential = models.EmailClient, models.Credential
-    rows = client.select(client.id, client.tenant_id, client.user_id, client.incoming_host, client.incoming_port,
-                         client.incoming_security, client.incoming_username, credential.secret) \
+    rows = client.select(client.id, client.incoming_host, client.incoming_port, client.incoming_security,
+                         client.incoming_username, credential.secret) \
         .join(credential, on=((credential.client == client.id) & (credential.kind == 'incoming'))) \
         .where(client.push == True, client.sync_enabled == True,  # noqa: E712
                client.incoming_protocol == 'imap').tuples()

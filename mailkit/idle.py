@@ -187,7 +187,8 @@ class _Connection:
         else:
             status, text, _ = await self.authenticate_plain(server.username, server.password)
         if status != b'OK':
-            if RESPONSE_CODE.match(text) and RESPONSE_CODE.match(text).group(1) == b'UNAVAILABLE':
+            code = RESPONSE_CODE.match(text)
+            if code and code.group(1) == b'UNAVAILABLE':   # RFC 5530: the password backend is down, not the password
                 raise TemporaryMailError(f'{self.where} cannot check logins now: {_shown(text)}')
             raise AuthenticationFailed(f'{self.where} rejected the login for {server.username!r}: {_shown(text)}; '
                                        f'check the username and password')

@@ -463,6 +463,8 @@ def requeue(huey, row, from_states=RERUNNABLE, expect=None, reason=None, by=None
         raise LedgerConflict('not_retryable', f'task {row.id} is {state_of(row.id)}; only '
                                               f'{", ".join(from_states)} tasks can be re-run.')
     options = {} if rerun else {'retries': row.retries_left}
+    if row.priority is not None:   # a recovered periodic sync stays below the syncs users asked for
+        options['priority'] = row.priority
     task = wrapper.s(**row.args, id=row.id, **options)
     task.request_id = fields.get('request_id', row.request_id)
     task.on_record = True

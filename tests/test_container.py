@@ -38,11 +38,12 @@ def test_dockerfile_runs_run_sh_as_a_non_root_user_with_a_health_check():
 
 def test_compose_scales_out_with_redis_appendonly_and_postgres():
     text = (ROOT / 'compose.yaml').read_text()
-    for needle in ('web:', 'consumer:', 'watcher:', 'redis:', 'postgres:', 'replicas: 2', '--appendonly, "yes"',
+    for needle in ('web:', 'consumer:', 'watcher:', '"./run.sh", "watcher"', 'redis:', 'postgres:', 'replicas: 2',
+                   '--appendonly, "yes"',
                    'redis://redis:6379/0', 'postgresql://', 'stop_signal: SIGINT', 'EMAILSVC_SERVER_SECRET',
                    'EMAILSVC_SECURITY_CREDENTIAL_KEYS', 'service_completed_successfully'):
         assert needle in text, needle
-    assert text.count('replicas: 2') == 3   # web, consumer and watcher
+    assert text.count('replicas: 2') == 3   # web, consumer, watcher
 
 
 NOBODY = pwd.getpwnam('nobody')

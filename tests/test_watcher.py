@@ -2,6 +2,7 @@
 
 No test here runs periodic_sync: mail that becomes readable came by push.
 """
+import subprocess
 import time
 
 import pytest
@@ -147,18 +148,24 @@ def test_push_off_lets_the_account_go(user, mailbox, consumer, watcher):
     assert bad.status == 422 and bad.json['fields'] == {'push': 'must be true or false'}
 
 
-def test_a_second_watcher_takes_over_when_the_first_dies(user, mailbox, consumer, watcher, unique):
+def test_two_watchers_share_the_accounts_and_one_takes_over_when_the_other_dies(user, mailbox, consumer,
+                                                                                watcher, unique):
     from tests.test_sync import Mailbox
-    accounts = [watched_account(user, mailbox)]
-    second_box = Mailbox(STATE['dovecot'], f'{unique}b')
-    accounts.append(watched_account(user, second_box))
+    with models.all_tenants():   # the earlier tests' accounts: two accounts, two watchers, one each
+        models.EmailClient.update(push=False).execute()
+    boxes = [mailbox, Mailbox(STATE['dovecot'], f'{unique}b')]
+    accounts = [watched_account(user, box) for box in boxes]
     first = watcher.holder()
     assert {lease(a).holder for a in accounts} == {first}
     second = WatcherProcess('watcher-2')
     try:
-        wait_for(second.started, timeout=20, message='the second watcher to start')
-        assert stays(lambda: {lease(a).holder for a in accounts} == {first}, 1.0), \
-            'a live watcher lost an account'   # exactly one watcher per account while both live
+        def one_each():
+            leases = [lease(a) for a in accounts]
+            return all(row is not None and row.state == 'idling' for row in leases) and \
+                {row.holder for row in leases} == {first, second.holder()}
+        wait_for(one_each, timeout=15, message='the accounts to be shared out, one per watcher')
+        assert stays(one_each, 1.0), 'an account changed hands between two live watchers'
+        orphan = next(i for i, a in enumerate(accounts) if lease(a).holder == first)
 
         watcher.kill()
         killed = time.monotonic()
@@ -166,8 +173,8 @@ def test_a_second_watcher_takes_over_when_the_first_dies(user, mailbox, consumer
                  timeout=GRACE + 10, message='the second watcher to idle on every account')
         assert time.monotonic() - killed <= GRACE + 10
         assert {lease(a).holder for a in accounts} == {second.holder()}
-        second_box.append(message(1, 'after takeover'))
-        wait_for(lambda: readable(user, accounts[1], 'after takeover'), timeout=10)
+        boxes[orphan].append(message(1, 'after takeover'))
+        wait_for(lambda: readable(user, accounts[orphan], 'after takeover'), timeout=10)
     finally:
         second.stop()
     assert all(lease(a) is None for a in accounts), 'a clean stop hands its leases back'
@@ -200,3 +207,23 @@ def test_plain_run_sh_starts_a_watcher_and_ctrl_c_stops_it(tmp_path):
     lines = service.log.read_bytes().splitlines()
     assert any(b'"message": "watcher ' in line and line.endswith(b' stopped"}') for line in lines), \
         'the watcher did not stop cleanly (handing its leases back)'
+
+
+def test_a_dropped_connection_is_reconnected_and_keeps_pushing(user, mailbox, consumer, watcher):
+    account = watched_account(user, mailbox)
+    dovecot = STATE['dovecot']
+    kicked = subprocess.run([dovecot.doveadm, '-c', str(dovecot.config), 'kick', mailbox.user],
+                            capture_output=True, text=True)
+    assert kicked.returncode == 0, kicked.stderr
+    wait_for(lambda: f'account {account}: IDLE connection failed'.encode() in watcher.log.read_bytes(),
+             timeout=10, message='the watcher to notice the dropped connection')
+    wait_until_idling(user, account)
+    mailbox.append(message(1, 'after reconnect'))
+    wait_for(lambda: readable(user, account, 'after reconnect'), timeout=10)
+
+
+@pytest.mark.parametrize('failures, low, high', [(1, 0.5, 1.0), (2, 1.0, 2.0), (5, 8.0, 16.0), (40, 150.0, 300.0)])
+def test_reconnects_back_off_doubling_with_jitter_up_to_the_cap(failures, low, high):
+    import watcher
+    delays = {watcher.backoff(failures, 300.0) for _ in range(50)}
+    assert all(low <= delay <= high for delay in delays) and len(delays) > 1
