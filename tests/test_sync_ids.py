@@ -142,6 +142,11 @@ def test_sync_since_skips_older_mail_until_moved_back(user, mailbox, consumer):
     resp = user.patch(f'/api/v1/accounts/{account}', {'sync_since': '2025-07-01'})
     assert resp.status == 200 and resp.json['sync_since'] == '2025-07-01'
     wait_for(lambda: len(messages(user, account_id=account)) == 4, timeout=30)
+    # The next PATCH after that sync has ended: one that lands in a running sync's last moment (after its
+    # last look at sync_since) waits for the next periodic sync, which this suite does not run.
+    started = resp.json['sync_task_id']
+    wait_for(lambda: user.get(f'/api/v1/tasks/{started}').json['state'] in ('succeeded', 'failed', 'dead'),
+             timeout=30, message=f'sync {started} to end')
     resp = user.patch(f'/api/v1/accounts/{account}', {'sync_since': None})
     assert resp.json['sync_since'] is None
     wait_for(lambda: len(messages(user, account_id=account)) == 6, timeout=30)
