@@ -146,8 +146,8 @@ def since_day(value):
     if isinstance(value, str) and re.fullmatch(r'[0-9]{4}-[0-9]{2}-[0-9]{2}', value):
         try:
             day = datetime.date.fromisoformat(value)
-        except ValueError:
-            pass
+        except ValueError:   # 2026-02-30: refused below, with the rest
+            day = None
     if day is None or day.year < 1970:
         raise fail('must be a date like "2026-01-01" (from 1970 on), or null')
     return day

@@ -72,7 +72,7 @@ def wait_for_health(base, web):
             if requests.get(base + '/health', timeout=2).status_code == 200:
                 return
         except requests.RequestException:
-            pass
+            pass   # not listening yet: the loop asks again until the deadline
         time.sleep(0.1)
     raise SystemExit('the web server did not answer /health within 30 s')
 

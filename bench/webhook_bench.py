@@ -99,7 +99,7 @@ class ConsumerProcess:
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)   # any worker left behind
         except ProcessLookupError:
-            pass
+            pass   # the group is gone already: nothing left to stop
 
 
 def make_endpoints(models, receiver, count):

@@ -161,10 +161,10 @@ class Lease:
             self.renew()
         except Fenced:
             die_fenced(self.huey.worker_id())
-        except (models.pw.OperationalError, models.pw.InterfaceError):
+        except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
             # The database is away for this run as for any taker; every effect the
             # run could make waits on a compare-and-set in it (L3), so it goes on.
-            pass
+            logger.warning('lease not renewed at a safe point (%s); the run goes on', str(exc).strip())
 
     def end(self):
         with self.lock:
