@@ -30,10 +30,13 @@ import collections
 import datetime
 import functools
 import inspect
+import hashlib
 import json
 import logging
+import re
 import threading
 import traceback
+import weakref
 
 from huey import signals as S
 from huey.exceptions import CancelExecution, TaskTimeout
@@ -102,6 +105,41 @@ def _update_sql(param, columns, increments, state_count, expected, appends=()):
     return f'UPDATE "task_record" SET {", ".join(sets)} WHERE {where}'
 
 
+# On PostgreSQL the hot statements (the enqueue's INSERT, the claim, a run's
+# final UPDATE) run as prepared statements, once per connection: planning an
+# UPDATE of task_record, with its six indexes to weigh, cost the server more
+# than running it (claim: 237 -> 93 us of backend CPU, final write: 150 -> 93,
+# measured with /proc/<backend>/stat over 3,000 statements). SQLite's module
+# keeps its own cache of compiled statements per connection. PREPARE is not
+# transactional (a rollback keeps it) and lives as long as the connection; a
+# pooler in transaction mode (pgbouncer) would not keep it, and is not used.
+_prepared_on = weakref.WeakKeyDictionary()   # psycopg2 connection -> names prepared on it
+
+
+@functools.lru_cache(maxsize=128)
+def _prepared_form(sql):
+    """(name, PREPARE text, EXECUTE text with psycopg2's placeholders) of a %s-parameter statement."""
+    count = sql.count('%s')
+    numbered = iter(range(1, count + 1))
+    body = re.sub('%s', lambda match: f'${next(numbered)}', sql)
+    name = 'ledger_' + hashlib.sha1(sql.encode()).hexdigest()[:16]
+    return name, f'PREPARE {name} AS {body}', f'EXECUTE {name} ({", ".join(["%s"] * count)})' if count else \
+        f'EXECUTE {name}'
+
+
+def execute(sql, params):
+    """Run one ledger statement (prepared once per connection on PostgreSQL); returns the cursor."""
+    database = models.database
+    if database.param != '%s':
+        return database.execute_sql(sql, params)
+    name, prepare, run = _prepared_form(sql)
+    prepared = _prepared_on.setdefault(database.connection(), set())
+    if name not in prepared:
+        database.execute_sql(prepare)
+        prepared.add(name)
+    return database.execute_sql(run, params)
+
+
 def _row_values(fields):
     """Column name -> database value (JSON columns encoded, as peewee would)."""
     columns = Record._meta.fields
@@ -116,7 +154,7 @@ def insert(task_id, **fields):
         if field.default is not None and field.column_name not in values:
             values[field.column_name] = field.db_value(field.default() if callable(field.default) else field.default)
     sql = _insert_sql(models.database.param, tuple(values))
-    return models.with_reconnect(lambda: models.database.execute_sql(sql, tuple(values.values())).rowcount) == 1
+    return models.with_reconnect(lambda: execute(sql, tuple(values.values())).rowcount) == 1
 
 
 def update(task_id, only_states=(), expect=None, **fields):
@@ -129,7 +167,7 @@ def update(task_id, only_states=(), expect=None, **fields):
     appends = tuple(c for c, v in fields.items() if isinstance(v, Append))
     sql = _update_sql(models.database.param, columns, increments, len(only_states), tuple(expected), appends)
     params = tuple(values[c] for c in columns) + (task_id,) + tuple(only_states) + tuple(expected.values())
-    return models.with_reconnect(lambda: models.database.execute_sql(sql, params).rowcount)
+    return models.with_reconnect(lambda: execute(sql, params).rowcount)
 
 
 def delete(task_id):
@@ -144,7 +182,34 @@ signature = functools.lru_cache(maxsize=None)(inspect.signature)
 
 
 def call_arguments(task):
-    """The task's arguments by name, as the function declared them."""
+    """The task's arguments by name, as the function declared them (bound once per task object:
+    the enqueue reads them twice, for the record and for the tenant's turn)."""
+    bound = getattr(task, 'ledger_arguments', None)
+    if bound is None:
+        bound = task.ledger_arguments = _bind(task)
+    return bound
+
+
+@functools.lru_cache(maxsize=None)
+def tenant_position(func):
+    """Where `func` takes tenant_id among its positional parameters, or None."""
+    names = [p.name for p in signature(func).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names.index('tenant_id') if 'tenant_id' in names else None
+
+
+def tenant_of_call(func, args, kwargs):
+    """The tenant_id a call of `func` passes, without binding every argument (a task's run asks)."""
+    if 'tenant_id' in kwargs:
+        return kwargs['tenant_id']
+    position = tenant_position(func)
+    if position is not None and position < len(args):
+        return args[position]
+    default = signature(func).parameters.get('tenant_id')
+    return None if default is None or default.default is inspect.Parameter.empty else default.default
+
+
+def _bind(task):
     func = getattr(type(task), 'func', None)
     args, kwargs = task.args, {k: v for k, v in task.kwargs.items() if k != 'task'}
     if func is None:
@@ -223,7 +288,7 @@ class DeferredLedger:
             values = _row_values(fields)
             sql = _claim_sql(models.database.param, tuple(values))
             params = (*values.values(), worker, task_id, *CLAIMABLE, worker)
-            return models.with_reconnect(lambda: models.database.execute_sql(sql, params).rowcount) == 1
+            return models.with_reconnect(lambda: execute(sql, params).rowcount) == 1
 
 
 def update_and_emit(task_id, event, fields):

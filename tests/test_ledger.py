@@ -1,13 +1,16 @@
 """The task ledger, written from Huey's signals in a real consumer."""
 import datetime
+import os
 import pickle
+import threading
+import time
 
 import pytest
 
 import models
 import tasks
 from taskq import ledger
-from taskq.service import jittered
+from taskq.service import Watchdog, jittered
 from tests import probe_tasks
 from tests.conftest import record, wait_for, wait_for_state
 
@@ -163,6 +166,63 @@ def test_serializer_round_trips_a_message_with_eta():
     assert (copy.id, copy.args, copy.kwargs, copy.priority) == (task.id, task.args, task.kwargs, task.priority)
     assert copy.eta == task.eta and isinstance(copy.args, tuple)
     assert copy.request_id == 'req-123'
+
+
+def test_serializer_round_trips_tagged_values_nested_anywhere():
+    value = {'a': (1, [datetime.datetime(2026, 1, 2, 3, 4, 5, 6), datetime.timedelta(seconds=1.5)]),
+             'b': [{'c': ('x',)}], 'd': {}}
+    serializer = tasks.huey.serializer
+    assert serializer.deserialize(serializer.serialize(value)) == value
+
+
+def prepared_ledger_statements():
+    return {name for name, in models.database.execute_sql(
+        "SELECT name FROM pg_prepared_statements WHERE name LIKE 'ledger_%%'")}
+
+
+def test_ledger_writes_go_on_over_a_fresh_connection():
+    """On PostgreSQL the hot ledger statements are prepared once per connection: one the server
+    dropped is replaced, and they are prepared again on the new one."""
+    task_id = f'fresh-{os.urandom(6).hex()}'
+    assert ledger.insert(task_id, state='pending', name='noop', args={})
+    postgres = models.database.param == '%s'
+    if postgres:
+        assert len(prepared_ledger_statements()) >= 1
+        with pytest.raises(models.pw.OperationalError):
+            models.database.execute_sql('SELECT pg_terminate_backend(pg_backend_pid())')
+    else:
+        models.database.close()
+    assert ledger.update(task_id, only_states=('pending',), state='revoked') == 1
+    assert ledger.update(task_id, only_states=('pending',), state='failed') == 0
+    if postgres:
+        assert len(prepared_ledger_statements()) == 1   # the new connection's: the updates', prepared on it
+    with models.all_tenants():
+        assert record(task_id).state == 'revoked'
+        ledger.delete(task_id)
+
+
+def test_hard_limit_watch_is_not_woken_by_each_task_yet_fires_for_a_shorter_limit():
+    watchdog = Watchdog(enabled=True)
+    fired = threading.Event()
+
+    def kill():   # instead of SIGKILL to this process
+        fired.set()
+        watchdog.deadline = None
+    watchdog._kill = kill
+    with watchdog.limit(object(), 300):
+        pass
+    wait_for(lambda: watchdog.sleeps_until is not None, message='the watch to sleep toward a deadline')
+    wakeups = []
+    notify = watchdog.wakeup.notify
+    watchdog.wakeup.notify = lambda: (wakeups.append(1), notify())
+    for _ in range(50):
+        with watchdog.limit(object(), 300):
+            pass
+    assert wakeups == []   # each later deadline is past the one it sleeps toward
+    started = time.monotonic()
+    with watchdog.limit(object(), 0.2):
+        assert fired.wait(5)
+    assert wakeups == [1] and time.monotonic() - started < 2
 
 
 def test_backoff_is_capped_and_jittered():
