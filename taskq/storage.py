@@ -45,6 +45,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import select
 import stat
 import struct
@@ -84,7 +85,7 @@ class SignedJsonSerializer(Serializer):
         signature, _, body = data[len(MAGIC):].partition(b':')
         if not hmac.compare_digest(signature, self._sign(body)):
             raise self._refuse('bad signature', data)
-        return decode(json.loads(body))
+        return json.loads(body, object_hook=decode_object)
 
     @staticmethod
     def _refuse(reason, data):
@@ -112,24 +113,24 @@ def encode(value):
     return value
 
 
+# json.loads calls this for each object, innermost first, so the tagged values
+# inside come back already decoded; the parser walks the rest in C (a walk in
+# Python over every value cost as much as the parse and the signature check).
 DECODERS = {
-    '$msg': lambda v: Message(*[decode(x) for x in v]),
-    '$err': lambda v: Error(decode(v)),
-    '$tuple': lambda v: tuple(decode(x) for x in v),
+    '$msg': lambda v: Message(*v),
+    '$err': Error,
+    '$tuple': tuple,
     '$dt': datetime.datetime.fromisoformat,
     '$td': lambda v: datetime.timedelta(seconds=v),
 }
 
 
-def decode(value):
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    if isinstance(value, dict):
-        if len(value) == 1:
-            (tag, inner), = value.items()
-            if tag in DECODERS:
-                return DECODERS[tag](inner)
-        return {k: decode(v) for k, v in value.items()}
+def decode_object(value):
+    if len(value) == 1:
+        (tag, inner), = value.items()
+        decoder = DECODERS.get(tag)
+        if decoder is not None:
+            return decoder(inner)
     return value
 
 
@@ -174,6 +175,11 @@ if not id then return {popped[1]} end
 local marks = redis.call('HMGET', KEYS[2], 'r:' .. id, 'rt:' .. name)
 return {popped[1], marks[1], marks[2]}
 """
+
+
+# The task id and name, the first two fields of the signed envelope's message
+# (POP_LUA reads them the same way): the keys of the task's revoke marks.
+MESSAGE_NAMES = re.compile(rb'"\$msg":\["([^"]+)","([^"]+)"')
 
 
 class LaneRedisStorage(PriorityRedisStorage):
@@ -239,7 +245,15 @@ class LaneRedisStorage(PriorityRedisStorage):
 
 
 class WakingSqliteStorage(SqliteStorage):
-    """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling; one lane's tasks."""
+    """SqliteStorage whose idle workers sleep on a FIFO doorbell instead of polling; one lane's tasks.
+
+    A busy worker pays one transaction per task here instead of Huey's four
+    statements, a transaction and two reads: the pop takes the next task with
+    DELETE ... RETURNING, reads its revoke marks (`marks`, as the Redis lane
+    does) and drops the last run's (`stale_marks`) in the same transaction; the
+    read that spares an empty queue the write lock is made only by a worker
+    whose last pop found nothing.
+    """
     blocking = True
     table_turn = ('create table if not exists turn (queue text not null, priority integer not null, '
                   'tenant text not null, turn integer not null, primary key (queue, priority, tenant)) without rowid')
@@ -254,6 +268,9 @@ class WakingSqliteStorage(SqliteStorage):
         self._bell_reader = None
         self._bell_writer = None
         make_fifo(self.bell_path)
+        self.marks = None        # the last popped task's revoke marks
+        self.stale_marks = []    # revoke marks to drop with the next pop
+        self.busy = False        # the last pop found a task: the next one skips the look first
 
     def enqueue(self, data, priority=None, tenant=None):
         priority, tenant = band(priority), tenant_key(tenant)
@@ -280,18 +297,38 @@ class WakingSqliteStorage(SqliteStorage):
         return data
 
     def pop_now(self):
-        """Huey's SqliteStorage.dequeue, for this lane's queue: the next task's payload, or None."""
-        if not self.sql('select 1 from task where queue = ? limit 1', (self.queue,), results=True):
+        """Huey's SqliteStorage.dequeue, for this lane's queue: the next task's payload, or None;
+        its revoke marks in `marks`."""
+        self.marks = None
+        if not self.busy and not self.stale_marks and \
+                not self.sql('select 1 from task where queue = ? limit 1', (self.queue,), results=True):
             return None
         with self.db(commit=True) as curs:
-            curs.execute('select id, data from task where queue = ? order by priority desc, id limit 1',
-                         (self.queue,))
+            if self.stale_marks:
+                curs.execute(f'delete from kv where queue = ? and key in ({", ".join("?" * len(self.stale_marks))})',
+                             (self.name, *self.stale_marks))
+                self.stale_marks = []
+            curs.execute('delete from task where id = (select id from task where queue = ? '
+                         'order by priority desc, id limit 1) returning data', (self.queue,))
             row = curs.fetchone()
-            if row is not None:
-                curs.execute('delete from task where id = ?', (row[0],))
-                if curs.rowcount == 1:
-                    return row[1]
-        return None
+            self.busy = row is not None
+            if row is None:
+                return None
+            data = row[0]
+            names = MESSAGE_NAMES.search(bytes(data))
+            if names is not None:
+                keys = (f'r:{names[1].decode()}', f'rt:{names[2].decode()}')
+                curs.execute('select key, value from kv where queue = ? and key in (?, ?)', (self.name, *keys))
+                found = dict(curs.fetchall())
+                self.marks = [found.get(key) for key in keys]
+        return data
+
+    def drop_stale_marks(self):
+        """Drop the collected revoke marks now (a worker that stops pops no more)."""
+        if self.stale_marks:
+            self.sql(f'delete from kv where queue = ? and key in ({", ".join("?" * len(self.stale_marks))})',
+                     (self.name, *self.stale_marks), commit=True)
+            self.stale_marks = []
 
     def queue_size(self):
         return self.sql('select count(id) from task where queue = ?', (self.queue,), results=True)[0][0]

@@ -8,10 +8,12 @@ import sys
 import time
 
 import pytest
+from huey.constants import EmptyData
 
 import models
 import tasks
 from taskq import ledger
+from taskq.storage import WakingSqliteStorage
 from tests import probe_tasks
 from tests.conftest import ROOT, STATE, python_env, record, wait_for, wait_for_state
 from tests.test_dashboard import raw, sign_in
@@ -57,6 +59,22 @@ def test_a_task_revoked_while_it_waits_behind_others_never_runs(consumer):
         wait_for_state(task.id, 'succeeded')
     row = record(revoked.id)
     assert (row.state, row.attempts, row.started_at) == ('revoked', 0, None)
+
+
+def test_a_sqlite_lane_pops_a_task_with_its_revoke_marks_and_drops_the_last_runs_marks(tmp_path):
+    # One transaction per busy pop (storage.WakingSqliteStorage): the task, its marks, the last run's marks gone.
+    storage = WakingSqliteStorage(tasks.huey.name, lane='send', filename=str(tmp_path / 'queue.db'))
+    task = tasks.noop.s()
+    payload = tasks.huey.serialize_task(task)
+    storage.put_data(f'r:{task.id}', b'revoked')
+    storage.put_data('r:an-earlier-run', b'left by it')
+    storage.stale_marks = ['r:an-earlier-run']
+    storage.enqueue(payload, 3)
+    assert bytes(storage.pop_now()) == payload
+    assert storage.marks == [b'revoked', None]
+    assert storage.peek_data('r:an-earlier-run') is EmptyData and storage.stale_marks == []
+    assert storage.pop_now() is None and storage.marks is None
+    storage.close()
 
 
 def test_each_workflow_has_its_lane():
