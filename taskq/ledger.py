@@ -44,6 +44,7 @@ from huey.exceptions import CancelExecution, TaskTimeout
 import models
 from mailkit import logs
 from mailkit.errors import FailNow, PermanentMailError
+from taskq.storage import WriteTurns
 
 logger = logging.getLogger('emailsvc.ledger')
 
@@ -116,6 +117,11 @@ def _update_sql(param, columns, increments, state_count, expected, appends=()):
 _prepared_on = weakref.WeakKeyDictionary()   # psycopg2 connection -> names prepared on it
 
 
+@functools.lru_cache(maxsize=8)
+def _write_turns(path):
+    return WriteTurns(path)
+
+
 @functools.lru_cache(maxsize=128)
 def _prepared_form(sql):
     """(name, PREPARE text, EXECUTE text with psycopg2's placeholders) of a %s-parameter statement."""
@@ -128,10 +134,14 @@ def _prepared_form(sql):
 
 
 def execute(sql, params):
-    """Run one ledger statement (prepared once per connection on PostgreSQL); returns the cursor."""
+    """Run one ledger statement (prepared once per connection on PostgreSQL; on SQLite, outside
+    a transaction, in its turn among the file's writers: storage.WriteTurns); returns the cursor."""
     database = models.database
     if database.param != '%s':
-        return database.execute_sql(sql, params)
+        if database.in_transaction():
+            return database.execute_sql(sql, params)
+        with _write_turns(database.database).turn():
+            return database.execute_sql(sql, params)
     name, prepare, run = _prepared_form(sql)
     prepared = _prepared_on.setdefault(database.connection(), set())
     if name not in prepared:

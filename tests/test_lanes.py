@@ -5,6 +5,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from huey.constants import EmptyData
 import models
 import tasks
 from taskq import ledger
-from taskq.storage import WakingSqliteStorage
+from taskq.storage import WakingSqliteStorage, WriteTurns
 from tests import probe_tasks
 from tests.conftest import ROOT, STATE, python_env, record, wait_for, wait_for_state
 from tests.test_dashboard import raw, sign_in
@@ -75,6 +76,41 @@ def test_a_sqlite_lane_pops_a_task_with_its_revoke_marks_and_drops_the_last_runs
     assert storage.peek_data('r:an-earlier-run') is EmptyData and storage.stale_marks == []
     assert storage.pop_now() is None and storage.marks is None
     storage.close()
+
+
+def test_sqlite_writers_take_turns_handed_over_at_once_and_stop_waiting_after_their_patience(tmp_path):
+    turns = WriteTurns(tmp_path / 'emailsvc.db', patience=0.5)
+    release, entered = threading.Event(), []
+
+    def hold():
+        with turns.turn():
+            entered.append(('holder', time.monotonic()))
+            release.wait(10)
+
+    def write():
+        with turns.turn():
+            entered.append(('writer', time.monotonic()))
+    holder = threading.Thread(target=hold)
+    holder.start()
+    wait_for(lambda: entered, message='the holder to take its turn')
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join(0.2)
+    assert writer.is_alive() and len(entered) == 1   # waits while the holder writes
+    released = time.monotonic()
+    release.set()
+    writer.join(5)
+    assert entered[1][0] == 'writer' and entered[1][1] - released < 0.05   # its turn comes at once
+    holder.join(5)
+    release.clear()
+    stuck = threading.Thread(target=hold)   # a holder that does not let go (a stopped process)
+    stuck.start()
+    wait_for(lambda: len(entered) == 3, message='the second holder to take its turn')
+    started = time.monotonic()
+    write()
+    assert 0.5 <= entered[-1][1] - started < 2   # it wrote anyway, after its patience
+    release.set()
+    stuck.join(5)
 
 
 def test_each_workflow_has_its_lane():
