@@ -14,15 +14,17 @@ Printed: precision, recall, F1 and false-positive rate at the default
 THRESHOLD and at the strict threshold (the service's: where a 95 % upper bound of the training folds' FPR is 0.5 %,
 with 95 % intervals), the reliability table (do scores mean probabilities?), how often each
 indicator fires, and scoring throughput: `Model.score` on parsed messages,
-one core. The baseline in the same run is multinomial naive Bayes over the
-words of every header and the body (each counted once per message): the
-classic filter, and one that reads all the corpus's collection artifacts.
+one core, per CPU second (the wall-clock rate beside it). The baseline in
+the same run is multinomial naive Bayes over the words of every header and
+the body (each counted once per message): the classic filter, and one that
+reads all the corpus's collection artifacts.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import math
+import os
 import re
 import sys
 import time
@@ -115,16 +117,22 @@ def _base_rate_brier(labels) -> float:
     return rate * (1 - rate)
 
 
-def throughput(model, parsed) -> float:
-    """Messages per second through Model.score, best of three passes (one core)."""
-    best = math.inf
+def throughput(model, parsed) -> tuple[float, float]:
+    """Messages per second through Model.score, best of three passes: (by CPU time, by wall time).
+
+    The CPU-time rate is what one core gives and is the one held to the target: on this shared
+    2-core machine the wall-time rate is the share of a core the other engineers' jobs leave
+    (414 msg/s at load ~10 for the same scorer that does ~1,300 quiet).
+    """
+    best_cpu = best_wall = math.inf
     for _ in range(3):
         gc.collect()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         for p in parsed:
             model.score(p)
-        best = min(best, time.perf_counter() - start)
-    return len(parsed) / best
+        best_cpu = min(best_cpu, time.process_time() - cpu)
+        best_wall = min(best_wall, time.perf_counter() - wall)
+    return len(parsed) / best_cpu, len(parsed) / best_wall
 
 
 # ---------------------------------------------------------- baseline
@@ -220,10 +228,11 @@ def cross_validate(folder: Path) -> int:
         print(f'  {code:26s} spam {fired_spam:5d}   ham {fired_ham:5d}   '
               + (f'{weight:+.1f}' if weight is not None else 'calibrated'))
 
-    rate = throughput(models[0][0], test_parsed)
+    rate, wall_rate = throughput(models[0][0], test_parsed)
     base_rate = baseline_rate(corpus)
-    print(f'\nspam.score  {rate:.0f} msg/s  ({rate / base_rate:.2f}x the baseline\'s tokenize+score, '
-          f'{base_rate:.0f} msg/s; one core, parsed message in, verdict out)')
+    print(f'\nspam.score  {rate:.0f} msg/s of CPU time ({wall_rate:.0f} msg/s by the wall clock, load '
+          f'{os.getloadavg()[0]:.1f}); {rate / base_rate:.2f}x the baseline\'s tokenize+score, {base_rate:.0f} '
+          f'msg/s; one core, parsed message in, verdict out')
     print(f'training: {fit_seconds / FOLDS:.1f} s per fold; whole run {time.perf_counter() - start:.0f} s')
 
     strict_recall = strict[0] / sum(labels)
@@ -246,12 +255,12 @@ def indicator_counts(indicators, labels):
 
 
 def baseline_rate(corpus: Corpus) -> float:
-    """Messages/s of the baseline's tokenizer plus a dict-lookup score, for the ratio."""
+    """Messages per CPU second of the baseline's tokenizer plus a dict-lookup score, for the ratio."""
     weights = {}
-    start = time.perf_counter()
+    start = time.process_time()
     for raw in corpus.raw[:1000]:
         sum(weights.get(w, 0.0) for w in baseline_tokens(raw))
-    return min(1000, len(corpus)) / (time.perf_counter() - start)
+    return min(1000, len(corpus)) / (time.process_time() - start)
 
 
 def evaluate_model(folder: Path, model_path: Path) -> int:
@@ -269,7 +278,8 @@ def evaluate_model(folder: Path, model_path: Path) -> int:
     print('  ' + figures(*confusion(scores, labels, model.strict_threshold)))
     print('Reliability:')
     print('\n'.join(reliability(scores, labels)))
-    print(f'spam.score  {throughput(model, corpus.parsed):.0f} msg/s (one core)')
+    rate, wall_rate = throughput(model, corpus.parsed)
+    print(f'spam.score  {rate:.0f} msg/s of CPU time, {wall_rate:.0f} by the wall clock (one core)')
     return 0
 
 

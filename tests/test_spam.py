@@ -288,20 +288,22 @@ def test_a_25_mb_message_scores_in_bounded_time_and_memory(model):
     raw = big_message(25)
     assert len(raw) >= 25 << 20
     parsed = mime.parse(raw)
-    start = time.perf_counter()
+    # CPU time of this process: the work the caps bound, not the other processes sharing the cores
+    # (wall time failed the ratio below once while other test suites loaded this 2-core machine).
+    start = time.process_time()
     tracemalloc.start()
     verdict = model.score(parsed)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    elapsed = time.perf_counter() - start
+    elapsed = time.process_time() - start
     assert elapsed < 2.0, elapsed
     assert peak < 32 << 20, peak       # the caps hold: no copy of the whole 25 MB
     assert {'ip_url', 'url_text_mismatch'} <= set(verdict.indicators)
     # It costs about what the first MAX_PART_CHARS would: the caps, not the size, set the price.
     small = mime.parse(big_message(1))
-    start = time.perf_counter()
+    start = time.process_time()
     model.score(small)
-    assert elapsed < 5 * (time.perf_counter() - start) + 0.2
+    assert elapsed < 5 * (time.process_time() - start) + 0.2
 
 
 # ------------------------------------------------------------ the model file
@@ -382,6 +384,27 @@ def test_shipped_threshold_has_the_margin(model):
     flagged, ham = model.training['strict_out_of_fold_ham']
     assert ham == 2490
     assert spam_train.fpr_upper_bound(flagged, ham, spam_train.STRICT_CONFIDENCE) <= spam_train.STRICT_FPR
+
+
+def test_shipped_model_keeps_the_margin_on_the_corpus(model):
+    """The shipped file and threshold, scored on the corpus they came from, agree with what the file records.
+
+    In-sample figures, so only a check that file, tokenizer and corpus match: the ham the threshold flags
+    here are at most the out-of-fold count the threshold was chosen on, whose 95 % bound is <= 0.5 %.
+    What new mail sees is bench/spam_eval.py's cross-validation (and the floors below).
+    """
+    if not DEV.is_dir():
+        pytest.skip(f'labelled corpus not found at {DEV} (../shared/corpus beside the project)')
+    flagged = caught = spam_count = 0
+    for _, label, raw in spam_train.read_labelled(DEV):
+        is_spam = model.score(mime.parse(raw)).spam_score >= model.strict_threshold
+        spam_count += label
+        caught += label and is_spam
+        flagged += not label and is_spam
+    out_of_fold_flagged, ham = model.training['strict_out_of_fold_ham']
+    assert flagged <= out_of_fold_flagged
+    assert spam_train.fpr_upper_bound(flagged, ham, spam_train.STRICT_CONFIDENCE) <= spam_train.STRICT_FPR
+    assert caught / spam_count >= 0.97, caught / spam_count
 
 
 # --------------------------------------------------- cross-validated floors
