@@ -75,3 +75,14 @@ def test_a_short_task_finishes_within_the_graceful_stop(own_consumer):
     proc.send_signal(signal.SIGTERM)                  # the graceful signal when graceful_signal is TERM
     assert proc.wait(timeout=20) == 0
     assert wait_for_state(task.id, 'succeeded').attempts == 1
+
+
+def test_a_worker_shares_what_its_consumer_loaded_before_forking(own_consumer):
+    """The consumer's main process makes the first broker and database round trips and freezes the
+    collector before forking (taskq.service.share_before_fork): a worker's first task finds its parent's
+    objects frozen, never to be copied by a collection, and nothing imported since the worker started
+    (a first Redis connection imported encodings.idna into every worker)."""
+    own_consumer(workers=1)
+    facts = wait_for_state(tasks.huey.enqueue(probe_tasks.fork_facts.s()).id, 'succeeded').result
+    assert facts['frozen'] > 10_000, facts
+    assert facts['imported_since_start'] == [], facts
