@@ -38,6 +38,7 @@ Turns, not a cap on each tenant's running tasks: a cap leaves the line's order
 as it is (a worker would pop and put back each of tenant A's 2,000 tasks to
 reach tenant B's one) and idles workers when only one tenant has work.
 """
+import contextlib
 import datetime
 import errno
 import hashlib
@@ -277,6 +278,18 @@ class WakingSqliteStorage(SqliteStorage):
         data = self.pop_now()
         if data is None and self.wait_for_bell():
             data = self.pop_now()
+            if data is None:
+                data = self.after_stale_ring()
+        return data
+
+    def after_stale_ring(self):
+        """A ring found the lane empty: a busy worker took its task without reading it. Drop every
+        ring left, then look once more (a task committed before the drop is seen now; one after it
+        rings again), and pass a ring on if that look found one: the drop may have taken another's."""
+        self.drain_bell()
+        data = self.pop_now()
+        if data is not None:
+            self.ring()
         return data
 
     def pop_now(self):
@@ -344,19 +357,38 @@ class WakingSqliteStorage(SqliteStorage):
             self._close_writer()  # no consumer running; try again on the next ring
 
     def wait_for_bell(self):
-        """Wait up to read_timeout for a ring; True if one came."""
+        """Wait up to read_timeout for a ring and take it; True if this worker took one.
+
+        A ring is one byte and a worker takes one byte: each enqueue sends one
+        idle worker to look. Every waiting worker wakes at a ring, and the ones
+        that find it taken go back to waiting without looking (with three
+        consumers, six idle workers of a lane looked for every task).
+        """
+        reader = self._reader()
+        deadline = time.monotonic() + self.read_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([reader], [], [], remaining)
+            if not ready:
+                return False
+            try:
+                os.read(reader, 1)
+                return True
+            except BlockingIOError:
+                continue   # another worker took the ring
+        return False
+
+    def drain_bell(self):
+        """Drop every ring waiting in the FIFO."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._reader(), 4096):
+                pass
+
+    def _reader(self):
         if self._bell_reader is None:
             # O_RDWR keeps a writer open on our side, so poll() does not report
             # a hang-up (and spin) while no web process has the FIFO open.
             self._bell_reader = os.open(self.bell_path, os.O_RDWR | os.O_NONBLOCK)
-        ready, _, _ = select.select([self._bell_reader], [], [], self.read_timeout)
-        if not ready:
-            return False
-        try:
-            os.read(self._bell_reader, 4096)
-        except BlockingIOError:
-            return True  # another worker took the ring first; look anyway
-        return True
+        return self._bell_reader
 
     def _close_writer(self):
         if self._bell_writer is not None:
