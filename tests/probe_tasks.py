@@ -33,9 +33,12 @@ def note_modules_at_start():   # a name of its own: Huey keys its hooks by name
 
 
 @service_task(priority=3, retries=0)
-def fork_facts(tenant_id=None, user_id=None):
-    """What this worker process shares with its consumer's main process (taskq.service.share_before_fork)."""
-    return {'frozen': gc.get_freeze_count(), 'imported_since_start': sorted(set(sys.modules) - MODULES_AT_START)}
+def fork_facts(pause=0.0, tenant_id=None, user_id=None):
+    """What this worker process shares with its consumer's main process (taskq.service.share_before_fork),
+    and whether it recovers others' orphans; after `pause` seconds, so that a second call goes to another worker."""
+    time.sleep(pause)
+    return {'frozen': gc.get_freeze_count(), 'imported_since_start': sorted(set(sys.modules) - MODULES_AT_START),
+            'worker': os.getpid(), 'recovers': huey.recovers}
 
 
 @service_task(priority=3, retries=3)
