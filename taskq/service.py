@@ -421,6 +421,7 @@ def share_before_fork(huey):
     traversed again. No gc.collect() before it: the holes it would free in shared pages are what a
     worker's first allocations fill, copying those pages (the gc.freeze documentation says the same).
     """
+    logs.configure(huey.settings['log.level'])   # as each worker's start does (taskq.workers): then a no-op there
     try:
         with models.all_tenants():
             ledger.running_workers()
