@@ -253,6 +253,7 @@ class WakingSqliteStorage(SqliteStorage):
         self.read_timeout = read_timeout
         self.bell_path = f'{self.filename}.bell' if lane is None else f'{self.filename}.{lane}.bell'
         self._bell_reader = None
+        self._bell_poller = None
         self._bell_writer = None
         make_fifo(self.bell_path)
 
@@ -360,18 +361,18 @@ class WakingSqliteStorage(SqliteStorage):
         """Wait up to read_timeout for a ring and take it; True if this worker took one.
 
         A ring is one byte and a worker takes one byte: each enqueue sends one
-        idle worker to look. Every waiting worker wakes at a ring, and the ones
-        that find it taken go back to waiting without looking (with three
+        idle worker to look. A ring wakes one of the waiting workers (epoll's
+        EPOLLEXCLUSIVE; with select(), every one of them), and a worker that
+        finds it taken goes back to waiting without looking (with three
         consumers, six idle workers of a lane looked for every task).
         """
-        reader = self._reader()
+        wait = self._waiter()
         deadline = time.monotonic() + self.read_timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            ready, _, _ = select.select([reader], [], [], remaining)
-            if not ready:
+            if not wait(remaining):
                 return False
             try:
-                os.read(reader, 1)
+                os.read(self._reader(), 1)
                 return True
             except BlockingIOError:
                 continue   # another worker took the ring
@@ -382,6 +383,15 @@ class WakingSqliteStorage(SqliteStorage):
         with contextlib.suppress(BlockingIOError):
             while os.read(self._reader(), 4096):
                 pass
+
+    def _waiter(self):
+        """wait(seconds) -> True once the bell has a ring to take (or may have: look)."""
+        if not hasattr(select, 'EPOLLEXCLUSIVE'):   # not Linux
+            return lambda seconds: select.select([self._reader()], [], [], seconds)[0]
+        if self._bell_poller is None:
+            self._bell_poller = select.epoll()
+            self._bell_poller.register(self._reader(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        return self._bell_poller.poll
 
     def _reader(self):
         if self._bell_reader is None:
@@ -397,6 +407,9 @@ class WakingSqliteStorage(SqliteStorage):
 
     def close(self):
         self._close_writer()
+        if self._bell_poller is not None:
+            self._bell_poller.close()
+            self._bell_poller = None
         if self._bell_reader is not None:
             os.close(self._bell_reader)
             self._bell_reader = None
