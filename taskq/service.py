@@ -431,6 +431,7 @@ def share_before_fork(huey):
         logger.warning('could not warm up before forking the workers: %s', exc)
     finally:
         models.database.close()
+        models.database.close_idle()   # the pool keeps what close() hands back: no worker inherits it open
         huey.storage.close()   # SQLite handles (Huey closes it again before forking)
         pool = getattr(huey.storage, 'pool', None)
         if pool is not None:   # Redis: the main process itself does not use the broker
