@@ -43,10 +43,18 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level='INFO', stream=None):
-    """Send every logger to `stream` (stderr) as JSON lines."""
+    """Send every logger to `stream` (stderr) as JSON lines; nothing to do if they go there already.
+
+    (A forked worker inherits its consumer's logging. Setting the level again
+    clears every logger's cache, which copies their shared pages into it.)
+    """
+    root = logging.getLogger()
+    if len(root.handlers) == 1 and isinstance(root.handlers[0].formatter, JsonFormatter) \
+            and getattr(root.handlers[0], 'stream', None) is (stream or sys.stderr) \
+            and root.level == logging.getLevelName(level):
+        return
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
 

@@ -325,6 +325,7 @@ class WakingSqliteStorage(SqliteStorage):
         self.read_timeout = read_timeout
         self.bell_path = f'{self.filename}.bell' if lane is None else f'{self.filename}.{lane}.bell'
         self._bell_reader = None
+        self._bell_poller = None
         self._bell_writer = None
         make_fifo(self.bell_path)
         self.turns = WriteTurns(self.filename)
@@ -354,6 +355,18 @@ class WakingSqliteStorage(SqliteStorage):
         data = self.pop_now()
         if data is None and self.wait_for_bell():
             data = self.pop_now()
+            if data is None:
+                data = self.after_stale_ring()
+        return data
+
+    def after_stale_ring(self):
+        """A ring found the lane empty: a busy worker took its task without reading it. Drop every
+        ring left, then look once more (a task committed before the drop is seen now; one after it
+        rings again), and pass a ring on if that look found one: the drop may have taken another's."""
+        self.drain_bell()
+        data = self.pop_now()
+        if data is not None:
+            self.ring()
         return data
 
     def pop_now(self):
@@ -441,19 +454,47 @@ class WakingSqliteStorage(SqliteStorage):
             self._close_writer()  # no consumer running; try again on the next ring
 
     def wait_for_bell(self):
-        """Wait up to read_timeout for a ring; True if one came."""
+        """Wait up to read_timeout for a ring and take it; True if this worker took one.
+
+        A ring is one byte and a worker takes one byte: each enqueue sends one
+        idle worker to look. A ring wakes one of the waiting workers (epoll's
+        EPOLLEXCLUSIVE; with select(), every one of them), and a worker that
+        finds it taken goes back to waiting without looking (with three
+        consumers, six idle workers of a lane looked for every task).
+        """
+        wait = self._waiter()
+        deadline = time.monotonic() + self.read_timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not wait(remaining):
+                return False
+            try:
+                os.read(self._reader(), 1)
+                return True
+            except BlockingIOError:
+                continue   # another worker took the ring
+        return False
+
+    def drain_bell(self):
+        """Drop every ring waiting in the FIFO."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._reader(), 4096):
+                pass
+
+    def _waiter(self):
+        """wait(seconds) -> True once the bell has a ring to take (or may have: look)."""
+        if not hasattr(select, 'EPOLLEXCLUSIVE'):   # not Linux
+            return lambda seconds: select.select([self._reader()], [], [], seconds)[0]
+        if self._bell_poller is None:
+            self._bell_poller = select.epoll()
+            self._bell_poller.register(self._reader(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        return self._bell_poller.poll
+
+    def _reader(self):
         if self._bell_reader is None:
             # O_RDWR keeps a writer open on our side, so poll() does not report
             # a hang-up (and spin) while no web process has the FIFO open.
             self._bell_reader = os.open(self.bell_path, os.O_RDWR | os.O_NONBLOCK)
-        ready, _, _ = select.select([self._bell_reader], [], [], self.read_timeout)
-        if not ready:
-            return False
-        try:
-            os.read(self._bell_reader, 4096)
-        except BlockingIOError:
-            return True  # another worker took the ring first; look anyway
-        return True
+        return self._bell_reader
 
     def _close_writer(self):
         if self._bell_writer is not None:
@@ -462,6 +503,9 @@ class WakingSqliteStorage(SqliteStorage):
 
     def close(self):
         self._close_writer()
+        if self._bell_poller is not None:
+            self._bell_poller.close()
+            self._bell_poller = None
         if self._bell_reader is not None:
             os.close(self._bell_reader)
             self._bell_reader = None

@@ -25,8 +25,8 @@ The row is the worker's lease:
       (running, its worker) (ledger), and a send's delivery is a
       compare-and-set on the outbox row's (state, attempt) (tasks.py).
 
-Recovery (every worker, after each successful renewal)
-------------------------------------------------------
+Recovery (a consumer's first worker, after each successful renewal)
+-------------------------------------------------------------------
 A taker T requeues the running records of worker W only after one of:
 
   R1. W's row is gone: it was fenced (by a taker that died before it
@@ -69,6 +69,14 @@ worker to renew; a taker that was stopped or cut off itself judges no one
 until it has renewed again and watched a whole grace. A worker that is only
 slow (SIGSTOP longer than the grace) is indistinguishable from a dead one: it
 is fenced, and when it resumes it dies at its next beat or safe point (L2).
+
+Who takes: one worker per consumer, the one in its first slot (taskq.service.
+LaneWorker); every worker renews its own lease. The proof above holds for any
+set of takers, so fewer change nothing in it; liveness needs a taker alive,
+and every consumer has one. A taker that dies is replaced in its slot, and the
+replacement judges no one before it has watched a whole grace itself (b), so
+the orphans of a dead taker wait about a grace longer. One taker per worker
+made a consumer of 12 workers scan for orphans 12 times per heartbeat.
 
 Pending or retrying records older than the grace that are in neither the
 broker's queue nor its schedule (a worker died between dequeue and claim; a
@@ -200,7 +208,8 @@ class Heartbeat:
         try:
             ledger.deferred.replay()
             self.lease.renew()
-            self.recovery.run()
+            if self.lease.huey.recovers:
+                self.recovery.run()
         except Fenced:
             die_fenced(self.lease.huey.worker_id())
         except Exception:  # a database or broker outage must not end the thread

@@ -3,8 +3,10 @@
 The test consumer runs `huey_consumer tests.probe_tasks.huey`: the service's
 own Huey instance, ledger and signals, plus these probes.
 """
+import gc
 import os
 import pathlib
+import sys
 import threading
 import time
 
@@ -20,6 +22,23 @@ from tasks import huey, service_task  # noqa: F401  (huey is the consumer's impo
 def current_attempt(task_id):
     with models.all_tenants():
         return models.TaskRecord.get_by_id(task_id).attempts
+
+
+MODULES_AT_START = set()
+
+
+@huey.on_startup()
+def note_modules_at_start():   # a name of its own: Huey keys its hooks by name
+    MODULES_AT_START.update(sys.modules)
+
+
+@service_task(priority=3, retries=0)
+def fork_facts(pause=0.0, tenant_id=None, user_id=None):
+    """What this worker process shares with its consumer's main process (taskq.service.share_before_fork),
+    and whether it recovers others' orphans; after `pause` seconds, so that a second call goes to another worker."""
+    time.sleep(pause)
+    return {'frozen': gc.get_freeze_count(), 'imported_since_start': sorted(set(sys.modules) - MODULES_AT_START),
+            'worker': os.getpid(), 'recovers': huey.recovers}
 
 
 @service_task(priority=3, retries=3)

@@ -75,3 +75,24 @@ def test_a_short_task_finishes_within_the_graceful_stop(own_consumer):
     proc.send_signal(signal.SIGTERM)                  # the graceful signal when graceful_signal is TERM
     assert proc.wait(timeout=20) == 0
     assert wait_for_state(task.id, 'succeeded').attempts == 1
+
+
+def test_a_worker_shares_what_its_consumer_loaded_before_forking(own_consumer):
+    """The consumer's main process makes the first broker and database round trips and freezes the
+    collector before forking (taskq.service.share_before_fork): a worker's first task finds its parent's
+    objects frozen, never to be copied by a collection, and nothing imported since the worker started
+    (a first Redis connection imported encodings.idna into every worker)."""
+    own_consumer(workers=1)
+    facts = wait_for_state(tasks.huey.enqueue(probe_tasks.fork_facts.s()).id, 'succeeded').result
+    assert facts['frozen'] > 10_000, facts
+    assert facts['imported_since_start'] == [], facts
+
+
+def test_one_worker_per_consumer_recovers_orphans(own_consumer):
+    """Every worker renews its own lease; the consumer's first only also looks for other workers' orphans
+    (taskq.workers: one scan per consumer and heartbeat, not one per worker)."""
+    own_consumer(workers=2)
+    both = [tasks.huey.enqueue(probe_tasks.fork_facts.s(1.0)) for _ in range(2)]
+    facts = [wait_for_state(task.id, 'succeeded').result for task in both]
+    assert facts[0]['worker'] != facts[1]['worker'], facts
+    assert sorted(fact['recovers'] for fact in facts) == [False, True], facts

@@ -212,6 +212,34 @@ def test_a_lane_worker_queues_a_task_into_that_tasks_lane(no_session_consumer):
     ledger.revoke(tasks.huey, task.id)
 
 
+@pytest.mark.skipif(not tasks.huey.storage.lane_class.__name__.startswith('Waking'), reason="the embedded queue's bell")
+def test_each_ring_sends_one_idle_worker_and_stale_rings_are_dropped():
+    """A ring is one task for one idle worker: two rings wake two workers (one taking both would leave
+    the second task waiting for it), a worker finding a ring taken waits on without looking (with three
+    consumers, every idle worker of a lane looked for every task), and rings whose tasks a busy worker
+    took are dropped at the first look that finds the lane empty."""
+    huey = tasks.huey
+    lane = f'bell{os.getpid()}'   # a bell of its own, with no rings left by others
+    producer, first, second = (huey.storage.lane_class(huey.name, lane=lane, **dict(huey.storage_kwargs,
+                                                                                     read_timeout=0.3))
+                               for _ in range(3))
+    try:
+        first.drain_bell(), second.drain_bell()   # open: a ring no worker listens to is not kept
+        producer.ring()
+        producer.ring()
+        assert first.wait_for_bell() and second.wait_for_bell()
+        assert not second.wait_for_bell()
+        for _ in range(3):
+            producer.ring()
+        assert first.dequeue() is None
+        assert not second.wait_for_bell()
+        producer.enqueue(b'task', 5, None)
+        assert second.dequeue() == b'task'
+    finally:
+        for storage in (producer, first, second):
+            storage.close()
+
+
 # ---------------------------------------------------------------- fairness within a lane
 
 def test_tenants_take_turns_within_a_priority_and_priorities_come_first():
