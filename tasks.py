@@ -577,8 +577,10 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
         move_outbox(outbox, 'unknown', taken_ok=True, error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc
     except TemporaryMailError as exc:
-        # The transaction never completed: a retry is safe.
-        move_outbox(outbox, 'queued', taken_ok=True, error=str(exc))
+        # The transaction never completed: a retry is safe. Out of retries, the
+        # send has failed: the row says so with send.failed in one transaction
+        # (the ledger adds task.dead in its own, as for any task out of retries).
+        move_outbox(outbox, 'failed' if taskq.service.last_attempt() else 'queued', taken_ok=True, error=str(exc))
         raise
     except Exception as exc:
         move_outbox(outbox, 'failed', taken_ok=True, error=f'{type(exc).__name__}: {exc}')
