@@ -480,11 +480,12 @@ def update_account(client_id, body):
 
 @api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True, answers={204: None})
 def delete_account(client_id):
-    """Delete an account with its passwords, folders and mail."""
+    """Delete an account with its passwords, folders and mail; the feed says account.deleted."""
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
         models.Credential.forget(client)
         client.delete_instance()
+    tasks.wake_webhooks(models.take_emitted())   # no task ends here to wake the owner's endpoints
     bottle.response.status = 204
     return ''
 
@@ -900,7 +901,8 @@ def conflict_as_409():
 # request beyond that answers at once with what there is, so long-polls can
 # never take every thread from the rest of the API.
 
-OPERATOR_EVENT_TYPES = ('account.sync_failed', 'account.auth_error', 'account.recovered', 'task.dead')
+OPERATOR_EVENT_TYPES = ('account.sync_failed', 'account.auth_error', 'account.recovered', 'account.deleted',
+                        'task.dead')
 
 
 class Doorbell:

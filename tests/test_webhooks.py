@@ -2,9 +2,11 @@
 `standardwebhooks` package) to a real HTTP receiver on loopback, in order, across a receiver restart."""
 import datetime
 import ssl
+import typing
 
 import pytest
 
+import contract
 import models
 import tasks
 from tests import services
@@ -121,6 +123,27 @@ def test_a_sync_s_new_mail_reaches_the_webhook(user, unique, receiver, consumer)
     wait_for(lambda: receiver.ids('/hook'), timeout=20, message='the message.created delivery')
     (_, _, valid, body, _), = receiver.received
     assert valid and b'"type":"message.created"' in body and f'"account_id":{account}'.encode() in body
+
+
+def test_deleting_an_account_is_one_account_deleted_event_delivered_to_its_owner_only(
+        user, client, make_key, unique, receiver, consumer):
+    other = client.as_key(make_key(unique + 'x', 'olga'))   # another tenant, with an endpoint of its own
+    add_webhook(user, receiver, '/owner')
+    add_webhook(other, receiver, '/other')
+    mailbox = Mailbox(STATE['dovecot'], unique)
+    mailbox.append(message(1), message(2))
+    account = add_account(user, mailbox)
+    sync(user, account)
+    start, other_start = (events(api, after='now')['next_cursor'] for api in (user, other))
+    assert user.delete(f'/api/v1/accounts/{account}').status == 204
+    feed = events(user, after=start)['items']
+    assert [(e['type'], e['account_id'], e['data']) for e in feed] == [('account.deleted', account, {})]
+    # Woken by the request itself, not by the minute's sweep.
+    wait_for(lambda: feed[0]['id'] in receiver.ids('/owner'), timeout=5, message='the account.deleted delivery')
+    assert receiver.all_valid('/owner')
+    assert events(other, after=other_start)['items'] == []
+    assert not any(b'account.deleted' in body for path, _, _, body, _ in receiver.received if path == '/other')
+    assert typing.get_args(contract.EventType) == models.EVENT_TYPES   # the webhooks' types are the feed's
 
 
 def test_rotation_signs_with_both_secrets_for_a_while(user, receiver, consumer):
