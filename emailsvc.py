@@ -487,12 +487,12 @@ def update_account(client_id, body):
 
 @api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True, answers={204: None})
 def delete_account(client_id):
-    """Delete an account with its passwords, folders and mail; the feed says account.deleted."""
+    """Delete an account with its passwords, folders and mail; the feed says account.deleted (and its
+    commit wakes the owner's webhooks)."""
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
         models.Credential.forget(client)
         client.delete_instance()
-    tasks.wake_webhooks(models.take_emitted())   # no task ends here to wake the owner's endpoints
     bottle.response.status = 204
     return ''
 
@@ -1115,7 +1115,9 @@ def update_webhook(webhook_id, body):
         setattr(hook, name, value)
     if fresh_start:   # re-enabled or moved: whatever failed before deserves a try now
         hook.failures, hook.failing_since, hook.last_error = 0, None, None
-        hook.disabled_reason, hook.next_attempt_at = None, None
+        # wanted_at too: a run queued while it was enabled, then skipped as it was disabled, left it set,
+        # and the wake-up below would take the endpoint for queued already.
+        hook.disabled_reason, hook.next_attempt_at, hook.wanted_at = None, None, None
     hook.updated_at = models.utcnow()
     hook.save()
     if fresh_start and hook.enabled:   # events may wait behind its cursor: deliver them now

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import secrets
 
@@ -26,6 +27,7 @@ from mailkit import settings as mailkit_settings
 from mailkit.credentials import Sealer
 
 database = pw.DatabaseProxy()
+logger = logging.getLogger('emailsvc.models')
 
 
 def utcnow():
@@ -813,9 +815,29 @@ def with_reconnect(operation):
 # (a reader past id 12 can never later find a committed 11). Callers emit last
 # in their transaction, so the lock is held only up to the commit (and no row
 # lock is taken while holding it, which could deadlock with a writer waiting for it).
+#
+# Whoever must act on new events (webhook deliveries) hears of them from
+# on_events_committed, once the transaction that wrote them commits: not
+# before (a reader would not see them yet), and not only when the task ends
+# (a long sync's first messages would wait for its last).
 
 EVENT_WRITER_LOCK = 0x656d61696c   # any fixed number; 'email' in hex
-_emitted = set()   # (tenant_id, user_id) that had events emitted in this process since take_emitted()
+_committed_listeners = []
+
+
+def on_events_committed(listener):
+    """Call `listener({(tenant_id, user_id)})` in the committing thread after each commit of a transaction
+    that emitted events for that owner; a transaction rolled back calls nothing."""
+    _committed_listeners.append(listener)
+
+
+def announce_committed(owner):
+    for listener in _committed_listeners:
+        try:
+            listener({owner})
+        except Exception:   # the transaction has committed: its caller must not be told it failed
+            logger.warning('after-commit listener %s failed for events of %s', listener.__name__, owner,
+                           exc_info=True)
 
 
 def emit(type_, account=None, data=None, **owner):
@@ -838,14 +860,7 @@ def emit_many(type_, datas, account=None, tenant_id=None, user_id=None, account_
         if not isinstance(database.obj, pw.SqliteDatabase):
             database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (EVENT_WRITER_LOCK,))
         bulk_insert(Event, rows)
-    _emitted.add((tenant_id, user_id))
-
-
-def take_emitted():
-    """The (tenant_id, user_id) pairs that had events emitted here since the last call (to wake deliveries)."""
-    pairs = set(_emitted)
-    _emitted.difference_update(pairs)
-    return pairs
+        database.after_commit(functools.partial(announce_committed, (tenant_id, user_id)))
 
 
 def last_event_id():

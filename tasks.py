@@ -21,7 +21,6 @@ import ssl
 import time
 
 from huey import crontab
-from huey import signals as huey_signals
 
 import models
 import taskq
@@ -964,11 +963,12 @@ def noop(tenant_id=None, user_id=None):
 # events wait behind it, so order holds. Failing since
 # webhooks.disable_after_hours, the endpoint is disabled and says why.
 #
-# Who starts runs: after every task that emitted events, its worker wakes
-# the endpoints of the users concerned (`wake_webhooks`); `wanted_at` marks a
-# run as queued so a burst of tasks queues one run, not one each; a run that
-# finds the endpoint claimed leaves it to the holder, which looks again before
-# it lets go. `sweep_webhooks` (every minute) is the safety net for runs lost
+# Who starts runs: as each transaction that wrote events commits, its process
+# wakes the endpoints of the users concerned (`wake_webhooks`, through
+# models.on_events_committed: a long sync's first messages go out while it
+# goes on); `wanted_at` marks a run as queued so a burst of commits queues one
+# run, not one each; a run that finds the endpoint claimed leaves it to the
+# holder, which looks again before it lets go. `sweep_webhooks` (every minute) is the safety net for runs lost
 # with a killed worker. Runs go to the `webhooks` lane (wired by taskq).
 
 WEBHOOK_FLUSH_EVERY = 50          # deliveries logged (and the cursor moved) per commit, at most
@@ -1181,12 +1181,7 @@ def wake_webhooks(pairs, now=None):
     return woken
 
 
-@huey.signal(huey_signals.SIGNAL_COMPLETE, huey_signals.SIGNAL_ERROR, huey_signals.SIGNAL_RETRYING)
-def wake_webhooks_after_task(signal_name, task, exc=None):
-    """After a task (and the ledger's own writes, task.dead included): wake the endpoints of whoever got events."""
-    pairs = models.take_emitted()
-    if pairs:
-        wake_webhooks(pairs)
+models.on_events_committed(wake_webhooks)
 
 
 @service_task(priority=5, retries=0, periodic=crontab(minute='*'), lane='webhooks')
