@@ -34,17 +34,23 @@ def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
-def clock_sql(offset_seconds=0.0):
-    """The database's own clock as an SQL expression (naive UTC, as the columns hold it).
+def clock_sql(offset_seconds=0.0, epoch=False):
+    """The database's own clock as an SQL expression: naive UTC, as timestamp columns hold it (worker
+    heartbeats), or with `epoch`, seconds since the epoch as a double (watch leases).
 
-    Heartbeats and recovery compare times written by different hosts, so they
-    stamp and judge them with this one clock, never a host's. PostgreSQL's is
-    the server's; SQLite has no server, and its clock is the calling process's,
-    which in the embedded mode is the one host's. `offset_seconds` moves it.
+    Heartbeats, recovery and leases compare times written by different hosts,
+    so they stamp and judge them with this one clock, never a host's.
+    PostgreSQL's is the server's; SQLite has no server, and its clock is the
+    calling process's, which in the embedded mode is the one host's.
+    `offset_seconds` moves it.
     """
     offset = float(offset_seconds)
     if isinstance(database.obj, pw.PostgresqlDatabase):
+        if epoch:
+            return f'(CAST(extract(epoch FROM clock_timestamp()) AS double precision) + {offset!r})'
         return f"(clock_timestamp() AT TIME ZONE 'UTC' + interval '{offset!r} seconds')"
+    if epoch:
+        return f"((julianday('now') - 2440587.5) * 86400.0 + {offset!r})"
     return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{offset!r} seconds')"
 
 
@@ -52,14 +58,6 @@ def database_now():
     """The database's clock now (naive UTC)."""
     value = database.execute_sql(f'SELECT {clock_sql()}').fetchone()[0]
     return value if isinstance(value, datetime.datetime) else pw.format_date_time(value, pw.DateTimeField.formats)
-
-
-def db_clock():
-    """Now, in seconds since the epoch, by the database's clock: watchers on hosts whose clocks
-    disagree compare their leases by one clock."""
-    if isinstance(database.obj, pw.SqliteDatabase):
-        return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
-    return pw.SQL('CAST(extract(epoch FROM clock_timestamp()) AS double precision)')
 
 
 # ---------------------------------------------------------------- database
