@@ -165,6 +165,8 @@ def test_deleting_an_account_is_one_account_deleted_event_delivered_to_its_owner
     assert receiver.all_valid('/owner')
     assert events(other, after=other_start)['items'] == []
     assert not any(b'account.deleted' in body for path, _, _, body, _ in receiver.received if path == '/other')
+    operator = client.as_key(make_key(operator=True))   # an operational event: operators read it too
+    assert feed[0]['id'] in [e['id'] for e in events(operator, after=start, types='account.deleted')['items']]
     assert typing.get_args(contract.EventType) == models.EVENT_TYPES   # the webhooks' types are the feed's
 
 
