@@ -364,8 +364,8 @@ def main():
                                              for f in (0.5, 0.95, 0.99)) +
                   f'  max {max(latencies):.3f} s  mean {statistics.mean(latencies):.3f} s')
         p50, p95, p99 = (percentile(chain, f) for f in (0.5, 0.95, 0.99))
-        print(f'  (the seed polls: up to 300 s; chain p95 {300 / p95:.0f}x sooner; the service adds {p50 - notify:.3f} s '
-              f'to Dovecot\'s announcement at the median)')
+        print(f'  (the seed polls: up to 300 s; chain p95 {300 / p95:.0f}x sooner; the service adds '
+              f'{p50 - notify:.3f} s to Dovecot\'s announcement at the median)')
 
         consumer.stop()
         print(f'capacity: one watcher, {args.accounts} accounts IDLE on one Dovecot', flush=True)
