@@ -1032,7 +1032,7 @@ class DeliveryRun:
     def __init__(self, hook, owner):
         self.hook, self.owner = hook, owner
         self.poster = webhook_poster(hook)
-        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a run, not once a delivery
+        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a batch, not once a delivery
         self.log = []
         self.flushed_at = time.monotonic()
         self.delivered = 0
@@ -1062,6 +1062,9 @@ class DeliveryRun:
                     return True
                 models.Webhook.update(wanted_at=None).where(models.Webhook.id == self.hook.id).execute()
                 continue
+            # Signed as the endpoint says after these events were written: a run woken again and again
+            # by commits can outlive a rotation's grace, and the old secret stops signing when it ends.
+            self.secrets = webhook_secrets(models.Webhook.get_by_id(self.hook.id), models.utcnow())
             for event in events:
                 if time.monotonic() >= deadline:
                     break
