@@ -224,10 +224,11 @@ def test_events_become_visible_in_id_order(user):
     def write(name, hold):
         with models.database.connection_context(), models.tenant_scope(tenant_id):
             with models.database.atomic():
+                # The moment of the commit, before the other after-commit work (waking webhooks) adds its own.
+                models.database.after_commit(lambda: times.setdefault(name, time.monotonic()))
                 models.emit('account.recovered', tenant_id=tenant_id, user_id=user_id, data={'w': name})
                 first_emitted.set()
                 time.sleep(hold)
-            times[name] = time.monotonic()
 
     slow = threading.Thread(target=write, args=('slow', 1.0))
     slow.start()
