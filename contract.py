@@ -500,7 +500,7 @@ class TaskQuery(Query):
 
 EventType = Literal['message.created', 'message.updated', 'message.deleted', 'folder.created', 'folder.deleted',
                     'send.succeeded', 'send.failed', 'send.unknown', 'account.sync_failed', 'account.auth_error',
-                    'account.recovered', 'task.dead']
+                    'account.recovered', 'account.deleted', 'task.dead']
 
 
 def webhook_url(value: str) -> str:

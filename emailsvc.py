@@ -334,7 +334,7 @@ def smtp_of(client):
             'username': client.smtp_username}
 
 
-def account_dict(client, kinds_with_password):
+def account_dict(client, kinds_with_password, push_state=None):
     incoming = dict(incoming_of(client), has_password='incoming' in kinds_with_password)
     smtp = smtp_of(client)
     if smtp:
@@ -346,7 +346,7 @@ def account_dict(client, kinds_with_password):
         'copy_sent': client.copy_sent, 'move_spam': client.move_spam,
         'sync_since': client.sync_since.isoformat() if client.sync_since else None,
         # push: IMAP IDLE by a watcher where the server offers it; push_state: how that goes (null: not watched)
-        'push': client.push, 'push_state': push_state(client),
+        'push': client.push, 'push_state': push_state,
         'sync_state': client.sync_state, 'last_sync_at': models.iso(client.last_sync_at),
         'last_error': client.last_error, 'last_error_code': error_code(client.last_error),
         'sync_task_id': client.sync_task_id,
@@ -357,10 +357,17 @@ def account_dict(client, kinds_with_password):
     }
 
 
-def push_state(client):
-    """The watcher's word on this account: connecting, idling, backoff, auth_error, unsupported; None if unwatched."""
-    lease = models.WatchLease.get_or_none(models.WatchLease.client == client.id)
-    return lease.state if lease else None
+def one_account_dict(client):
+    """account_dict of one account, with what the other tables say of it."""
+    return account_dict(client, password_kinds([client.id]).get(client.id, set()),
+                        push_states([client.id]).get(client.id))
+
+
+def push_states(client_ids):
+    """{client id: the watcher's word on it}, in one query: connecting, idling, backoff, auth_error,
+    unsupported; an account no watcher holds is absent (null: not watched)."""
+    lease = models.WatchLease
+    return dict(lease.select(lease.client, lease.state).where(lease.client.in_(client_ids)).tuples())
 
 
 def error_code(last_error):
@@ -430,7 +437,7 @@ def create_account(body):
     if client.sync_enabled:   # the first sync starts at once: the user wants to see mail, not wait for a period
         start_sync_now(client)
     bottle.response.status = 201
-    return account_dict(client, set(passwords))
+    return account_dict(client, set(passwords))   # no watcher has heard of it yet
 
 
 def start_sync_now(client):
@@ -442,15 +449,15 @@ def start_sync_now(client):
 def list_accounts():
     """The caller's accounts (an operator sees every tenant's, without secrets)."""
     rows = list(own(EmailClient.select(), EmailClient).order_by(EmailClient.id))
-    kinds = password_kinds([row.id for row in rows])
-    return {'items': [account_dict(row, kinds.get(row.id, set())) for row in rows]}
+    kinds, states = password_kinds([row.id for row in rows]), push_states([row.id for row in rows])
+    return {'items': [account_dict(row, kinds.get(row.id, set()), states.get(row.id)) for row in rows]}
 
 
 @api('GET', '/api/v1/accounts/<client_id:int>', answers={200: contract.Account})
 def get_account(client_id):
     """One account: settings, sync state, never a password."""
     client = one(EmailClient, client_id, 'account')
-    return account_dict(client, password_kinds([client.id]).get(client.id, set()))
+    return one_account_dict(client)
 
 
 @api('PATCH', '/api/v1/accounts/<client_id:int>', user_only=True, body=contract.AccountUpdate,
@@ -475,12 +482,13 @@ def update_account(client_id, body):
     # An earlier sync_since (or none) asks for older mail: the sync compares it with what folders hold.
     if (reaching_changed or models.sync_since_moved_back(before_since, client.sync_since)) and client.sync_enabled:
         start_sync_now(client)
-    return account_dict(client, password_kinds([client.id]).get(client.id, set()))
+    return one_account_dict(client)
 
 
 @api('DELETE', '/api/v1/accounts/<client_id:int>', user_only=True, answers={204: None})
 def delete_account(client_id):
-    """Delete an account with its passwords, folders and mail."""
+    """Delete an account with its passwords, folders and mail; the feed says account.deleted (and its
+    commit wakes the owner's webhooks)."""
     client = one(EmailClient, client_id, 'account')
     with models.database.atomic():
         models.Credential.forget(client)
@@ -900,7 +908,8 @@ def conflict_as_409():
 # request beyond that answers at once with what there is, so long-polls can
 # never take every thread from the rest of the API.
 
-OPERATOR_EVENT_TYPES = ('account.sync_failed', 'account.auth_error', 'account.recovered', 'task.dead')
+OPERATOR_EVENT_TYPES = ('account.sync_failed', 'account.auth_error', 'account.recovered', 'account.deleted',
+                        'task.dead')
 
 
 class Doorbell:
@@ -1106,7 +1115,9 @@ def update_webhook(webhook_id, body):
         setattr(hook, name, value)
     if fresh_start:   # re-enabled or moved: whatever failed before deserves a try now
         hook.failures, hook.failing_since, hook.last_error = 0, None, None
-        hook.disabled_reason, hook.next_attempt_at = None, None
+        # wanted_at too: a run queued while it was enabled, then skipped as it was disabled, left it set,
+        # and the wake-up below would take the endpoint for queued already.
+        hook.disabled_reason, hook.next_attempt_at, hook.wanted_at = None, None, None
     hook.updated_at = models.utcnow()
     hook.save()
     if fresh_start and hook.enabled:   # events may wait behind its cursor: deliver them now

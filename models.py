@@ -13,6 +13,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import os
 import secrets
 
@@ -26,23 +27,30 @@ from mailkit import settings as mailkit_settings
 from mailkit.credentials import Sealer
 
 database = pw.DatabaseProxy()
+logger = logging.getLogger('emailsvc.models')
 
 
 def utcnow():
     return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
 
 
-def clock_sql(offset_seconds=0.0):
-    """The database's own clock as an SQL expression (naive UTC, as the columns hold it).
+def clock_sql(offset_seconds=0.0, epoch=False):
+    """The database's own clock as an SQL expression: naive UTC, as timestamp columns hold it (worker
+    heartbeats), or with `epoch`, seconds since the epoch as a double (watch leases).
 
-    Heartbeats and recovery compare times written by different hosts, so they
-    stamp and judge them with this one clock, never a host's. PostgreSQL's is
-    the server's; SQLite has no server, and its clock is the calling process's,
-    which in the embedded mode is the one host's. `offset_seconds` moves it.
+    Heartbeats, recovery and leases compare times written by different hosts,
+    so they stamp and judge them with this one clock, never a host's.
+    PostgreSQL's is the server's; SQLite has no server, and its clock is the
+    calling process's, which in the embedded mode is the one host's.
+    `offset_seconds` moves it.
     """
     offset = float(offset_seconds)
     if isinstance(database.obj, pw.PostgresqlDatabase):
+        if epoch:
+            return f'(CAST(extract(epoch FROM clock_timestamp()) AS double precision) + {offset!r})'
         return f"(clock_timestamp() AT TIME ZONE 'UTC' + interval '{offset!r} seconds')"
+    if epoch:
+        return f"((julianday('now') - 2440587.5) * 86400.0 + {offset!r})"
     return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '{offset!r} seconds')"
 
 
@@ -50,14 +58,6 @@ def database_now():
     """The database's clock now (naive UTC)."""
     value = database.execute_sql(f'SELECT {clock_sql()}').fetchone()[0]
     return value if isinstance(value, datetime.datetime) else pw.format_date_time(value, pw.DateTimeField.formats)
-
-
-def db_clock():
-    """Now, in seconds since the epoch, by the database's clock: watchers on hosts whose clocks
-    disagree compare their leases by one clock."""
-    if isinstance(database.obj, pw.SqliteDatabase):
-        return pw.SQL("((julianday('now') - 2440587.5) * 86400.0)")
-    return pw.SQL('CAST(extract(epoch FROM clock_timestamp()) AS double precision)')
 
 
 # ---------------------------------------------------------------- database
@@ -363,6 +363,15 @@ class EmailClient(TenantModel):
     def ids_of_user(cls, user_id):
         """The ids of a user's accounts, as a subquery."""
         return cls.select(cls.id).where(cls.user_id == user_id)
+
+    def delete_instance(self, *args, **kwargs):
+        """Delete the account with its folders and mail (the database cascades), announced by one
+        account.deleted: an application following the feed drops what it holds of the account, rather
+        than reading a message.deleted for every message and a folder.deleted for every folder."""
+        with database.atomic():
+            result = super().delete_instance(*args, **kwargs)
+            emit('account.deleted', self)
+        return result
 
 
 def sync_since_moved_back(before, after):
@@ -670,7 +679,7 @@ class NeverReusedBigIdField(NeverReusedIdField, pw.BigAutoField):
 
 EVENT_TYPES = ('message.created', 'message.updated', 'message.deleted', 'folder.created', 'folder.deleted',
                'send.succeeded', 'send.failed', 'send.unknown', 'account.sync_failed', 'account.auth_error',
-               'account.recovered', 'task.dead')
+               'account.recovered', 'account.deleted', 'task.dead')
 EVENT_PREFIX = 'evt_'
 
 
@@ -804,9 +813,29 @@ def with_reconnect(operation):
 # (a reader past id 12 can never later find a committed 11). Callers emit last
 # in their transaction, so the lock is held only up to the commit (and no row
 # lock is taken while holding it, which could deadlock with a writer waiting for it).
+#
+# Whoever must act on new events (webhook deliveries) hears of them from
+# on_events_committed, once the transaction that wrote them commits: not
+# before (a reader would not see them yet), and not only when the task ends
+# (a long sync's first messages would wait for its last).
 
 EVENT_WRITER_LOCK = 0x656d61696c   # any fixed number; 'email' in hex
-_emitted = set()   # (tenant_id, user_id) that had events emitted in this process since take_emitted()
+_committed_listeners = []
+
+
+def on_events_committed(listener):
+    """Call `listener({(tenant_id, user_id)})` in the committing thread after each commit of a transaction
+    that emitted events for that owner; a transaction rolled back calls nothing."""
+    _committed_listeners.append(listener)
+
+
+def announce_committed(owner):
+    for listener in _committed_listeners:
+        try:
+            listener({owner})
+        except Exception:   # the transaction has committed: its caller must not be told it failed
+            logger.warning('after-commit listener %s failed for events of %s', listener.__name__, owner,
+                           exc_info=True)
 
 
 def emit(type_, account=None, data=None, **owner):
@@ -829,14 +858,7 @@ def emit_many(type_, datas, account=None, tenant_id=None, user_id=None, account_
         if not isinstance(database.obj, pw.SqliteDatabase):
             database.execute_sql('SELECT pg_advisory_xact_lock(%s)', (EVENT_WRITER_LOCK,))
         bulk_insert(Event, rows)
-    _emitted.add((tenant_id, user_id))
-
-
-def take_emitted():
-    """The (tenant_id, user_id) pairs that had events emitted here since the last call (to wake deliveries)."""
-    pairs = set(_emitted)
-    _emitted.difference_update(pairs)
-    return pairs
+        database.after_commit(functools.partial(announce_committed, (tenant_id, user_id)))
 
 
 def last_event_id():

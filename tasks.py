@@ -21,7 +21,6 @@ import ssl
 import time
 
 from huey import crontab
-from huey import signals as huey_signals
 
 import models
 import taskq
@@ -577,8 +576,10 @@ def send_email(email_client_id, tenant_id, user_id, to, cc=None, bcc=None, subje
         move_outbox(outbox, 'unknown', taken_ok=True, error=str(exc))
         raise FailNow(f'{exc}; not sent again, to avoid a duplicate') from exc
     except TemporaryMailError as exc:
-        # The transaction never completed: a retry is safe.
-        move_outbox(outbox, 'queued', taken_ok=True, error=str(exc))
+        # The transaction never completed: a retry is safe. Out of retries, the
+        # send has failed: the row says so with send.failed in one transaction
+        # (the ledger adds task.dead in its own, as for any task out of retries).
+        move_outbox(outbox, 'failed' if taskq.service.last_attempt() else 'queued', taken_ok=True, error=str(exc))
         raise
     except Exception as exc:
         move_outbox(outbox, 'failed', taken_ok=True, error=f'{type(exc).__name__}: {exc}')
@@ -962,11 +963,12 @@ def noop(tenant_id=None, user_id=None):
 # events wait behind it, so order holds. Failing since
 # webhooks.disable_after_hours, the endpoint is disabled and says why.
 #
-# Who starts runs: after every task that emitted events, its worker wakes
-# the endpoints of the users concerned (`wake_webhooks`); `wanted_at` marks a
-# run as queued so a burst of tasks queues one run, not one each; a run that
-# finds the endpoint claimed leaves it to the holder, which looks again before
-# it lets go. `sweep_webhooks` (every minute) is the safety net for runs lost
+# Who starts runs: as each transaction that wrote events commits, its process
+# wakes the endpoints of the users concerned (`wake_webhooks`, through
+# models.on_events_committed: a long sync's first messages go out while it
+# goes on); `wanted_at` marks a run as queued so a burst of commits queues one
+# run, not one each; a run that finds the endpoint claimed leaves it to the
+# holder, which looks again before it lets go. `sweep_webhooks` (every minute) is the safety net for runs lost
 # with a killed worker. Runs go to the `webhooks` lane (wired by taskq).
 
 WEBHOOK_FLUSH_EVERY = 50          # deliveries logged (and the cursor moved) per commit, at most
@@ -1030,7 +1032,7 @@ class DeliveryRun:
     def __init__(self, hook, owner):
         self.hook, self.owner = hook, owner
         self.poster = webhook_poster(hook)
-        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a run, not once a delivery
+        self.secrets = webhook_secrets(hook, models.utcnow())   # decrypted once a batch, not once a delivery
         self.log = []
         self.flushed_at = time.monotonic()
         self.delivered = 0
@@ -1060,6 +1062,9 @@ class DeliveryRun:
                     return True
                 models.Webhook.update(wanted_at=None).where(models.Webhook.id == self.hook.id).execute()
                 continue
+            # Signed as the endpoint says after these events were written: a run woken again and again
+            # by commits can outlive a rotation's grace, and the old secret stops signing when it ends.
+            self.secrets = webhook_secrets(models.Webhook.get_by_id(self.hook.id), models.utcnow())
             for event in events:
                 if time.monotonic() >= deadline:
                     break
@@ -1179,12 +1184,7 @@ def wake_webhooks(pairs, now=None):
     return woken
 
 
-@huey.signal(huey_signals.SIGNAL_COMPLETE, huey_signals.SIGNAL_ERROR, huey_signals.SIGNAL_RETRYING)
-def wake_webhooks_after_task(signal_name, task, exc=None):
-    """After a task (and the ledger's own writes, task.dead included): wake the endpoints of whoever got events."""
-    pairs = models.take_emitted()
-    if pairs:
-        wake_webhooks(pairs)
+models.on_events_committed(wake_webhooks)
 
 
 @service_task(priority=5, retries=0, periodic=crontab(minute='*'), lane='webhooks')

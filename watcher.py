@@ -161,7 +161,7 @@ class Watcher:
     def hold_leases(self):
         """Renew, take and drop leases; returns ({account id: Account} of the accounts held now,
         seconds until the first lease another watcher holds expires unless renewed)."""
-        lease, now = models.WatchLease, models.db_clock()
+        lease, now = models.WatchLease, pw.SQL(models.clock_sql(epoch=True))
         with models.database.connection_context(), models.all_tenants():
             wanted = watchable_accounts()
             share = math.ceil(len(wanted) / self.live_watchers(now))

@@ -24,6 +24,7 @@ every lane by default, each with its configured workers; `lanes=` serves some.
 worker counts (its -w is not used), -k, -M, -n and the rest as given.
 """
 import contextlib
+import contextvars
 import copy
 import functools
 import gc
@@ -179,12 +180,15 @@ class LedgerHuey(Huey):
             def run(*args, task=None, **kwargs):
                 tenant_id = ledger.tenant_of_call(func, args, kwargs)
                 scope = models.tenant_scope(tenant_id) if tenant_id is not None else models.all_tenants()
+                left = retries_left.set(getattr(task, 'retries', None))
                 with scope, self.watchdog.limit(task, hard):
                     try:
                         result = func(*args, **kwargs)
                     except ledger.NO_RETRY:
                         task.retries = 0
                         raise
+                    finally:
+                        retries_left.reset(left)
                 task.ledger_result = result
                 return result
 
@@ -240,6 +244,17 @@ HOST = os.uname().nodename
 # inherit, a worker's name is unique on any number of hosts. A boot id would
 # not do: containers on one kernel share it, and may share hostname and pid too.
 CONSUMER_ID = secrets.token_hex(6)
+
+
+# The retries the running task has left (None outside a task). A task whose
+# own rows must say how it ended (send_email's outbox) asks last_attempt():
+# the ledger records the end after the task returns, in a transaction of its own.
+retries_left = contextvars.ContextVar('retries_left', default=None)
+
+
+def last_attempt():
+    """True in a task's last attempt: if it raises now, it is not retried (the ledger marks it dead)."""
+    return retries_left.get() == 0
 
 
 def jittered(delay, cap, jitter, rand=random.random):

@@ -1,5 +1,6 @@
 """Accounts that heal and rest: a first sync at once, backoff while failing, no retries of a rejected login."""
 import datetime
+import time
 import types
 
 import models
@@ -8,7 +9,7 @@ from tests.conftest import STATE, wait_for_state
 from tests.test_send import smtp_server  # noqa: F401 (fixture)
 from tests.test_stop import Service
 from tests.test_sync import PASSWORD, first_sync_settled, message, messages, user  # noqa: F401 (fixture)
-from tests.test_sync import Mailbox, mailbox  # noqa: F401 (fixture)
+from tests.test_sync import Mailbox, count_queries, mailbox, wsgi_get  # noqa: F401 (fixture)
 
 
 def create(api, mailbox, password=PASSWORD):
@@ -73,6 +74,31 @@ def test_a_failing_account_backs_off_doubling_up_to_the_cap(user, mailbox):
         tasks.end_sync(models.EmailClient.get_by_id(account['id']), 'idle', None, now=start)
         healed = models.EmailClient.get_by_id(account['id'])
     assert (healed.failures, (healed.next_sync_at - start).total_seconds()) == (0, 300)
+
+
+def test_the_account_list_runs_the_same_few_queries_for_50_accounts(user):
+    tenant_id, user_id = user.ids
+
+    def add(n):   # straight in the database, unwatched: the list only reads them
+        with models.tenant_scope(tenant_id):
+            return models.EmailClient.create(
+                user_id=user_id, email=f'a{n}@example.org', incoming_protocol='imap', incoming_host='127.0.0.1',
+                incoming_port=1, incoming_security='none', incoming_username=f'a{n}', push=False,
+                next_sync_at=None).id
+
+    ids = [add(0)]
+    one = count_queries(lambda: wsgi_get('/api/v1/accounts', user.key))
+    ids += [add(n) for n in range(1, 50)]
+    watched = models.WatchLease.create(client=ids[7], holder='test:0:x', expires=time.time() + 600, state='idling')
+    try:
+        answers = []
+        many = count_queries(lambda: answers.append(wsgi_get('/api/v1/accounts', user.key)))
+    finally:
+        watched.delete_instance()
+    assert len(one) == len(many) <= 4, many   # the key, the accounts, their passwords, their watch leases
+    (status, body), = answers
+    assert status.startswith('200') and [a['id'] for a in body['items']] == ids
+    assert {a['id']: a['push_state'] for a in body['items']} == {i: 'idling' if i == ids[7] else None for i in ids}
 
 
 def test_periodic_sync_lets_tenants_take_turns():

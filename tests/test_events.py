@@ -157,6 +157,19 @@ def test_send_outcomes_are_events(sender, smtp_server, consumer):
     assert '550' in feed[1]['data']['error'] and feed[1]['account_id'] == sender.account
 
 
+def test_a_send_out_of_retries_on_temporary_errors_is_send_failed(sender, smtp_server, consumer):
+    from tests.test_send import MAIL, send
+    start = events(sender, after='now')['next_cursor']
+    smtp_server.reply_to_data('451 4.3.0 Try again later', times=tasks.send_email.task_class.default_retries + 1)
+    task_id, row = send(sender, MAIL, state='dead', timeout=30)
+    assert row.attempts == tasks.send_email.task_class.default_retries + 1 and smtp_server.received() == []
+    feed = events(sender, after=start, types='send.succeeded,send.failed,task.dead')['items']
+    assert [(e['type'], e['data']['task_id']) for e in feed] == [('send.failed', task_id), ('task.dead', task_id)]
+    assert '451' in feed[0]['data']['error'] and feed[0]['account_id'] == sender.account
+    with models.tenant_scope(sender.ids[0]):
+        assert models.Outbox.get(models.Outbox.task_id == task_id).state == 'failed'
+
+
 def test_a_dead_task_is_an_event_for_its_user_and_the_operator(user, client, make_key, consumer):
     from tests import probe_tasks
     operator = client.as_key(make_key(operator=True))
@@ -211,10 +224,11 @@ def test_events_become_visible_in_id_order(user):
     def write(name, hold):
         with models.database.connection_context(), models.tenant_scope(tenant_id):
             with models.database.atomic():
+                # The moment of the commit, before the other after-commit work (waking webhooks) adds its own.
+                models.database.after_commit(lambda: times.setdefault(name, time.monotonic()))
                 models.emit('account.recovered', tenant_id=tenant_id, user_id=user_id, data={'w': name})
                 first_emitted.set()
                 time.sleep(hold)
-            times[name] = time.monotonic()
 
     slow = threading.Thread(target=write, args=('slow', 1.0))
     slow.start()

@@ -212,3 +212,16 @@ def test_a_version_1_database_upgrades_in_place(unique):
         models.database.initialize(original)
         old_db.close()
         new_db.close()
+
+
+def test_the_database_clock_reads_the_same_as_a_timestamp_and_as_epoch_seconds():
+    import datetime
+    row = models.database.execute_sql(f'SELECT {models.clock_sql()}, {models.clock_sql(epoch=True)}, '
+                                      f'{models.clock_sql(-30, epoch=True)}, {models.clock_sql(-30)}').fetchone()
+    stamp, seconds, earlier_seconds, earlier_stamp = row
+    as_time = [value if isinstance(value, datetime.datetime) else pw.format_date_time(value, pw.DateTimeField.formats)
+               for value in (stamp, earlier_stamp)]
+    epoch = [t.replace(tzinfo=datetime.timezone.utc).timestamp() for t in as_time]   # naive UTC
+    assert abs(epoch[0] - seconds) < 0.5 and abs(epoch[1] - earlier_seconds) < 0.5
+    assert abs(seconds - earlier_seconds - 30) < 0.5
+    assert abs(seconds - datetime.datetime.now(datetime.timezone.utc).timestamp()) < 5   # one host here

@@ -2,6 +2,7 @@
 
 No test here runs periodic_sync: mail that becomes readable came by push.
 """
+import json
 import subprocess
 import time
 
@@ -11,6 +12,7 @@ import models
 from tests import services
 from tests.conftest import STATE, record, wait_for
 from tests.test_sync import FIRST_SYNC, add_account, first_sync_settled, mailbox, message, messages, user  # noqa: F401 (fixtures)
+from tests.test_webhooks import add_webhook, receiver  # noqa: F401 (fixture)
 
 GRACE = 2.0
 WATCHER_ENV = {'EMAILSVC_WATCHER_HEARTBEAT_SECONDS': '0.3', 'EMAILSVC_WATCHER_RECOVERY_GRACE': str(GRACE),
@@ -97,13 +99,20 @@ def stays(condition, seconds):
     return True
 
 
-def test_appended_mail_is_readable_within_seconds(user, mailbox, consumer, watcher):
+def test_appended_mail_is_readable_and_its_webhook_delivered_within_seconds(user, mailbox, consumer, watcher,
+                                                                          receiver):
+    add_webhook(user, receiver, events=['message.created'])
     account = watched_account(user, mailbox)
+    already = len(receiver.received)   # the first sync's, if the INBOX had mail
     started = time.monotonic()
     mailbox.append(message(1, 'pushed'))
     wait_for(lambda: readable(user, account, 'pushed'), timeout=5, interval=0.05,
              message='the appended message to be readable by push')
-    assert time.monotonic() - started < 5
+    (pushed,) = [m['id'] for m in messages(user, account_id=account) if m['subject'] == 'pushed']
+    wait_for(lambda: any(json.loads(body)['data']['message_id'] == pushed
+                         for _, _, _, body, _ in receiver.received[already:]), timeout=5, interval=0.05,
+             message='its message.created webhook')
+    assert time.monotonic() - started < 5 and receiver.all_valid('/hook')   # checked with standardwebhooks
     assert user.get(f'/api/v1/accounts/{account}').json['push'] is True
 
 

@@ -2,15 +2,18 @@
 `standardwebhooks` package) to a real HTTP receiver on loopback, in order, across a receiver restart."""
 import datetime
 import ssl
+import typing
 
 import pytest
 
+import contract
 import models
 import tasks
 from tests import services
-from tests.conftest import STATE, assert_api_error, wait_for, wait_for_state
+from tests.conftest import STATE, assert_api_error, record, wait_for, wait_for_state
+from tests.test_dashboard import fill_maildir
 from tests.test_events import emit, events
-from tests.test_sync import Mailbox, add_account, message, sync, user  # noqa: F401 (fixture)
+from tests.test_sync import FIRST_SYNC, Mailbox, add_account, message, sync, user  # noqa: F401 (fixture)
 from tests.webhook_receiver import Receiver
 
 
@@ -104,7 +107,9 @@ def test_every_event_arrives_signed_and_in_order_across_a_receiver_restart(user,
              message=lambda: f'all 70 events delivered (got {len(set(receiver.ids("/hook")))})')
     assert first_seen_order(receiver.ids('/hook')) == expected   # in feed order, none skipped
     assert receiver.all_valid('/hook')
-    log = deliveries(user, hook['id'])
+    # The log commits a moment after the posts it records.
+    log = wait_for(lambda: (rows := deliveries(user, hook['id'])) and set(expected) <= {
+        d['event_id'] for d in rows if d['status'] == 'succeeded'} and rows, timeout=10, message='the delivery log')
     failed = [d for d in log if d['status'] == 'failed']
     assert failed and failed[0]['response_code'] is None and failed[0]['attempt'] >= 1
     retried = [d for d in log if d['status'] == 'succeeded' and d['attempt'] > 1]
@@ -121,6 +126,48 @@ def test_a_sync_s_new_mail_reaches_the_webhook(user, unique, receiver, consumer)
     wait_for(lambda: receiver.ids('/hook'), timeout=20, message='the message.created delivery')
     (_, _, valid, body, _), = receiver.received
     assert valid and b'"type":"message.created"' in body and f'"account_id":{account}'.encode() in body
+
+
+def test_a_long_sync_s_first_messages_are_delivered_before_it_ends(user, unique, receiver, consumer):
+    hook = add_webhook(user, receiver, events=['message.created'])
+    dovecot, total = STATE['dovecot'], 1500
+    mailbox = Mailbox(dovecot, unique)
+    fill_maildir(dovecot, unique, total)   # a first sync of 30 batches (mail.sync_batch 50 in tests)
+    account = add_account(user, mailbox)
+    first_sync = FIRST_SYNC[account]
+    sync(user, account)
+    synced = record(first_sync)
+    wait_for(lambda: len(set(receiver.ids('/hook'))) >= total, timeout=60,
+             message=lambda: f'{total} deliveries (got {len(set(receiver.ids("/hook")))})')
+    with models.tenant_scope(user.ids[0]):
+        first = models.WebhookDelivery.select(models.pw.fn.MIN(models.WebhookDelivery.created_at)).where(
+            models.WebhookDelivery.webhook_id == hook['id']).scalar()
+    # Woken by the commit of each batch, not by the end of the task that stored them.
+    assert first < synced.finished_at, (first, synced.finished_at)
+    assert receiver.all_valid('/hook')
+
+
+def test_deleting_an_account_is_one_account_deleted_event_delivered_to_its_owner_only(
+        user, client, make_key, unique, receiver, consumer):
+    other = client.as_key(make_key(unique + 'x', 'olga'))   # another tenant, with an endpoint of its own
+    add_webhook(user, receiver, '/owner')
+    add_webhook(other, receiver, '/other')
+    mailbox = Mailbox(STATE['dovecot'], unique)
+    mailbox.append(message(1), message(2))
+    account = add_account(user, mailbox)
+    sync(user, account)
+    start, other_start = (events(api, after='now')['next_cursor'] for api in (user, other))
+    assert user.delete(f'/api/v1/accounts/{account}').status == 204
+    feed = events(user, after=start)['items']
+    assert [(e['type'], e['account_id'], e['data']) for e in feed] == [('account.deleted', account, {})]
+    # Woken by the request itself, not by the minute's sweep.
+    wait_for(lambda: feed[0]['id'] in receiver.ids('/owner'), timeout=5, message='the account.deleted delivery')
+    assert receiver.all_valid('/owner')
+    assert events(other, after=other_start)['items'] == []
+    assert not any(b'account.deleted' in body for path, _, _, body, _ in receiver.received if path == '/other')
+    operator = client.as_key(make_key(operator=True))   # an operational event: operators read it too
+    assert feed[0]['id'] in [e['id'] for e in events(operator, after=start, types='account.deleted')['items']]
+    assert typing.get_args(contract.EventType) == models.EVENT_TYPES   # the webhooks' types are the feed's
 
 
 def test_rotation_signs_with_both_secrets_for_a_while(user, receiver, consumer):

@@ -1,6 +1,7 @@
 """A real HTTP receiver of webhooks on loopback, verifying each delivery with the independent
 `standardwebhooks` package; it can be stopped and started again on the same port."""
 import http.server
+import socket
 import threading
 
 import standardwebhooks
@@ -20,6 +21,7 @@ class Receiver:
         self.lock = threading.Lock()
         self.status = 200
         self.server = None
+        self.connections = set()   # the open ones, which stop() drops (a server's threads would keep serving them)
 
     @property
     def url(self):
@@ -30,6 +32,16 @@ class Receiver:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = 'HTTP/1.1'   # keep-alive, as real receivers do
+
+            def setup(self):
+                super().setup()
+                with receiver.lock:
+                    receiver.connections.add(self.connection)
+
+            def finish(self):
+                with receiver.lock:
+                    receiver.connections.discard(self.connection)
+                super().finish()
 
             def do_POST(self):
                 length = int(self.headers.get('Content-Length', 0))
@@ -54,6 +66,12 @@ class Receiver:
         """Stop listening and drop open connections: the service sees refused connections until start()."""
         self.server.shutdown()
         self.server.server_close()
+        with self.lock:
+            for connection in self.connections:
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass   # the sender hung up at the same moment: dropped either way
         self.server = None
 
     def record(self, path, headers, body):
