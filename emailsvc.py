@@ -1093,6 +1093,14 @@ def create_webhook(body):
     return webhook_dict(hook, secret)
 
 
+def save_only(hook, changed):
+    """Write only these fields: a delivery run may be moving the endpoint's cursor and lease at this
+    moment, and saving the whole row as read earlier would put them back (deliveries repeated)."""
+    for name, value in changed.items():
+        setattr(hook, name, value)
+    hook.save(only=list(changed))
+
+
 @api('GET', '/api/v1/webhooks', user_only=True, answers={200: contract.Webhooks})
 def list_webhooks():
     rows = models.Webhook.select().where(models.Webhook.user_id == caller().user_id).order_by(models.Webhook.id)
@@ -1111,15 +1119,13 @@ def update_webhook(webhook_id, body):
     hook = one(models.Webhook, webhook_id, 'webhook')
     clean = webhook_fields(body)
     fresh_start = clean.get('enabled') and not hook.enabled or clean.get('url', hook.url) != hook.url
-    for name, value in clean.items():
-        setattr(hook, name, value)
+    changed = dict(clean, updated_at=models.utcnow())
     if fresh_start:   # re-enabled or moved: whatever failed before deserves a try now
-        hook.failures, hook.failing_since, hook.last_error = 0, None, None
         # wanted_at too: a run queued while it was enabled, then skipped as it was disabled, left it set,
         # and the wake-up below would take the endpoint for queued already.
-        hook.disabled_reason, hook.next_attempt_at, hook.wanted_at = None, None, None
-    hook.updated_at = models.utcnow()
-    hook.save()
+        changed.update(failures=0, failing_since=None, last_error=None, disabled_reason=None,
+                       next_attempt_at=None, wanted_at=None)
+    save_only(hook, changed)
     if fresh_start and hook.enabled:   # events may wait behind its cursor: deliver them now
         tasks.wake_webhooks({(hook.tenant_id, hook.user_id)})
     return webhook_dict(hook)
@@ -1141,9 +1147,8 @@ def rotate_webhook_secret(webhook_id):
     hook = one(models.Webhook, webhook_id, 'webhook')
     secret = webhooks.new_secret()
     now = models.utcnow()
-    hook.previous_secret, hook.previous_secret_until = hook.secret, now + ROTATION_GRACE
-    hook.secret, hook.updated_at = models.Webhook.seal(secret), now
-    hook.save()
+    save_only(hook, {'previous_secret': hook.secret, 'previous_secret_until': now + ROTATION_GRACE,
+                     'secret': models.Webhook.seal(secret), 'updated_at': now})
     return webhook_dict(hook, secret)
 
 

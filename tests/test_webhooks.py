@@ -7,6 +7,7 @@ import typing
 import pytest
 
 import contract
+import emailsvc
 import models
 import tasks
 from tests import services
@@ -188,6 +189,22 @@ def test_rotation_signs_with_both_secrets_for_a_while(user, receiver, consumer):
     *_, body, headers = receiver.received[1]
     assert Receiver.verifies(resp.json['secret'], headers, body) and not Receiver.verifies(old, headers, body)
     assert len(headers['webhook-signature'].split()) == 1
+
+
+def test_a_patch_or_rotation_writes_only_its_own_fields(user, receiver):
+    """A delivery run moves the cursor and lease while a PATCH or rotation holds the row it read:
+    saving that whole row would put the cursor back (every event after it delivered again)."""
+    hook = add_webhook(user, receiver)
+    with models.all_tenants():
+        as_read = models.Webhook.get_by_id(hook['id'])
+        models.Webhook.update(cursor=41, lease_owner='a-run').where(models.Webhook.id == hook['id']).execute()
+        emailsvc.save_only(as_read, {'enabled': False})
+        after = models.Webhook.get_by_id(hook['id'])
+    assert (after.cursor, after.lease_owner, after.enabled) == (41, 'a-run', False)
+    assert user.patch(f'/api/v1/webhooks/{hook["id"]}', {'events': ['message.created']}).status == 200
+    assert user.post(f'/api/v1/webhooks/{hook["id"]}/rotate').status == 200
+    with models.all_tenants():
+        assert models.Webhook.get_by_id(hook['id']).cursor == 41
 
 
 def test_no_secret_reaches_a_log_or_an_event(user, receiver, consumer, web):
