@@ -14,7 +14,7 @@ from huey.constants import EmptyData
 import models
 import tasks
 from taskq import ledger
-from taskq.storage import WakingSqliteStorage, WriteTurns
+from taskq.storage import LaneRedisStorage, WakingSqliteStorage, WriteTurns
 from tests import probe_tasks
 from tests.conftest import ROOT, STATE, python_env, record, wait_for, wait_for_state
 from tests.test_dashboard import raw, sign_in
@@ -241,6 +241,32 @@ def test_each_ring_sends_one_idle_worker_and_stale_rings_are_dropped():
 
 
 # ---------------------------------------------------------------- fairness within a lane
+
+def test_an_idle_redis_lane_waits_first_then_reads_the_marks_and_the_lane_depth_in_one_trip():
+    # With more idle workers than tasks (three consumers) every task is popped by the blocking pop:
+    # the empty pop before it is skipped, and the marks come with the lane's depth (storage.LaneRedisStorage).
+    huey = tasks.huey
+    if huey.storage.lane_class is not LaneRedisStorage:
+        pytest.skip('the Redis lane (scale-out mode)')
+    lane = LaneRedisStorage(f'{huey.name}-idle-{os.getpid()}', lane='test', **huey.storage_kwargs)
+    lane.read_timeout = 0.1
+    lane.flush_queue()
+    assert lane.dequeue() is None and lane.idle
+    first, second = tasks.noop.s(), tasks.noop.s()
+    lane.put_data(f'r:{first.id}', b'revoked')
+    lane.put_data('r:an-earlier-run', b'left by it')
+    lane.stale_marks = ['r:an-earlier-run']
+    for task in (first, second):
+        lane.enqueue(huey.serialize_task(task), 3)
+    pops = lane.conn.info('commandstats').get('cmdstat_zpopmin', {}).get('calls', 0)
+    assert lane.dequeue() == huey.serialize_task(first)    # taken by the blocking pop
+    assert lane.marks == [b'revoked', None] and lane.peek_data('r:an-earlier-run') is EmptyData
+    assert not lane.idle                                    # one more waits: the next pop is the script's
+    assert lane.conn.info('commandstats').get('cmdstat_zpopmin', {}).get('calls', 0) == pops
+    assert lane.dequeue() == huey.serialize_task(second) and lane.marks == [None, None]
+    assert lane.dequeue() is None and lane.idle
+    lane.flush_all()
+
 
 def test_tenants_take_turns_within_a_priority_and_priorities_come_first():
     huey = tasks.huey
