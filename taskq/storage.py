@@ -59,6 +59,8 @@ from huey.serializer import Serializer
 from huey.constants import EmptyData
 from huey.storage import PriorityRedisStorage, SqliteStorage
 from huey.utils import Error
+import redis
+from redis.exceptions import NoScriptError
 
 logger = logging.getLogger('emailsvc.queue')
 
@@ -75,10 +77,11 @@ class SignedJsonSerializer(Serializer):
         self._key = hashlib.sha256(b'emailsvc task payload:' + secret.encode()).digest()
 
     def _sign(self, body):
-        return hmac.new(self._key, body, hashlib.sha256).hexdigest().encode()
+        # hmac.digest: one call into OpenSSL, no HMAC object per payload.
+        return hmac.digest(self._key, body, 'sha256').hex().encode()
 
     def serialize(self, data):
-        body = json.dumps(encode(data), separators=(',', ':')).encode()
+        body = COMPACT_JSON(encode(data)).encode()
         return MAGIC + self._sign(body) + b':' + body
 
     def deserialize(self, data):
@@ -96,9 +99,19 @@ class SignedJsonSerializer(Serializer):
         return PayloadRefused(f'refused queue payload: {reason}')
 
 
+# One encoder for every payload: json.dumps with separators builds a new one per call.
+COMPACT_JSON = json.JSONEncoder(separators=(',', ':')).encode
+
 # JSON has no tuple, datetime or Huey message; tag them so they come back whole.
+# Most of a message is strings, numbers and None, which JSON takes as they are:
+# those are told by their exact type in one look (a task's message is ~18
+# values, each of which went through seven isinstance checks).
+PLAIN = frozenset((str, int, float, bool, type(None)))
+
 
 def encode(value):
+    if type(value) in PLAIN:
+        return value
     if isinstance(value, Message):
         return {'$msg': [encode(v) for v in value]}
     if isinstance(value, Error):
@@ -195,6 +208,32 @@ return {marks[1], marks[2], redis.call('ZCARD', KEYS[1])}
 MESSAGE_NAMES = re.compile(rb'"\$msg":\["([^"]+)","([^"]+)"')
 
 
+class Pusher:
+    """A producer's own Redis connection for its pushes, one per process, shared by its threads.
+
+    Each command through the pool takes a connection out and puts it back: a
+    lock, four observability counters, and a poll(2) that checks the connection
+    has nothing unread, ~20 us of an enqueue's CPU (measured). Pushes go over a
+    connection this process keeps instead (redis-py's single-connection client:
+    a lock around each command, the same retries and reconnects). Made at the
+    first push, so a process starts while Redis is down; made again in a forked
+    child, which must not share its parent's socket.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self._client, self._pid = None, None
+        self._lock = threading.Lock()
+
+    def client(self):
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._client = redis.Redis(connection_pool=self.pool, single_connection_client=True)
+                    self._pid = os.getpid()
+        return self._client
+
+
 class LaneRedisStorage(PriorityRedisStorage):
     """Huey's priority Redis queue for one lane (lane=None: the storage Huey holds, see AllLanes).
 
@@ -218,6 +257,7 @@ class LaneRedisStorage(PriorityRedisStorage):
         self._enqueue = self.conn.register_script(ENQUEUE_LUA)
         self._pop_with_marks = self.conn.register_script(POP_LUA)
         self._marks_after_wait = self.conn.register_script(MARKS_LUA)
+        self.pusher = Pusher(self.conn.connection_pool)   # AllRedisLanes gives its lanes one to share
         self.marks = None        # the last popped task's revoke marks, if the script popped it
         self.stale_marks = []    # revoke marks to drop with the next pop
         self.idle = False        # the lane was empty at the last look: wait first
@@ -254,8 +294,21 @@ class LaneRedisStorage(PriorityRedisStorage):
         priority = band(priority)
         # Huey's time prefix (RedisPriorityQueue.enqueue): enqueue order among equal scores.
         member = struct.pack('>Q', int(time.time() * 1e6)) + data
-        self._enqueue(keys=[self.queue_key, f'{self.queue_key}.turns.{priority}'],
-                      args=[member, priority, tenant_key(tenant)])
+        keys_and_args = (self.queue_key, f'{self.queue_key}.turns.{priority}', member, priority, tenant_key(tenant))
+        # EVALSHA as a plain command: redis-py's Script call costs an import and
+        # a type check per call, a tenth of the producer's Redis CPU (measured).
+        pusher = self.pusher.client()
+        try:
+            try:
+                pusher.execute_command('EVALSHA', self._enqueue.sha, 2, *keys_and_args)
+            except redis.ConnectionError:
+                # A connection the server closed while it sat idle (a restart) fails at its next
+                # command, which the pool would have noticed before sending; the client reconnects
+                # for this second try. Had the first push been made after all, the task's second
+                # copy finds its record taken and does not run (ledger.claim).
+                pusher.execute_command('EVALSHA', self._enqueue.sha, 2, *keys_and_args)
+        except NoScriptError:   # a restarted or other server: the Script call loads it and runs it
+            self._enqueue(keys=keys_and_args[:2], args=keys_and_args[2:], client=pusher)
 
     def pop_now(self):
         """The next task's payload without waiting, or None."""
@@ -560,9 +613,12 @@ class AllLanes:
     default_lane = None
 
     def add_lanes(self, names, default, **kwargs):
-        """One storage per lane, for the same broker and queue name."""
+        """One storage per lane, for the same broker and queue name (in Redis, pushing over one connection)."""
         self.lanes = {lane: self.lane_class(self.name, lane=lane, **kwargs) for lane in names}
         self.default_lane = default
+        for lane in self.lanes.values():
+            if hasattr(lane, 'pusher'):
+                lane.pusher = self.pusher
 
     def enqueue(self, data, priority=None, tenant=None):
         """A payload queued without its lane (LedgerHuey.enqueue picks the lane of a task) goes to the default."""
