@@ -9,6 +9,7 @@ import pytest
 
 import models
 import tasks
+from taskq import ledger
 from tests.conftest import STATE, assert_api_error, record, wait_for, wait_for_state
 from tests.test_sync import PASSWORD, Mailbox, first_sync_settled, message, sync, user  # noqa: F401 (fixture)
 
@@ -131,9 +132,12 @@ def test_idempotency_key_expires(sender, smtp_server, consumer):
 def test_an_accepted_send_and_sync_insert_their_ledger_rows_once(sender, smtp_server, consumer, monkeypatch):
     inserts = []
     execute_sql = models.database.obj.execute_sql
+    ledger_insert = ledger._prepared_form(ledger._insert_sql('%s', ledger.RECORD_COLUMNS))[0] \
+        if models.database.obj.param == '%s' else None
 
     def counting(sql, *args, **kwargs):
-        if sql.startswith('INSERT INTO "task_record"'):
+        # On PostgreSQL the ledger's INSERT runs as a prepared statement: EXECUTE <its name>.
+        if sql.startswith('INSERT INTO "task_record"') or ledger_insert and sql.startswith(f'EXECUTE {ledger_insert}'):
             inserts.append(sql)
         return execute_sql(sql, *args, **kwargs)
     monkeypatch.setattr(models.database.obj, 'execute_sql', counting)
