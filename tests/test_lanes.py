@@ -113,6 +113,24 @@ def test_sqlite_writers_take_turns_handed_over_at_once_and_stop_waiting_after_th
     stuck.join(5)
 
 
+def test_a_writer_waits_its_turn_under_a_skewed_clock(tmp_path):
+    # The skewed hosts of test_hosts.py run under libfaketime, where time.sleep fails (EINVAL): a ledger
+    # write that waited its turn with it failed, and its task stayed `running` for good.
+    from tests.test_hosts import LIBFAKETIME
+    if not os.path.exists(LIBFAKETIME):
+        pytest.skip(f'{LIBFAKETIME} is absent (Debian package libfaketime)')
+    turns = WriteTurns(tmp_path / 'emailsvc.db')
+    script = ('import sys, time; from taskq.storage import WriteTurns\n'
+              'turns = WriteTurns(sys.argv[1], patience=0.3); started = time.monotonic()\n'
+              'with turns.turn(): print(round(time.monotonic() - started, 2))')
+    env = dict(python_env(), LD_PRELOAD=LIBFAKETIME, FAKETIME='-120s', FAKETIME_DONT_FAKE_MONOTONIC='1')
+    with turns.turn():   # held here: the skewed writer must wait, then write anyway
+        out = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'emailsvc.db')], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert 0.3 <= float(out.stdout) < 5
+
+
 def test_each_workflow_has_its_lane():
     lanes = {name: wrapper.task_class.lane for name, wrapper in tasks.huey.service_tasks.items()}
     assert {k: lanes[k] for k in ('sync_emails', 'send_email', 'delete_emails', 'check_spam', 'file_report',
