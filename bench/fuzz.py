@@ -64,17 +64,18 @@ def main():
 
 def wait_for_health(base, web):
     import requests
-    deadline = time.monotonic() + 30
+    deadline, last = time.monotonic() + 30, None
     while time.monotonic() < deadline:
         if web.poll() is not None:
             raise SystemExit(f'the web server exited with {web.returncode}')
         try:
-            if requests.get(base + '/health', timeout=2).status_code == 200:
+            last = requests.get(base + '/health', timeout=2).status_code
+            if last == 200:
                 return
-        except requests.RequestException:
-            pass   # not listening yet: the loop asks again until the deadline
+        except requests.RequestException as exc:   # not listening yet: asked again until the deadline
+            last = exc
         time.sleep(0.1)
-    raise SystemExit('the web server did not answer /health within 30 s')
+    raise SystemExit(f'the web server did not answer /health within 30 s (last: {last})')
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ tasks write them; their commit wakes deliveries, as a task's commit does.
     ./run.sh bench webhook_bench [--scaleout] [--n 1000] [--endpoints 4] [--outage 60]
 """
 import argparse
+import contextlib
 import os
 import pathlib
 import shutil
@@ -95,10 +96,8 @@ class ConsumerProcess:
                 self.proc.wait(30)
             except subprocess.TimeoutExpired:
                 self.kill()
-        try:
+        with contextlib.suppress(ProcessLookupError):   # the group is gone already: nothing left to stop
             os.killpg(self.proc.pid, signal.SIGKILL)   # any worker left behind
-        except ProcessLookupError:
-            pass   # the group is gone already: nothing left to stop
 
 
 def make_endpoints(models, receiver, count):

@@ -466,9 +466,7 @@ class WakingSqliteStorage(SqliteStorage):
             return None
         with self.turns.turn(), self.db(commit=True) as curs:
             if self.stale_marks:
-                curs.execute(f'delete from kv where queue = ? and key in ({", ".join("?" * len(self.stale_marks))})',
-                             (self.name, *self.stale_marks))
-                self.stale_marks = []
+                curs.execute(*self._drop_stale_marks_sql())
             curs.execute('delete from task where id = (select id from task where queue = ? '
                          'order by priority desc, id limit 1) returning data', (self.queue,))
             row = curs.fetchone()
@@ -487,9 +485,12 @@ class WakingSqliteStorage(SqliteStorage):
     def drop_stale_marks(self):
         """Drop the collected revoke marks now (a worker that stops pops no more)."""
         if self.stale_marks:
-            self.sql(f'delete from kv where queue = ? and key in ({", ".join("?" * len(self.stale_marks))})',
-                     (self.name, *self.stale_marks), commit=True)
-            self.stale_marks = []
+            self.sql(*self._drop_stale_marks_sql(), commit=True)
+
+    def _drop_stale_marks_sql(self):
+        """The statement dropping the collected revoke marks, which are then no longer kept."""
+        marks, self.stale_marks = self.stale_marks, []
+        return f'delete from kv where queue = ? and key in ({", ".join("?" * len(marks))})', (self.name, *marks)
 
     def queue_size(self):
         return self.sql('select count(id) from task where queue = ?', (self.queue,), results=True)[0][0]
