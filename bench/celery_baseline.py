@@ -4,18 +4,23 @@ Configured as the deployment Huey replaces (bench/celery_app.py): acks_late,
 prefetch multiplier 1, a prefork pool of 2. The worker runs as a subprocess;
 tasks report through Redis themselves, with no result backend. Measures:
 
-- throughput (drain): N no-op tasks enqueued while both pool processes are
-  held busy, timed from their release until the last task has finished. The
-  consumer alone, with no producer competing for the 2 cores;
-- throughput_e2e: N no-op tasks on an idle worker, from just before the
-  first enqueue until the last has finished, so the worker drains while we
-  enqueue and they share the CPUs; enqueue_s is the enqueueing alone;
+- throughput_e2e: N no-op tasks on a worker that has only run its warm-up,
+  from just before the first enqueue until the last has finished, so the
+  worker drains while we enqueue and they share the CPUs; enqueue_s is the
+  enqueueing alone;
+- throughput (drain): then N no-op tasks enqueued while both pool processes
+  are held busy, timed from their release until the last task has finished.
+  The consumer alone, with no producer competing for the 2 cores;
 - latency: enqueue-to-start of one task at a time on an idle worker, from
   just before the enqueue call until the task's first statement. Each sample
   follows 20-100 ms of idleness, every idle_every-th one idle_s, so p99 sees
   a worker that has sat idle;
-- memory: RSS and PSS summed over the worker's processes, after both runs.
+- memory: RSS and PSS summed over the worker's processes, after the runs.
   RSS counts pages the fork shares once per process; PSS splits them.
+
+drain=False skips the drain run and latency_samples=0 the latency samples
+(their figures are None): bench/queue_bench.py measures Celery's end-to-end
+rate in several rounds and the rest once.
 
     .venv/bin/pip install -r bench/requirements.txt   # benchmark only
     .venv/bin/python bench/celery_baseline.py [--redis-url redis://127.0.0.1:PORT/0] [--n 10000]
@@ -52,7 +57,8 @@ class BenchError(RuntimeError):
 
 
 def run_celery_baseline(redis_url: str, n_tasks: int = 10000, latency_samples: int = 200,
-                        workdir: pathlib.Path | None = None, *, idle_every: int = 10, idle_s: float = 2.0) -> dict:
+                        workdir: pathlib.Path | None = None, *, idle_every: int = 10, idle_s: float = 2.0,
+                        drain: bool = True) -> dict:
     """Start a Celery worker on redis_url, measure it, stop it; returns the figures (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix='celery-bench-') as tmp:
         workdir = pathlib.Path(workdir or tmp)
@@ -71,8 +77,9 @@ def run_celery_baseline(redis_url: str, n_tasks: int = 10000, latency_samples: i
                     app.tasks[task].apply_async(args, producer=producer)
                 wait = _Waiter(client, worker, log)
                 _warm_up(send, wait, token)
-                throughput = _drain(send, wait, client, queue, token, n_tasks)
+                # End to end first: in every round of queue_bench it follows the warm-up alone.
                 throughput_e2e, enqueue_s = _end_to_end(send, wait, token, n_tasks)
+                throughput = _drain(send, wait, client, queue, token, n_tasks) if drain else None
                 latencies = _latencies(send, wait, token, latency_samples, idle_every, idle_s)
                 rss_mb, pss_mb, processes = _memory(worker.pid)
         finally:
@@ -81,12 +88,12 @@ def run_celery_baseline(redis_url: str, n_tasks: int = 10000, latency_samples: i
             for key in client.scan_iter(match=f'*{token}*', count=1000):   # our queue, counters, stamps
                 client.delete(key)
             client.close()
-    p50, p99 = _percentiles(latencies)
-    return {'throughput': throughput, 'latency_p50_ms': p50 * 1000, 'latency_p99_ms': p99 * 1000, 'n': n_tasks,
+    p50, p99, top = _percentiles(latencies)
+    return {'throughput': throughput, 'latency_p50_ms': p50, 'latency_p99_ms': p99, 'n': n_tasks,
             'rss_mb': rss_mb, 'pss_mb': pss_mb,
             # beyond the common keys, for context
             'throughput_e2e': throughput_e2e, 'enqueue_s': enqueue_s,
-            'latency_max_ms': max(latencies) * 1000, 'processes': processes}
+            'latency_max_ms': top, 'processes': processes}
 
 
 # ---------------------------------------------------------------- the measurements
@@ -142,11 +149,14 @@ def _latencies(send, wait, token: str, samples: int, idle_every: int, idle_s: fl
     return latencies
 
 
-def _percentiles(values: list[float]) -> tuple[float, float]:
+def _percentiles(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    """p50, p99 and max in ms; None for each when no sample was taken."""
+    if not values:
+        return None, None, None
     if len(values) < 2:
-        return values[0], values[0]
+        return values[0] * 1000, values[0] * 1000, values[0] * 1000
     cuts = statistics.quantiles(values, n=100, method='inclusive')
-    return cuts[49], cuts[98]
+    return cuts[49] * 1000, cuts[98] * 1000, max(values) * 1000
 
 
 class _Waiter:
