@@ -193,16 +193,6 @@ return {popped[1], marks[1], marks[2]}
 """
 
 
-# After a blocking pop: KEYS: the lane's sorted set, Huey's key-value hash; ARGV: the task's two
-# revoke-mark keys (or none), then the last run's marks to drop. Returns the marks and the lane's depth.
-MARKS_LUA = """
-local marks = {false, false}
-if ARGV[1] ~= '' then marks = redis.call('HMGET', KEYS[2], ARGV[1], ARGV[2]) end
-if #ARGV > 2 then redis.call('HDEL', KEYS[2], unpack(ARGV, 3)) end
-return {marks[1], marks[2], redis.call('ZCARD', KEYS[1])}
-"""
-
-
 # The task id and name, the first two fields of the signed envelope's message
 # (POP_LUA reads them the same way): the keys of the task's revoke marks.
 MESSAGE_NAMES = re.compile(rb'"\$msg":\["([^"]+)","([^"]+)"')
@@ -242,11 +232,15 @@ class LaneRedisStorage(PriorityRedisStorage):
     a script pops the next task with its marks (`marks`, which
     LedgerHuey.is_revoked reads instead of asking again) and drops the marks
     of the run before (`stale_marks`, which LedgerHuey.delete collects). An idle
-    worker falls back to Huey's blocking pop, which wakes at once on a push,
-    and reads the task's marks with a second script that also tells it whether
-    the lane is still empty: if so, its next pop waits at once. With more idle
+    worker waits in Huey's blocking pop (BZPOPMIN), which wakes at once on a
+    push, pipelined with what it needs next: the stale marks dropped before it,
+    and after it the lane's depth (still empty: the next pop waits at once) and
+    the size of Huey's key-value hash. Redis runs a blocked client's pipelined
+    commands when the pop returns, so it is one round trip. The hash holds only
+    revoke marks here (no results, no locks), so when it is empty the task has
+    none; otherwise a second round trip reads the task's own. With more idle
     workers in a lane than tasks arriving (three consumers on one queue) every
-    task takes this path: two round trips, where an empty pop first made three.
+    task takes this path: one round trip, where an empty pop first made three.
     """
 
     def __init__(self, name='huey', lane=None, **kwargs):
@@ -256,7 +250,6 @@ class LaneRedisStorage(PriorityRedisStorage):
             self.queue_key = f'huey.redis.{self.name}.{lane}'
         self._enqueue = self.conn.register_script(ENQUEUE_LUA)
         self._pop_with_marks = self.conn.register_script(POP_LUA)
-        self._marks_after_wait = self.conn.register_script(MARKS_LUA)
         self.pusher = Pusher(self.conn.connection_pool)   # AllRedisLanes gives its lanes one to share
         self.marks = None        # the last popped task's revoke marks, if the script popped it
         self.stale_marks = []    # revoke marks to drop with the next pop
@@ -271,18 +264,33 @@ class LaneRedisStorage(PriorityRedisStorage):
                 return popped[0][8:]   # less Huey's time prefix
             self.idle = True
         self.marks = None
-        data = super().dequeue()   # Huey's BZPOPMIN waits for the next push
-        if data is not None:
-            self._read_marks(data)
+        try:
+            popped, depth, marked = self._wait_and_pop()
+        except redis.TimeoutError:
+            return None   # as Huey's dequeue; a ConnectionError backs the worker off
+        self.idle = depth == 0
+        if not popped:
+            return None
+        data = popped[1][8:]   # less Huey's time prefix
+        names = MESSAGE_NAMES.search(data)
+        if names:
+            self.marks = self._read_marks(names) if marked else [None, None]
         return data
 
-    def _read_marks(self, data):
-        names = MESSAGE_NAMES.search(data)
-        keys = [f'r:{names[1].decode()}', f'rt:{names[2].decode()}'] if names else ['', '']
-        *marks, depth = self._marks_after_wait(keys=[self.queue_key, self.result_key], args=keys + self.stale_marks)
+    def _wait_and_pop(self):
+        """(BZPOPMIN's answer, the lane's depth after it, entries in Huey's hash) in one round trip."""
+        with self.conn.pipeline(transaction=False) as pipe:
+            if self.stale_marks:
+                pipe.hdel(self.result_key, *self.stale_marks)
+            pipe.bzpopmin(self.queue_key, timeout=self.read_timeout)
+            pipe.zcard(self.queue_key)
+            pipe.hlen(self.result_key)
+            answers = pipe.execute()
         self.stale_marks = []
-        self.marks = marks if names else None
-        self.idle = depth == 0
+        return answers[-3:]
+
+    def _read_marks(self, names):
+        return self.conn.hmget(self.result_key, f'r:{names[1].decode()}', f'rt:{names[2].decode()}')
 
     def drop_stale_marks(self):
         """Drop the collected revoke marks now (a worker that stops pops no more)."""

@@ -260,29 +260,38 @@ def test_each_ring_sends_one_idle_worker_and_stale_rings_are_dropped():
 
 # ---------------------------------------------------------------- fairness within a lane
 
-def test_an_idle_redis_lane_waits_first_then_reads_the_marks_and_the_lane_depth_in_one_trip():
+def test_an_idle_redis_lane_waits_first_and_reads_marks_only_when_there_are_some():
     # With more idle workers than tasks (three consumers) every task is popped by the blocking pop:
-    # the empty pop before it is skipped, and the marks come with the lane's depth (storage.LaneRedisStorage).
+    # the empty pop before it is skipped, the lane's depth and the hash's size come in the same round
+    # trip, and the task's own marks are read only when the hash holds any (storage.LaneRedisStorage).
     huey = tasks.huey
     if huey.storage.lane_class is not LaneRedisStorage:
         pytest.skip('the Redis lane (scale-out mode)')
     lane = LaneRedisStorage(f'{huey.name}-idle-{os.getpid()}', lane='test', **huey.storage_kwargs)
     lane.read_timeout = 0.1
     lane.flush_queue()
+
+    def calls(command):
+        return lane.conn.info('commandstats').get(f'cmdstat_{command}', {}).get('calls', 0)
     assert lane.dequeue() is None and lane.idle
-    first, second = tasks.noop.s(), tasks.noop.s()
+    first, second, third = tasks.noop.s(), tasks.noop.s(), tasks.noop.s()
     lane.put_data(f'r:{first.id}', b'revoked')
     lane.put_data('r:an-earlier-run', b'left by it')
     lane.stale_marks = ['r:an-earlier-run']
     for task in (first, second):
         lane.enqueue(huey.serialize_task(task), 3)
-    pops = lane.conn.info('commandstats').get('cmdstat_zpopmin', {}).get('calls', 0)
+    pops = calls('zpopmin')
     assert lane.dequeue() == huey.serialize_task(first)    # taken by the blocking pop
     assert lane.marks == [b'revoked', None] and lane.peek_data('r:an-earlier-run') is EmptyData
     assert not lane.idle                                    # one more waits: the next pop is the script's
-    assert lane.conn.info('commandstats').get('cmdstat_zpopmin', {}).get('calls', 0) == pops
+    assert calls('zpopmin') == pops
     assert lane.dequeue() == huey.serialize_task(second) and lane.marks == [None, None]
     assert lane.dequeue() is None and lane.idle
+    lane.delete_data(f'r:{first.id}')
+    lane.enqueue(huey.serialize_task(third), 3)
+    reads = calls('hmget')
+    assert lane.dequeue() == huey.serialize_task(third) and lane.marks == [None, None] and lane.idle
+    assert calls('hmget') == reads                          # no marks anywhere: none read
     lane.flush_all()
 
 
