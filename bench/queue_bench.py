@@ -192,10 +192,15 @@ def run_child():
         replies.flush()
 
 
+def noop_since(models, since):
+    """The no-op tasks enqueued since `since` (not the periodic tasks the consumer's scheduler queues)."""
+    record = models.TaskRecord
+    return record.select().where(record.name == 'noop', record.enqueued_at >= since)
+
+
 def succeeded_count(models, since):
     with models.all_tenants():
-        return models.TaskRecord.select().where(models.TaskRecord.state == 'succeeded',
-                                                models.TaskRecord.enqueued_at >= since).count()
+        return noop_since(models, since).where(models.TaskRecord.state == 'succeeded').count()
 
 
 def finished(models, task_id):
@@ -206,8 +211,8 @@ def finished(models, task_id):
 def last_finish(models, since):
     """When the last of the tasks enqueued since `since` finished, by the ledger (epoch seconds)."""
     with models.all_tenants():
-        row = (models.TaskRecord.select(models.TaskRecord.finished_at)
-               .where(models.TaskRecord.enqueued_at >= since).order_by(models.TaskRecord.finished_at.desc()).get())
+        # PostgreSQL sorts NULLs first in a descending order: a task still running came first
+        row = noop_since(models, since).order_by(models.TaskRecord.finished_at.desc()).get()
     return row.finished_at.replace(tzinfo=datetime.timezone.utc).timestamp()
 
 
