@@ -150,6 +150,20 @@ def decode_object(value):
     return value
 
 
+# ---------------------------------------------------------------- a worker about to wait
+
+# Run before a worker waits for work: what a busy worker keeps back to send
+# with its next statement (taskq.ledger: a run's held final write) must not
+# wait on an empty queue. Registered by the layer above, which this one does
+# not import.
+BEFORE_WAIT = []
+
+
+def before_wait():
+    for hook in BEFORE_WAIT:
+        hook()
+
+
 # ---------------------------------------------------------------- turns within a lane
 
 TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
@@ -264,6 +278,7 @@ class LaneRedisStorage(PriorityRedisStorage):
                 return popped[0][8:]   # less Huey's time prefix
             self.idle = True
         self.marks = None
+        before_wait()
         try:
             popped, depth, marked = self._wait_and_pop()
         except redis.TimeoutError:
@@ -449,10 +464,12 @@ class WakingSqliteStorage(SqliteStorage):
 
     def dequeue(self):
         data = self.pop_now()
-        if data is None and self.wait_for_bell():
-            data = self.pop_now()
-            if data is None:
-                data = self.after_stale_ring()
+        if data is None:
+            before_wait()
+            if self.wait_for_bell():
+                data = self.pop_now()
+                if data is None:
+                    data = self.after_stale_ring()
         return data
 
     def after_stale_ring(self):

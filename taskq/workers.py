@@ -359,6 +359,7 @@ def install(huey):
 
     @huey.on_shutdown()
     def stop_worker():
+        ledger.deferred.release()   # a held final write (taskq.ledger.DeferredLedger), while the lease lasts
         heartbeat.end()
 
     @huey.pre_execute()

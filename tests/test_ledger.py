@@ -204,6 +204,52 @@ def test_ledger_writes_go_on_over_a_fresh_connection():
         ledger.delete(task_id)
 
 
+def test_a_success_is_written_with_the_workers_next_claim_and_held_no_longer(monkeypatch):
+    """A busy worker's final write of a success goes with its next claim: one statement on PostgreSQL,
+    one transaction on SQLite (ledger.DeferredLedger). It is made at once when the worker would wait
+    (release) and before any other write of the worker."""
+    worker = f'held-test:{os.getpid()}:{os.urandom(4).hex()}'
+    with models.all_tenants():
+        models.ConsumerHeartbeat.create(id=worker, host='held-test', pid=os.getpid(), consumer_pid=os.getpid())
+    ids = [f'held-{n}-{os.urandom(4).hex()}' for n in range(4)]
+    for task_id in ids:
+        assert ledger.insert(task_id, state='pending', name='noop', args={})
+    writes = ledger.DeferredLedger()
+
+    def succeed(task_id):
+        writes.hold(task_id, only_states=(ledger.RUNNING,), expect={'worker': worker}, state=ledger.SUCCEEDED,
+                    finished_at=models.utcnow())
+
+    def states():
+        with models.all_tenants():
+            return [record(task_id).state for task_id in ids]
+    assert writes.claim(ids[0], worker, started_at=models.utcnow())
+    succeed(ids[0])
+    assert states() == ['running', 'pending', 'pending', 'pending']   # held
+    statements, execute_sql = [], models.database.obj.execute_sql
+    monkeypatch.setattr(models.database.obj, 'execute_sql', lambda sql, *a, **k: statements.append(sql) or
+                        execute_sql(sql, *a, **k))
+    assert writes.claim(ids[1], worker, started_at=models.utcnow())
+    monkeypatch.undo()
+    assert states() == ['succeeded', 'running', 'pending', 'pending']
+    if models.database.param == '%s':
+        run = [sql for sql in statements if not sql.startswith('PREPARE ')]   # prepared once per connection
+        assert len(run) == 1 and run[0].startswith('EXECUTE ')                 # the pair, one statement
+    else:
+        assert len(statements) == 2   # the pair's two updates, in the transaction atomic() opens
+    succeed(ids[1])
+    writes.release()                                   # the worker is about to wait for work
+    assert states()[1] == 'succeeded' and writes.held is None
+    assert writes.claim(ids[2], worker, started_at=models.utcnow())
+    succeed(ids[2])
+    writes.write(ids[3], only_states=('pending',), state=ledger.REVOKED)   # any other write: the held one first
+    assert states() == ['succeeded', 'succeeded', 'succeeded', 'revoked']
+    with models.all_tenants():
+        models.ConsumerHeartbeat.delete_by_id(worker)
+        for task_id in ids:
+            ledger.delete(task_id)
+
+
 def test_hard_limit_watch_is_not_woken_by_each_task_yet_fires_for_a_shorter_limit():
     watchdog = Watchdog(enabled=True)
     fired = threading.Event()
