@@ -24,6 +24,9 @@ The row is the worker's lease:
   L3. Every write of a run after its claim is a compare-and-set on
       (running, its worker) (ledger), and a send's delivery is a
       compare-and-set on the outbox row's (state, attempt) (tasks.py).
+      A success's final write may travel with the worker's next claim
+      (ledger.DeferredLedger): the same compare-and-set, made later by the
+      same worker, so it is refused as any late write is.
 
 Recovery (a consumer's first worker, after each successful renewal)
 -------------------------------------------------------------------
