@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -43,7 +44,10 @@ logger = logging.getLogger('emailsvc.web')
 bottle.BaseRequest.MEMFILE_MAX = SETTINGS['server.max_body_kb'] * 1024
 
 # Errors a dependency outage raises: the client gets 503 and may retry.
-UNAVAILABLE = (pw.OperationalError, pw.InterfaceError, redis.ConnectionError, redis.TimeoutError)
+# The embedded queue's own SQLite errors (Huey's storage, not peewee) are sqlite3's: a consumer stopped
+# inside a write of the queue file holds its lock until it resumes.
+UNAVAILABLE = (pw.OperationalError, pw.InterfaceError, sqlite3.OperationalError, redis.ConnectionError,
+               redis.TimeoutError)
 
 
 # ================================================================ errors

@@ -251,7 +251,7 @@ class Client:
     def as_key(self, key):
         return Client(self.base, key)
 
-    def request(self, method, path, body=None, headers=None, raw=None):
+    def request(self, method, path, body=None, headers=None, raw=None, timeout=15):
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(self.base + path, data=data, method=method)
         if self.key:
@@ -261,7 +261,7 @@ class Client:
         for name, value in (headers or {}).items():
             request.add_header(name, value)
         try:
-            with urllib.request.urlopen(request, timeout=15) as resp:
+            with urllib.request.urlopen(request, timeout=timeout) as resp:
                 return Response(resp.status, resp.headers, resp.read())
         except urllib.error.HTTPError as err:
             return Response(err.code, err.headers, err.read())

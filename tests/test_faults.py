@@ -1,5 +1,6 @@
 """Fault tests with real processes: consumers SIGKILLed under load, servers restarted, SQLite contention."""
 import random
+import sqlite3
 import threading
 import time
 
@@ -79,6 +80,29 @@ def test_redis_and_postgres_restarts_lose_nothing(client, make_key, unique, cons
         ids += [tasks.noop().id for _ in range(20)]
     wait_for(lambda: len(final(ids)) == len(ids), timeout=120, interval=0.5,
              message='every task to finish after the restarts')
+
+
+@pytest.mark.skipif(MODE != 'embedded', reason='the embedded queue is an SQLite file')
+def test_a_queue_file_held_by_a_stopped_process_answers_503_and_keeps_no_record(user, unique, consumer):
+    """A consumer stopped (SIGSTOP) inside a write of the embedded queue holds the file's lock until it
+    resumes (the 10-minute embedded soak met it): an enqueue meanwhile fails after the queue's busy
+    timeout with sqlite3's own error, which is an outage (503 unavailable, retry), not a 500; and the
+    task it would have been is not on record."""
+    account = add_account(user, Mailbox(STATE['dovecot'], unique))
+    wait_for_state(FIRST_SYNC.pop(account), 'succeeded', timeout=60)
+    with models.all_tenants():
+        records = models.TaskRecord.select().where(models.TaskRecord.tenant_id == user.ids[0]).count()
+    lock = sqlite3.connect(STATE['env']['EMAILSVC_QUEUE_URL'].removeprefix('sqlite:///'), isolation_level=None)
+    lock.execute('BEGIN EXCLUSIVE')   # as the stopped process's open write transaction
+    try:
+        # the queue's busy timeout is 15 s (taskq.service.make_huey), after a second's turn (storage.WriteTurns)
+        assert_api_error(user.post(f'/api/v1/accounts/{account}/sync', {}, timeout=40), 503, 'unavailable')
+    finally:
+        lock.rollback()
+        lock.close()
+    with models.all_tenants():
+        assert models.TaskRecord.select().where(models.TaskRecord.tenant_id == user.ids[0]).count() == records
+    assert user.post(f'/api/v1/accounts/{account}/sync', {}).status == 202   # and on again once it resumes
 
 
 @pytest.fixture(scope='module')
