@@ -184,11 +184,12 @@ RECORD_COLUMNS = ('id', 'state', 'name', 'priority', 'retries_left', 'tenant_id'
 def update(task_id, only_states=(), expect=None, **fields):
     """Change one record; only from `only_states` and while its columns match `expect`, when given.
     Returns rows changed."""
-    sql, params = _update_statement(task_id, only_states, expect, fields)
+    sql, params = _update_statement(task_id, only_states, expect, **fields)
     return models.with_reconnect(lambda: execute(sql, params).rowcount)
 
 
-def _update_statement(task_id, only_states, expect, fields):
+def _update_statement(task_id, only_states=(), expect=None, **fields):
+    """update()'s statement and parameters."""
     values = _row_values(fields)
     expected = _row_values(expect or {})
     increments = tuple(c for c, v in values.items() if v is INCREMENT)
@@ -391,9 +392,7 @@ class DeferredLedger:
             if self.held is None:
                 return models.with_reconnect(lambda: execute(*claim).rowcount) == 1
             held_id, held = self.held
-            final = _update_statement(held_id, held.get('only_states', ()), held.get('expect'),
-                                      {k: v for k, v in held.items() if k not in ('only_states', 'expect')})
-            made, owned = models.with_reconnect(lambda: execute_both(final, claim))
+            made, owned = models.with_reconnect(lambda: execute_both(_update_statement(held_id, **held), claim))
             self.held = None
             if not made:
                 logger.warning('ledger write for task %s not made: the record is no longer as this run left it',
