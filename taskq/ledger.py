@@ -310,8 +310,9 @@ class DeferredLedger:
     round trip (execute_both), instead of a round trip of its own: a busy
     worker pays one ledger statement per task where it paid two. The write
     is held only as long as the worker goes on without waiting: it is made
-    before the worker waits for work (storage.BEFORE_WAIT), before any other
-    write of this worker, at each heartbeat and at the worker's stop. Held or
+    once the worker's lane has been empty for storage.LINGER (5 ms:
+    storage.BEFORE_WAIT), before any other write of this worker, at each
+    heartbeat and at the worker's stop. Held or
     not, it is the same compare-and-set on (running, this worker), made from
     the same process, so what recovery may conclude is unchanged (taskq.workers):
     a worker killed while holding it leaves its record `running` under a dead

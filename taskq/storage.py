@@ -152,11 +152,18 @@ def decode_object(value):
 
 # ---------------------------------------------------------------- a worker about to wait
 
-# Run before a worker waits for work: what a busy worker keeps back to send
-# with its next statement (taskq.ledger: a run's held final write) must not
-# wait on an empty queue. Registered by the layer above, which this one does
-# not import.
+# Run when a worker's queue has been empty for LINGER: what a busy worker
+# keeps back to send with its next statement (taskq.ledger: a run's held final
+# write) must not wait on an empty queue for long. Registered by the layer
+# above, which this one does not import.
 BEFORE_WAIT = []
+
+# Seconds a worker whose lane ran dry waits for the next task before making
+# what it holds. With more idle workers than tasks arriving (three consumers on
+# one queue), each worker's next task came ~5 ms later: lingering keeps the held
+# write for the next claim's round trip, where making it at once cost a
+# statement per task. It delays only the held write: the wait for work has begun.
+LINGER = 0.005
 
 
 def before_wait():
@@ -167,6 +174,15 @@ def before_wait():
 # ---------------------------------------------------------------- turns within a lane
 
 TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
+
+
+def wait_with_pop_sent():
+    """before_wait() while a pop is on its way: a task it takes must still be read and run, so
+    what goes wrong here is logged, not raised."""
+    try:
+        before_wait()
+    except Exception:
+        logger.exception('a held write before waiting for work failed')
 
 
 def band(priority):
@@ -249,7 +265,8 @@ class LaneRedisStorage(PriorityRedisStorage):
     worker waits in Huey's blocking pop (BZPOPMIN), which wakes at once on a
     push, pipelined with what it needs next: the stale marks dropped before it,
     and after it the lane's depth (still empty: the next pop waits at once) and
-    the size of Huey's key-value hash. Redis runs a blocked client's pipelined
+    the size of Huey's key-value hash; what the worker holds is made while the
+    pop waits, if it has waited LINGER. Redis runs a blocked client's pipelined
     commands when the pop returns, so it is one round trip. The hash holds only
     revoke marks here (no results, no locks), so when it is empty the task has
     none; otherwise a second round trip reads the task's own. With more idle
@@ -278,7 +295,6 @@ class LaneRedisStorage(PriorityRedisStorage):
                 return popped[0][8:]   # less Huey's time prefix
             self.idle = True
         self.marks = None
-        before_wait()
         try:
             popped, depth, marked = self._wait_and_pop()
         except redis.TimeoutError:
@@ -293,14 +309,23 @@ class LaneRedisStorage(PriorityRedisStorage):
         return data
 
     def _wait_and_pop(self):
-        """(BZPOPMIN's answer, the lane's depth after it, entries in Huey's hash) in one round trip."""
-        with self.conn.pipeline(transaction=False) as pipe:
-            if self.stale_marks:
-                pipe.hdel(self.result_key, *self.stale_marks)
-            pipe.bzpopmin(self.queue_key, timeout=self.read_timeout)
-            pipe.zcard(self.queue_key)
-            pipe.hlen(self.result_key)
-            answers = pipe.execute()
+        """(BZPOPMIN's answer, the lane's depth after it, entries in Huey's hash) in one round trip;
+        before_wait() runs while the pop waits, once no answer came within LINGER."""
+        commands = [('HDEL', self.result_key, *self.stale_marks)] if self.stale_marks else []
+        commands += [('BZPOPMIN', self.queue_key, self.read_timeout), ('ZCARD', self.queue_key),
+                     ('HLEN', self.result_key)]
+        pool = self.conn.connection_pool
+        connection = pool.get_connection()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            if not connection.can_read(timeout=LINGER):
+                wait_with_pop_sent()
+            answers = [connection.read_response() for _ in commands]
+        except BaseException:
+            connection.disconnect()   # answers left unread would be read as the next command's
+            raise
+        finally:
+            pool.release(connection)
         self.stale_marks = []
         return answers[-3:]
 
@@ -465,7 +490,6 @@ class WakingSqliteStorage(SqliteStorage):
     def dequeue(self):
         data = self.pop_now()
         if data is None:
-            before_wait()
             if self.wait_for_bell():
                 data = self.pop_now()
                 if data is None:
@@ -568,7 +592,8 @@ class WakingSqliteStorage(SqliteStorage):
             self._close_writer()  # no consumer running; try again on the next ring
 
     def wait_for_bell(self):
-        """Wait up to read_timeout for a ring and take it; True if this worker took one.
+        """Wait up to read_timeout for a ring and take it; True if this worker took one. What the
+        worker holds is made (before_wait) if no ring came within LINGER.
 
         A ring is one byte and a worker takes one byte: each enqueue sends one
         idle worker to look. A ring wakes one of the waiting workers (epoll's
@@ -577,6 +602,8 @@ class WakingSqliteStorage(SqliteStorage):
         consumers, six idle workers of a lane looked for every task).
         """
         wait = self._waiter()
+        if not wait(LINGER):
+            before_wait()
         deadline = time.monotonic() + self.read_timeout
         while (remaining := deadline - time.monotonic()) > 0:
             if not wait(remaining):

@@ -9,11 +9,12 @@ import threading
 import time
 
 import pytest
+import redis
 from huey.constants import EmptyData
 
 import models
 import tasks
-from taskq import ledger
+from taskq import ledger, storage
 from taskq.storage import LaneRedisStorage, WakingSqliteStorage, WriteTurns
 from tests import probe_tasks
 from tests.conftest import ROOT, STATE, python_env, record, wait_for, wait_for_state
@@ -256,6 +257,56 @@ def test_each_ring_sends_one_idle_worker_and_stale_rings_are_dropped():
     finally:
         for storage in (producer, first, second):
             storage.close()
+
+
+def linger_lane(name):
+    """A lane of the test's queue; on Redis with connections of its own, named, so CLIENT LIST finds them."""
+    huey, kwargs = tasks.huey, dict(tasks.huey.storage_kwargs)
+    if huey.storage.lane_class is LaneRedisStorage:
+        kwargs['connection_pool'] = redis.ConnectionPool.from_url(huey.settings['queue.url'], client_name=name)
+    lane = huey.storage.lane_class(f'{huey.name}-{name}-{os.getpid()}', lane='test', **kwargs)
+    lane.read_timeout = 1.0
+    lane.flush_queue()
+    return lane
+
+
+def popping(lane, name):
+    """Whether one of this lane's connections is blocked in its pop (Redis); None for SQLite."""
+    if not isinstance(lane, LaneRedisStorage):
+        return None
+    return any(client['name'] == name and client['cmd'] == 'bzpopmin' and 'b' in client['flags']
+               for client in lane.conn.client_list())
+
+
+def test_a_worker_whose_lane_ran_dry_makes_what_it_holds_after_lingering_while_it_waits(monkeypatch):
+    # What a busy worker holds for its next claim (a run's final write, taskq.ledger) is made once its
+    # lane has been empty for LINGER: long before the wait for work ends, and (Redis) while the pop waits.
+    lane, made = linger_lane('linger'), []
+    monkeypatch.setattr(storage, 'BEFORE_WAIT', [lambda: made.append((time.monotonic(), popping(lane, 'linger')))])
+    try:
+        began = time.monotonic()
+        assert lane.dequeue() is None
+        ended = time.monotonic()
+        assert len(made) == 1, made
+        when, popped = made[0]
+        assert when - began < 0.3 and ended - began >= 0.9, (when - began, ended - began)
+        assert popped in (None, True)        # Redis: the pop was already waiting
+    finally:
+        lane.close()
+
+
+def test_a_task_that_comes_while_a_worker_lingers_is_taken_with_what_it_holds_still_held(monkeypatch):
+    lane, made = linger_lane('lingered'), []
+    monkeypatch.setattr(storage, 'BEFORE_WAIT', [lambda: made.append(time.monotonic())])
+    monkeypatch.setattr(storage, 'LINGER', 2.0)
+    pusher = threading.Timer(0.1, lambda: lane.enqueue(b'next', 3))
+    try:
+        pusher.start()
+        assert lane.dequeue() == b'next'
+        assert made == []        # the task came within LINGER: kept for its claim
+    finally:
+        pusher.join()
+        lane.close()
 
 
 # ---------------------------------------------------------------- fairness within a lane
