@@ -176,9 +176,11 @@ def before_wait():
 TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
 
 
-def wait_with_pop_sent():
-    """before_wait() while a pop is on its way: a task it takes must still be read and run, so
-    what goes wrong here is logged, not raised."""
+def linger(connection):
+    """While a blocking pop is on its way: before_wait() once no answer came within LINGER. A task
+    the pop takes must still be read and run, so what goes wrong in before_wait() is logged, not raised."""
+    if connection.can_read(timeout=LINGER):
+        return
     try:
         before_wait()
     except Exception:
@@ -254,6 +256,65 @@ class Pusher:
         return self._client
 
 
+class OwnConnection:
+    """A worker's own Redis connection for its pops, one per process (made again in a forked child).
+
+    Through the pool and redis-py's command wrappers each pop costs a checkout
+    (a lock, observability counters, a poll(2)), the retry and deprecation
+    wrappers and the Script object: 72 us of a busy worker's CPU per pop,
+    35 us sent and read here (measured, 20,000 pops). Commands are sent at once
+    and their answers read in order, so a pipeline is one write and one wait,
+    and `while_waiting` runs between them (see LINGER). A connection the server
+    closed while it sat idle (a restart) is noticed before sending, as the pool
+    does; any other failure drops the connection, whose unread answers would
+    otherwise be read as the next command's.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self._connection, self._pid = None, None
+
+    def call(self, commands, while_waiting=None):
+        """The answers to `commands` ((name, *arguments) each), sent in one write; an error answer
+        is raised once every answer has been read."""
+        connection = self._ready()
+        try:
+            connection.send_packed_command(connection.pack_commands(commands))
+            if while_waiting is not None:
+                while_waiting(connection)
+            answers = [read_answer(connection) for _ in commands]
+        except BaseException:
+            connection.disconnect()
+            raise
+        for answer in answers:
+            if isinstance(answer, redis.ResponseError):
+                raise answer
+        return answers
+
+    def _ready(self):
+        if self._pid != os.getpid():
+            self._connection, self._pid = self.pool.make_connection(), os.getpid()
+        connection = self._connection
+        try:
+            stale = connection.can_read(0)   # connects first if it is not connected
+        except redis.ConnectionError:
+            stale = True
+        if stale:
+            connection.disconnect()
+        return connection
+
+    def close(self):
+        if self._pid == os.getpid():
+            self._connection.disconnect()
+
+
+def read_answer(connection):
+    try:
+        return connection.read_response()
+    except redis.ResponseError as error:   # an answer, not a broken connection
+        return error
+
+
 class LaneRedisStorage(PriorityRedisStorage):
     """Huey's priority Redis queue for one lane (lane=None: the storage Huey holds, see AllLanes).
 
@@ -282,13 +343,14 @@ class LaneRedisStorage(PriorityRedisStorage):
         self._enqueue = self.conn.register_script(ENQUEUE_LUA)
         self._pop_with_marks = self.conn.register_script(POP_LUA)
         self.pusher = Pusher(self.conn.connection_pool)   # AllRedisLanes gives its lanes one to share
+        self.own = OwnConnection(self.conn.connection_pool)
         self.marks = None        # the last popped task's revoke marks, if the script popped it
         self.stale_marks = []    # revoke marks to drop with the next pop
         self.idle = False        # the lane was empty at the last look: wait first
 
     def dequeue(self):
         if not self.idle:
-            popped = self._pop_with_marks(keys=[self.queue_key, self.result_key], args=self.stale_marks)
+            popped = self._pop_now_with_marks()
             self.stale_marks = []
             if popped:
                 self.marks = popped[1:] if len(popped) == 3 else None
@@ -308,24 +370,22 @@ class LaneRedisStorage(PriorityRedisStorage):
             self.marks = self._read_marks(names) if marked else [None, None]
         return data
 
+    def _pop_now_with_marks(self):
+        """POP_LUA's answer: None, or the member and its revoke marks (dropping the stale ones first)."""
+        keys_and_args = (self.queue_key, self.result_key, *self.stale_marks)
+        try:
+            popped, = self.own.call([('EVALSHA', self._pop_with_marks.sha, 2, *keys_and_args)])
+        except NoScriptError:   # a restarted or other server: the Script call loads it and runs it
+            popped = self._pop_with_marks(keys=keys_and_args[:2], args=keys_and_args[2:])
+        return popped
+
     def _wait_and_pop(self):
         """(BZPOPMIN's answer, the lane's depth after it, entries in Huey's hash) in one round trip;
         before_wait() runs while the pop waits, once no answer came within LINGER."""
         commands = [('HDEL', self.result_key, *self.stale_marks)] if self.stale_marks else []
         commands += [('BZPOPMIN', self.queue_key, self.read_timeout), ('ZCARD', self.queue_key),
                      ('HLEN', self.result_key)]
-        pool = self.conn.connection_pool
-        connection = pool.get_connection()
-        try:
-            connection.send_packed_command(connection.pack_commands(commands))
-            if not connection.can_read(timeout=LINGER):
-                wait_with_pop_sent()
-            answers = [connection.read_response() for _ in commands]
-        except BaseException:
-            connection.disconnect()   # answers left unread would be read as the next command's
-            raise
-        finally:
-            pool.release(connection)
+        answers = self.own.call(commands, while_waiting=linger)
         self.stale_marks = []
         return answers[-3:]
 
@@ -337,6 +397,10 @@ class LaneRedisStorage(PriorityRedisStorage):
         if self.stale_marks:
             self.conn.hdel(self.result_key, *self.stale_marks)
             self.stale_marks = []
+
+    def close(self):
+        self.own.close()
+        return super().close()
 
     def enqueue(self, data, priority=None, tenant=None):
         priority = band(priority)

@@ -295,6 +295,29 @@ def test_a_worker_whose_lane_ran_dry_makes_what_it_holds_after_lingering_while_i
         lane.close()
 
 
+def test_a_redis_lane_pops_again_after_its_connection_was_closed_and_its_script_flushed():
+    # A worker pops over a connection of its own (storage.OwnConnection): one the server closed while it
+    # sat idle (a restart, a timeout) is replaced before the next pop, and a server that forgot the pop
+    # script (a restart) is given it again; neither costs the worker an error.
+    if tasks.huey.storage.lane_class is not LaneRedisStorage:
+        pytest.skip('the Redis lane (scale-out mode)')
+    lane = linger_lane('own')
+    try:
+        lane.enqueue(b'first', 3)
+        assert lane.dequeue() == b'first'
+        mine = [client['id'] for client in lane.conn.client_list() if client['name'] == 'own'
+                and client['cmd'] == 'evalsha']
+        assert len(mine) == 1, mine
+        lane.conn.client_kill_filter(_id=mine[0])
+        lane.conn.script_flush()
+        for payload in (b'second', b'third'):
+            lane.enqueue(payload, 3)
+        assert lane.dequeue() == b'second'
+        assert lane.dequeue() == b'third'
+    finally:
+        lane.close()
+
+
 def test_a_task_that_comes_while_a_worker_lingers_is_taken_with_what_it_holds_still_held(monkeypatch):
     lane, made = linger_lane('lingered'), []
     monkeypatch.setattr(storage, 'BEFORE_WAIT', [lambda: made.append(time.monotonic())])
