@@ -18,7 +18,6 @@ import os
 import pathlib
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -98,13 +97,13 @@ def main():
     os.environ.update(env)
     import models
     import tasks
+    from emailsvc import UNAVAILABLE   # what the API answers 503 for
     models.migrate()
     client = make_account(models, tasks, smtp, dovecot)
     log = open(workdir / 'consumer.log', 'ab')
     fleet = Fleet(env, log, args.consumers)
     accepted, kinds, kills = {}, collections.Counter(), 0
     refused = collections.Counter()   # enqueues refused as the API refuses them (503), by error
-    UNAVAILABLE = (models.pw.OperationalError, models.pw.InterfaceError, sqlite3.OperationalError)
     start = last_kill = last_report = time.monotonic()
     n = 0
     try:

@@ -312,8 +312,8 @@ class DeferredLedger:
     is held only as long as the worker goes on without waiting: it is made
     once the worker's lane has been empty for storage.LINGER (5 ms:
     storage.BEFORE_WAIT), before any other write of this worker, at each
-    heartbeat and at the worker's stop. Held or
-    not, it is the same compare-and-set on (running, this worker), made from
+    heartbeat and at the worker's stop. Held or not, it is the same
+    compare-and-set on (running, this worker), made from
     the same process, so what recovery may conclude is unchanged (taskq.workers):
     a worker killed while holding it leaves its record `running` under a dead
     worker, re-queued, as a worker killed just before a write always did.

@@ -171,11 +171,6 @@ def before_wait():
         hook()
 
 
-# ---------------------------------------------------------------- turns within a lane
-
-TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
-
-
 def linger(connection):
     """While a blocking pop is on its way: before_wait() once no answer came within LINGER. A task
     the pop takes must still be read and run, so what goes wrong in before_wait() is logged, not raised."""
@@ -185,6 +180,11 @@ def linger(connection):
         before_wait()
     except Exception:
         logger.exception('a held write before waiting for work failed')
+
+
+# ---------------------------------------------------------------- turns within a lane
+
+TURNS = 2 ** 32  # turns one priority band holds; see the module docstring
 
 
 def band(priority):
