@@ -50,7 +50,7 @@ import models
 from mailkit import logs
 from mailkit import settings as settings_mod
 from taskq import ledger
-from taskq.storage import AllRedisLanes, AllSqliteLanes, SignedJsonSerializer
+from taskq.storage import AllRedisLanes, AllSqliteLanes, SignedJsonSerializer, WaitingSlots
 
 logger = logging.getLogger('emailsvc.tasks')
 
@@ -71,6 +71,10 @@ class LedgerHuey(Huey):
         self.lane_workers = settings_mod.lanes(settings)  # lane -> worker processes
         self.storage.add_lanes(self.lane_workers, DEFAULT_LANE, **self.storage_kwargs)
         self.lane_storages = self.storage.lanes   # lane -> its storage; lane views share it (a retry enqueues)
+        for lane, storage in self.lane_storages.items():   # idle workers of one host wait in turn
+            if self.lane_workers[lane]:
+                storage.waiting = WaitingSlots(str(settings['paths.var'] / 'waiting'), f'{self.name}.{lane}',
+                                               self.lane_workers[lane])
         self._lane_views = {}
         self.recovers = True   # this process's heartbeat recovers orphans; a consumer's first worker only
         self.on_shutdown('drop_stale_revoke_marks')(self.drop_stale_marks)

@@ -332,6 +332,84 @@ def test_a_task_that_comes_while_a_worker_lingers_is_taken_with_what_it_holds_st
         lane.close()
 
 
+# A worker of a lane of its own, with one waiting slot (storage.WaitingSlots) in DIR: it prints the pid
+# and each payload it takes, and runs a payload `long` for 1.5 s. Shorter read timeout and GONE than
+# the service's (1 s, 3 s), in the same relation: a waiting holder marks more often than GONE.
+SLOT_WORKER = """
+import os, sys, time
+import tasks
+from taskq import storage
+huey, name, directory = tasks.huey, sys.argv[1], sys.argv[2]
+storage.GONE = 0.8
+lane = huey.storage.lane_class(name, lane='test', **huey.storage_kwargs)
+lane.read_timeout = 0.2
+lane.waiting = storage.WaitingSlots(directory, 'test', 1)
+while True:
+    data = lane.dequeue()
+    if data is not None:
+        print(os.getpid(), data.decode(), flush=True)
+        if data == b'long':
+            time.sleep(1.5)
+"""
+
+
+class Taken:
+    """What the slot workers printed: payload -> the pid that took it, read as it comes."""
+
+    def __init__(self, procs):
+        self.by, self.procs = {}, procs
+        for proc in procs:
+            threading.Thread(target=self._read, args=(proc,), daemon=True).start()
+
+    def _read(self, proc):
+        for line in proc.stdout:
+            pid, payload = line.split()
+            self.by[payload] = int(pid)
+
+    def wait(self, payload, timeout=10):
+        return wait_for(lambda: self.by.get(payload), timeout=timeout, message=f'{payload} to be taken')
+
+
+def test_idle_workers_beyond_the_hosts_slots_park_while_the_holder_takes_every_task(tmp_path):
+    # Three consumers on one host: each task woke the worker that had waited longest, the coldest. With
+    # one slot for two workers, the holder takes every task while it keeps up; the parked one looks for
+    # work only when the holder is busy in one task, stopped, or dead (and then takes its slot).
+    name = f'{tasks.huey.name}-slots-{os.getpid()}'
+    lane = tasks.huey.storage.lane_class(name, lane='test', **tasks.huey.storage_kwargs)
+    lane.flush_queue()
+    procs = [subprocess.Popen([sys.executable, '-c', SLOT_WORKER, name, str(tmp_path)], cwd=ROOT, env=python_env(),
+                              stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    taken = Taken(procs)
+    try:
+        for number in range(20):   # one at a time, each into an idle lane: both workers are waiting or parked
+            lane.enqueue(f'idle{number}'.encode(), 3)
+            taken.wait(f'idle{number}')
+            time.sleep(0.02)
+        holder, = set(taken.by.values())
+        parked, = {proc.pid for proc in procs} - {holder}
+        lane.enqueue(b'long', 3)
+        assert taken.wait('long') == holder
+        lane.enqueue(b'while-busy', 3)
+        assert taken.wait('while-busy', timeout=1.2) == parked   # before the long task ends
+        os.kill(holder, signal.SIGSTOP)
+        try:
+            lane.enqueue(b'while-stopped', 3)
+            assert taken.wait('while-stopped') == parked
+        finally:
+            os.kill(holder, signal.SIGCONT)
+        os.kill(holder, signal.SIGKILL)
+        time.sleep(1.5)   # past GONE: the parked worker takes the dead holder's slot and waits in it
+        started = time.monotonic()
+        lane.enqueue(b'after-kill', 3)
+        assert taken.wait('after-kill') == parked and time.monotonic() - started < 0.1
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        lane.flush_queue()
+        lane.close()
+
+
 # ---------------------------------------------------------------- fairness within a lane
 
 def test_an_idle_redis_lane_waits_first_and_reads_marks_only_when_there_are_some():
