@@ -185,8 +185,9 @@ def linger(connection):
 
 # ---------------------------------------------------------------- idle workers of one host
 
-PARK_FIRST = 0.01   # seconds of a parked worker's first pause; each next one doubles,
-PARK_LAST = 0.1     # up to this
+PARK_FIRST = 0.01   # seconds of a parked worker's first pause while a holder runs a task; each next one
+PARK_LAST = 0.1     # doubles, up to this
+PARK_IDLE = 0.5     # its pause while every holder waits for work (each wake costs ~150 us of CPU here)
 BUSY = 0.02         # a holder in one task this long is busy: parked workers look for work
 GONE = 3.0          # a holder unchanged this long (a waiting one marks every read_timeout) is gone or stopped
 WAITING, RUNNING = 1, 2
@@ -207,8 +208,9 @@ class WaitingSlots:
     to the same warm workers, as with one consumer.
 
     A holder marks in a shared state file (mmap) whether it waits for work or
-    runs a task. A worker without a slot parks: it pauses (PARK_FIRST, doubling
-    up to PARK_LAST), reads the marks, and looks for a task without waiting only
+    runs a task. A worker without a slot parks: it pauses (PARK_IDLE while every
+    holder waits; while one runs a task PARK_FIRST, doubling up to PARK_LAST),
+    reads the marks, and looks for a task without waiting only
     when no holder can take one soon: each is in one task for BUSY or more
     (syncs, sends) or has not marked for GONE (stopped by SIGSTOP, or dead and
     its slot free, which the parked worker then takes). So tasks keep moving
@@ -236,11 +238,13 @@ class WaitingSlots:
                 return True
         before_wait()   # the pause may be long: make what the worker holds first
         PAUSE.wait(mine.pause)
-        mine.pause = min(mine.pause * 2, PARK_LAST)
-        stuck = mine.stuck(self._marks(), time.monotonic())
+        marks = self._marks()
+        stuck = mine.stuck(marks, time.monotonic())
         if self._take(key, stuck):
             return True
         mine.look = len(stuck) == self.count
+        running = any(state == RUNNING for _, state in marks)
+        mine.pause = min(mine.pause * 2, PARK_LAST) if running else PARK_IDLE
         return False
 
     def look(self, pop):
