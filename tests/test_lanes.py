@@ -1,5 +1,6 @@
 """Lanes: a backlog in one lane never holds another; a consumer serves all lanes or the ones it is given."""
 import contextlib
+import fcntl
 import os
 import re
 import signal
@@ -333,14 +334,15 @@ def test_a_task_that_comes_while_a_worker_lingers_is_taken_with_what_it_holds_st
 
 
 # A worker of a lane of its own, with one waiting slot (storage.WaitingSlots) in DIR: it prints the pid
-# and each payload it takes, and runs a payload `long` for 1.5 s. Shorter read timeout and GONE than
-# the service's (1 s, 3 s), in the same relation: a waiting holder marks more often than GONE.
+# and each payload it takes, and runs a payload `long` for 2.5 s. Shorter read timeout and GONE than
+# the service's (1 s, 3 s), in the same relation: a waiting holder marks more often than GONE. BUSY is
+# longer than the service's 20 ms: a holder descheduled for 20 ms on a loaded machine is not busy here.
 SLOT_WORKER = """
 import os, sys, time
 import tasks
 from taskq import storage
 huey, name, directory = tasks.huey, sys.argv[1], sys.argv[2]
-storage.GONE = 0.8
+storage.GONE, storage.BUSY = 0.8, 0.3
 lane = huey.storage.lane_class(name, lane='test', **huey.storage_kwargs)
 lane.read_timeout = 0.2
 lane.waiting = storage.WaitingSlots(directory, 'test', 1)
@@ -349,7 +351,7 @@ while True:
     if data is not None:
         print(os.getpid(), data.decode(), flush=True)
         if data == b'long':
-            time.sleep(1.5)
+            time.sleep(2.5)
 """
 
 
@@ -370,10 +372,27 @@ class Taken:
         return wait_for(lambda: self.by.get(payload), timeout=timeout, message=f'{payload} to be taken')
 
 
+def marked(path):
+    """The state the holder of slot 0 last marked in this state file."""
+    return storage.SLOT.unpack_from(path.read_bytes(), 0)[1]
+
+
+def held(path):
+    """Whether another process holds the flock of this slot file."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)   # closing drops a lock taken here
+    return False
+
+
 def test_idle_workers_beyond_the_hosts_slots_park_while_the_holder_takes_every_task(tmp_path):
     # Three consumers on one host: each task woke the worker that had waited longest, the coldest. With
     # one slot for two workers, the holder takes every task while it keeps up; the parked one looks for
-    # work only when the holder is busy in one task, stopped, or dead (and then takes its slot).
+    # work only when the holder is busy in one task, stopped while waiting, or dead (and takes its slot).
     name = f'{tasks.huey.name}-slots-{os.getpid()}'
     lane = tasks.huey.storage.lane_class(name, lane='test', **tasks.huey.storage_kwargs)
     lane.flush_queue()
@@ -390,18 +409,20 @@ def test_idle_workers_beyond_the_hosts_slots_park_while_the_holder_takes_every_t
         lane.enqueue(b'long', 3)
         assert taken.wait('long') == holder
         lane.enqueue(b'while-busy', 3)
-        assert taken.wait('while-busy', timeout=1.2) == parked   # before the long task ends
+        assert taken.wait('while-busy', timeout=2.2) == parked   # before the long task ends
+        wait_for(lambda: marked(tmp_path / 'test.state') == storage.WAITING, message='the long task to end')
         os.kill(holder, signal.SIGSTOP)
         try:
+            time.sleep(0.3)   # the stopped holder's pending pop times out (0.2 s) in Redis: none takes the next
             lane.enqueue(b'while-stopped', 3)
             assert taken.wait('while-stopped') == parked
         finally:
             os.kill(holder, signal.SIGCONT)
         os.kill(holder, signal.SIGKILL)
-        time.sleep(1.5)   # past GONE: the parked worker takes the dead holder's slot and waits in it
-        started = time.monotonic()
+        next(proc for proc in procs if proc.pid == holder).wait()   # dead: its lock is gone with it
+        wait_for(lambda: held(tmp_path / 'test.0'), timeout=5, message="the parked worker to take the dead holder's slot")
         lane.enqueue(b'after-kill', 3)
-        assert taken.wait('after-kill') == parked and time.monotonic() - started < 0.1
+        assert taken.wait('after-kill') == parked
     finally:
         for proc in procs:
             proc.kill()
