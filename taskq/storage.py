@@ -210,12 +210,12 @@ class WaitingSlots:
     A holder marks in a shared state file (mmap) whether it waits for work or
     runs a task. A worker without a slot parks: it pauses (PARK_IDLE while every
     holder waits; while one runs a task PARK_FIRST, doubling up to PARK_LAST),
-    reads the marks, and looks for a task without waiting only
-    when no holder can take one soon: each is in one task for BUSY or more
-    (syncs, sends) or has not marked for GONE (stopped by SIGSTOP, or dead and
-    its slot free, which the parked worker then takes). So tasks keep moving
-    when every holder is busy or stopped, and parked workers cost nothing while
-    the holders keep up. `count` is the lane's workers in one consumer
+    reads the marks, and looks for a task without waiting only when no holder
+    can take one soon: each is in one task for BUSY or more (syncs, sends) or
+    has not marked for GONE (stopped by SIGSTOP, or dead and its slot free,
+    which the parked worker then takes). So tasks keep moving when every holder
+    is busy or stopped, and while the holders keep up a parked worker costs a
+    wake every PARK_IDLE. `count` is the lane's workers in one consumer
     (config.ini [lanes]): one consumer on a host parks nobody. Only workers take
     slots (a consumer's main process never does: a forked child would share the
     lock).
