@@ -233,6 +233,7 @@ class WaitingSlots:
         if isinstance(mine, int):
             return True
         if mine is None:   # a thread's first turn: any free slot
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
             mine = self._threads[key] = Parked(self.count)
             if self._take(key, range(self.count)):
                 return True
@@ -284,7 +285,6 @@ class WaitingSlots:
         return False
 
     def _path(self, suffix):
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
         return os.path.join(self.directory, f'{self.name}.{suffix}')
 
     def _state_map(self):
@@ -518,11 +518,11 @@ class LaneRedisStorage(PriorityRedisStorage):
         self.waiting = EveryWorkerWaits   # which idle workers wait (LedgerHuey gives each lane its slots)
 
     def dequeue(self):
-        return next_task(self.waiting, self._pop_now, self._wait_for_task, first_pop=self._pop_unless_idle)
+        return next_task(self.waiting, self.pop_now, self._wait_for_task, first_pop=self._pop_unless_idle)
 
     def _pop_unless_idle(self):
         """An idle lane's worker waits at once: the empty pop before the wait is skipped."""
-        return None if self.idle else self._pop_now()
+        return None if self.idle else self.pop_now()
 
     def _wait_for_task(self):
         self.marks = None
@@ -539,7 +539,7 @@ class LaneRedisStorage(PriorityRedisStorage):
             self.marks = self._read_marks(names) if marked else [None, None]
         return data
 
-    def _pop_now(self):
+    def pop_now(self):
         """The next task's payload (its revoke marks in `marks`) without waiting, or None."""
         popped = self._pop_now_with_marks()
         self.stale_marks = []
@@ -601,11 +601,6 @@ class LaneRedisStorage(PriorityRedisStorage):
                 pusher.execute_command('EVALSHA', self._enqueue.sha, 2, *keys_and_args)
         except NoScriptError:   # a restarted or other server: the Script call loads it and runs it
             self._enqueue(keys=keys_and_args[:2], args=keys_and_args[2:], client=pusher)
-
-    def pop_now(self):
-        """The next task's payload without waiting, or None."""
-        items = self.conn.zpopmin(self.queue_key, count=1)
-        return items[0][0][8:] if items else None
 
     def depth_by_priority(self, priorities):
         """{priority: waiting tasks} of this lane, counted without reading payloads."""

@@ -359,7 +359,7 @@ class Taken:
     """What the slot workers printed: payload -> the pid that took it, read as it comes."""
 
     def __init__(self, procs):
-        self.by, self.procs = {}, procs
+        self.by = {}
         for proc in procs:
             threading.Thread(target=self._read, args=(proc,), daemon=True).start()
 
