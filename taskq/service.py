@@ -382,6 +382,7 @@ class LedgerConsumer(Consumer):
         if not self.lane_plan:
             raise ConfigurationError(f'no workers in lanes {", ".join(served)}: config.ini\'s [lanes] gives them 0')
         self._initial_slots = enumerate(self.lane_plan)
+        self._kill_notes_left = True   # a note from before a restart, or whose write waits for the database
         super().__init__(huey, workers=len(self.lane_plan), periodic=periodic and 'periodic' in served, **options)
         logger.info('consumer serves lanes %s', ', '.join(f'{name} ({count})' for name, count in served.items()))
 
@@ -403,19 +404,35 @@ class LedgerConsumer(Consumer):
                           stop_flag=self.stop_flag, default_delay=self.default_delay, max_delay=self.max_delay,
                           backoff=self.backoff, max_tasks=self.max_tasks)
 
+    def _ran_its_tasks(self, worker, process):
+        """A process worker leaves on Huey's WorkerRecycle with a clean exit; a thread's count is ours to read."""
+        return bool(self.max_tasks) and (getattr(process, 'exitcode', None) == 0 or worker.task_count >= self.max_tasks)
+
     def check_worker_health(self):
-        """Huey's check, with each dead worker replaced in its lane (Huey's would not know which)."""
-        for note in pathlib.Path(tempfile.gettempdir()).glob(f'emailsvc-hard-limit-{os.getpid()}-*.json'):
-            record_kill(note)
+        """Huey's check, with each dead worker replaced in its lane (Huey's would not know which), and
+        a worker that ran its max_tasks (Huey's -M) told apart from one that died.
+
+        emailsvc.consumer_options runs it at every turn of the consumer's loop
+        (0.1 s): a recycled worker's lane ran a worker short until the check,
+        which at Huey's 1 s cost a third of a busy lane's tasks/s."""
         healthy = True
         for i, (worker, process) in enumerate(self.worker_threads):
             if not self.environment.is_alive(process):
-                logger.warning('worker %d (lane %s) died; starting another', i + 1, worker.lane)
+                if self._ran_its_tasks(worker, process):
+                    logger.info('worker %d (lane %s) ran its %d tasks; starting another', i + 1, worker.lane,
+                                self.max_tasks)
+                else:
+                    logger.warning('worker %d (lane %s) died; starting another', i + 1, worker.lane)
                 worker = self._create_worker(worker.lane, i)
                 process = self._create_process(worker, f'Worker-{i + 1}')
                 process.start()
                 self.worker_threads[i] = (worker, process)
                 healthy = False
+        if not healthy or self._kill_notes_left:
+            # A watchdog writes its note before it kills its worker: only a death can add one.
+            self._kill_notes_left = False
+            for note in pathlib.Path(tempfile.gettempdir()).glob(f'emailsvc-hard-limit-{os.getpid()}-*.json'):
+                self._kill_notes_left |= not record_kill(note)
         if not self.environment.is_alive(self.scheduler):
             logger.warning('scheduler died; starting another')
             self.scheduler = self._create_process(self._create_scheduler(), 'Scheduler')
@@ -480,11 +497,12 @@ def hold_stop_signals():
 
 
 def record_kill(note):
-    """Mark the task named in a watchdog's note failed; the note stays until the write is made."""
+    """Mark the task named in a watchdog's note failed; the note stays until the write is made.
+    True once it is made."""
     try:
         killed = json.loads(note.read_text())
     except ValueError:
-        return  # caught between the watchdog's open and write: the next check reads it whole
+        return False  # caught between the watchdog's open and write: the next check reads it whole
     worker = killed.get('worker')   # None in a note from before worker names had consumer ids: no match
     try:
         ledger.update(killed['task_id'], only_states=(ledger.RUNNING,), expect={'worker': worker},
@@ -492,7 +510,8 @@ def record_kill(note):
                       error=f'hard time limit of {killed["seconds"]}s exceeded; worker killed')
     except (models.pw.OperationalError, models.pw.InterfaceError) as exc:
         logger.warning('hard-limit record of task %s waits for the database: %s', killed['task_id'], exc)
-        return
+        return False
     logger.error('task %s passed its hard time limit of %ss; worker %s was killed',
                  killed['task_id'], killed['seconds'], worker)
     note.unlink()
+    return True

@@ -1,5 +1,6 @@
 """The consumer's operations settings: workers recycled after N tasks, the graceful stop and its timeout."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ from tests import probe_tasks
 from tests.conftest import ROOT, STATE, lane_workers, python_env, wait_for, wait_for_state
 
 # The consumer ./run.sh consumer runs (emailsvc.run_consumer's options), with the probe tasks registered.
-RUN = ('import tests.probe_tasks, emailsvc, tasks; '
+RUN = ('import tests.probe_tasks, emailsvc, tasks; from mailkit import logs; logs.configure("INFO"); '
        'tasks.huey.create_consumer(**emailsvc.consumer_options(tasks.SETTINGS)).run()')
 
 
@@ -29,7 +30,7 @@ def own_consumer(consumer):
         workers = settings.pop('workers', 2)   # in the probe tasks' lane (the default lane), none in the others
         env = python_env(**{f'EMAILSVC_CONSUMER_{k.upper()}': str(v) for k, v in settings.items()},
                          **lane_workers(workers, only=('periodic',)))
-        log = STATE['workdir'] / 'consumer-options.log'
+        log = start_consumer.log = STATE['workdir'] / f'consumer-options-{len(started)}.log'
         proc = subprocess.Popen([sys.executable, '-c', RUN], cwd=ROOT, env=env, stdout=log.open('ab'),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
@@ -53,6 +54,11 @@ def test_a_worker_is_replaced_after_max_tasks(own_consumer):
     # towards a worker's three as well.) Without recycling one worker would run all seven.
     assert len(set(workers)) >= 3, workers
     assert all(workers.count(worker) <= 3 for worker in set(workers))
+    # A recycle is routine, said at INFO; "died" (a warning) is kept for workers that did die.
+    messages = [json.loads(line)['message'] for line in own_consumer.log.read_text().splitlines()
+                if line.startswith('{')]
+    assert messages.count('worker 1 (lane periodic) ran its 3 tasks; starting another') >= 2, messages
+    assert not [m for m in messages if 'died' in m], messages
 
 
 def test_the_graceful_stop_waits_for_a_running_task_up_to_the_timeout(own_consumer):
