@@ -1424,7 +1424,7 @@ def consumer_options(settings):
     """Huey consumer options from the settings: worker type, recycling (-M), graceful stop (-g, -t);
     the workers are [lanes]'s."""
     return dict(worker_type=settings['consumer.worker_type'],
-                periodic=True, check_worker_health=True, health_check_interval=0.1,
+                periodic=True, check_worker_health=True,
                 max_tasks=settings['consumer.max_tasks_per_worker'] or None,
                 graceful_signal=settings['consumer.graceful_signal'],
                 shutdown_timeout=settings['consumer.shutdown_timeout'] or None)

@@ -372,10 +372,13 @@ class LedgerConsumer(Consumer):
     `lanes` (names; None: every lane) picks the lanes served, each with its
     configured workers; `workers` (Huey's -w) is not used. The periodic
     schedule runs where the periodic lane is served. Every consumer's scheduler
-    moves due retries from the shared schedule into their lanes.
+    moves due retries from the shared schedule into their lanes. Worker health
+    is checked at every turn of the consumer's loop (0.1 s), whatever Huey's
+    -c says: a dead or recycled (-M) worker's lane runs a worker short until
+    the check, and Huey's default of 10 s made that 10 s per recycle.
     """
 
-    def __init__(self, huey, lanes=None, workers=None, periodic=True, **options):
+    def __init__(self, huey, lanes=None, workers=None, periodic=True, health_check_interval=None, **options):
         self._early_signals = hold_stop_signals()
         served = huey.lane_workers if lanes is None else {name: huey.lane_workers[name] for name in lanes}
         self.lane_plan = [name for name, count in served.items() for _ in range(count)]
@@ -383,7 +386,8 @@ class LedgerConsumer(Consumer):
             raise ConfigurationError(f'no workers in lanes {", ".join(served)}: config.ini\'s [lanes] gives them 0')
         self._initial_slots = enumerate(self.lane_plan)
         self._kill_notes_left = True   # a note from before a restart, or whose write waits for the database
-        super().__init__(huey, workers=len(self.lane_plan), periodic=periodic and 'periodic' in served, **options)
+        super().__init__(huey, workers=len(self.lane_plan), periodic=periodic and 'periodic' in served,
+                         health_check_interval=0, **options)
         logger.info('consumer serves lanes %s', ', '.join(f'{name} ({count})' for name, count in served.items()))
 
     def start(self):
@@ -410,11 +414,8 @@ class LedgerConsumer(Consumer):
 
     def check_worker_health(self):
         """Huey's check, with each dead worker replaced in its lane (Huey's would not know which), and
-        a worker that ran its max_tasks (Huey's -M) told apart from one that died.
-
-        emailsvc.consumer_options runs it at every turn of the consumer's loop
-        (0.1 s): a recycled worker's lane ran a worker short until the check,
-        which at Huey's 1 s cost a third of a busy lane's tasks/s."""
+        a worker that ran its max_tasks (Huey's -M) told apart from one that died. At every turn of
+        the consumer's loop: checked every 1 s, recycling cost a third of a busy lane's tasks/s."""
         healthy = True
         for i, (worker, process) in enumerate(self.worker_threads):
             if not self.environment.is_alive(process):
