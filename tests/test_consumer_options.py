@@ -1,5 +1,6 @@
 """The consumer's operations settings: workers recycled after N tasks, the graceful stop and its timeout."""
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -16,8 +17,9 @@ from tests import probe_tasks
 from tests.conftest import ROOT, STATE, lane_workers, python_env, wait_for, wait_for_state
 
 # The consumer ./run.sh consumer runs (emailsvc.run_consumer's options), with the probe tasks registered.
-RUN = ('import tests.probe_tasks, emailsvc, tasks; from mailkit import logs; logs.configure("INFO"); '
+RUN = ('import tests.probe_tasks, emailsvc, tasks; from mailkit import logs; logs.configure(tasks.SETTINGS["log.level"]); '
        'tasks.huey.create_consumer(**emailsvc.consumer_options(tasks.SETTINGS)).run()')
+LOG_NUMBERS = itertools.count()
 
 
 @pytest.fixture
@@ -26,11 +28,11 @@ def own_consumer(consumer):
     consumer.stop()
     started = []
 
-    def start_consumer(command=('-c', RUN), **settings):
+    def start_consumer(command=('-c', RUN), log_level='INFO', **settings):
         workers = settings.pop('workers', 2)   # in the probe tasks' lane (the default lane), none in the others
         env = python_env(**{f'EMAILSVC_CONSUMER_{k.upper()}': str(v) for k, v in settings.items()},
-                         **lane_workers(workers, only=('periodic',)))
-        log = start_consumer.log = STATE['workdir'] / f'consumer-options-{len(started)}.log'
+                         **lane_workers(workers, only=('periodic',)), EMAILSVC_LOG_LEVEL=log_level)
+        log = start_consumer.log = STATE['workdir'] / f'consumer-options-{next(LOG_NUMBERS)}.log'
         proc = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env, stdout=log.open('ab'),
                                 stderr=subprocess.STDOUT, start_new_session=True)
         started.append(proc)
@@ -55,10 +57,25 @@ def test_a_worker_is_replaced_after_max_tasks(own_consumer):
     assert len(set(workers)) >= 3, workers
     assert all(workers.count(worker) <= 3 for worker in set(workers))
     # A recycle is routine, said at INFO; "died" (a warning) is kept for workers that did die.
-    messages = [json.loads(line)['message'] for line in own_consumer.log.read_text().splitlines()
-                if line.startswith('{')]
+    messages = log_messages(own_consumer.log)
     assert messages.count('worker 1 (lane periodic) ran its 3 tasks; starting another') >= 2, messages
     assert not [m for m in messages if 'died' in m], messages
+
+
+def log_messages(path):
+    return [json.loads(line)['message'] for line in path.read_text().splitlines() if line.startswith('{')]
+
+
+@pytest.mark.parametrize('level, lines', [('INFO', 0), ('DEBUG', 2)])
+def test_huey_logs_a_line_per_task_only_at_debug(own_consumer, level, lines):
+    """Huey's "Executing ..." and "... executed in ..." lines are DEBUG lines here (the ledger has
+    every run's start and end; at INFO they cost a quarter of a no-op task's CPU)."""
+    own_consumer(workers=1, log_level=level)
+    task = tasks.noop()
+    wait_for_state(task.id, 'succeeded')
+    logged = log_messages(own_consumer.log)
+    assert len([m for m in logged if task.id in m and ('Executing' in m or 'executed in' in m)]) == lines, logged
+    assert any(m.startswith('consumer serves lanes') for m in logged), logged   # the consumer's INFO lines stay
 
 
 def test_plain_huey_consumer_replaces_a_recycled_worker_at_once(own_consumer):
