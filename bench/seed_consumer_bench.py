@@ -19,11 +19,11 @@ ratios.
 Measured before the changes this benchmark came with, with recycling alone
 (log level WARNING on both sides): embedded 0.62x, Redis+PG 0.74x; and the
 log level alone (a drain, recycling off, embedded): INFO 3,024-3,524 tasks/s
-against 3,671-4,006 at WARNING. What is left is the recycle itself: a no-op
-flood ends each worker every ~0.7 s, and its successor takes the next task
-30-120 ms later (up to one 0.1 s turn of the consumer's loop, ~30 ms of fork
-and start) and runs its first two tasks ~5 ms each; real tasks recycle
-minutes apart.
+against 3,671-4,006 at WARNING. Then the seed's settings ran at 0.80-0.90x:
+a recycled worker's successor took the next task 30-120 ms after its last (up
+to one 0.1 s turn of the consumer's loop, which now ends at a worker's exit,
+and ~25 ms of fork and start); now 17-29 ms. A no-op flood ends each worker
+every ~0.7 s; real tasks recycle minutes apart.
 
     ./run.sh bench seed_consumer_bench [--n 10000] [--rounds 3]
 """

@@ -34,6 +34,7 @@ import os
 import pathlib
 import random
 import secrets
+import select
 import signal
 import tempfile
 import threading
@@ -43,7 +44,7 @@ import redis
 from huey import Huey
 from huey import signals as S
 from huey.constants import EmptyData
-from huey.consumer import Consumer, Worker
+from huey.consumer import Consumer, ForkSafeFlag, ProcessEnvironment, Worker
 from huey.exceptions import ConfigurationError
 
 import models
@@ -387,6 +388,41 @@ def kill_note_path(consumer_pid, worker_pid):
     return pathlib.Path(tempfile.gettempdir()) / f'emailsvc-hard-limit-{consumer_pid}-{worker_pid}.json'
 
 
+class ExitWatchingFlag(ForkSafeFlag):
+    """Huey's stop flag for process workers (they share it and see Huey's); in the consumer's own
+    process its wait, the consumer's loop's 0.1 s pause, also ends as soon as a watched process (a
+    worker, the scheduler) exits, through a pidfd each (Linux 5.3+). The loop then checks its
+    workers at once: a recycled worker's successor started up to 0.1 s after its exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.owner = os.getpid()
+        self.pidfds = {}   # pid -> pidfd, in the consumer's process
+
+    def watch(self, pid):
+        try:
+            self.pidfds[pid] = os.pidfd_open(pid)
+        except (AttributeError, OSError):   # no pidfds here, or gone already: the loop's next turn finds it
+            pass
+
+    def wait(self, timeout=None):
+        if os.getpid() != self.owner or not self.pidfds:
+            return super().wait(timeout)
+        poller = select.poll()
+        for fd in (self._r, *self.pidfds.values()):
+            poller.register(fd, select.POLLIN)
+        ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+        for pid, fd in list(self.pidfds.items()):
+            if fd in ready:   # reported once: a pidfd stays readable after the exit
+                os.close(self.pidfds.pop(pid))
+        return self._r in ready
+
+
+class ExitWatchingEnvironment(ProcessEnvironment):
+    def get_stop_flag(self):
+        return ExitWatchingFlag()
+
+
 class LedgerConsumer(Consumer):
     """Huey's consumer with each worker bound to a lane; it records the tasks its watchdogs killed
     and replaces dead workers in their own lanes.
@@ -418,8 +454,20 @@ class LedgerConsumer(Consumer):
         if self.environment.forks:
             share_before_fork(self.huey)
         super().start()
+        for process in [self.scheduler] + [process for _, process in self.worker_threads]:
+            self._watch(process)
         for signum in self._early_signals:
             os.kill(os.getpid(), signum)
+
+    def get_environment(self, worker_type):
+        environment = super().get_environment(worker_type)
+        return ExitWatchingEnvironment(environment.graceful, environment.interrupt) if environment.forks \
+            else environment
+
+    def _watch(self, process):
+        """Wake the consumer's loop when this worker or scheduler process exits (process workers only)."""
+        if isinstance(self.stop_flag, ExitWatchingFlag):
+            self.stop_flag.watch(process.pid)
 
     def _create_worker(self, lane=None, slot=None):
         if lane is None:   # Huey's __init__ creates them in lane_plan's order
@@ -437,7 +485,8 @@ class LedgerConsumer(Consumer):
     def check_worker_health(self):
         """Huey's check, with each dead worker replaced in its lane (Huey's would not know which), and
         a worker that ran its max_tasks (Huey's -M) told apart from one that died. At every turn of
-        the consumer's loop: checked every 1 s, recycling cost a third of a busy lane's tasks/s."""
+        the consumer's loop, which a worker's exit ends at once (ExitWatchingFlag): checked every
+        1 s, recycling cost a third of a busy lane's tasks/s."""
         healthy = True
         for i, (worker, process) in enumerate(self.worker_threads):
             if not self.environment.is_alive(process):
@@ -449,6 +498,7 @@ class LedgerConsumer(Consumer):
                 worker = self._create_worker(worker.lane, i)
                 process = self._create_process(worker, f'Worker-{i + 1}')
                 process.start()
+                self._watch(process)
                 self.worker_threads[i] = (worker, process)
                 healthy = False
         if not healthy or self._kill_notes_left:
@@ -460,6 +510,7 @@ class LedgerConsumer(Consumer):
             logger.warning('scheduler died; starting another')
             self.scheduler = self._create_process(self._create_scheduler(), 'Scheduler')
             self.scheduler.start()
+            self._watch(self.scheduler)
         return healthy
 
 

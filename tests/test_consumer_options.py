@@ -13,6 +13,7 @@ import pytest
 import models
 import tasks
 from taskq import ledger
+from taskq.service import ExitWatchingFlag
 from tests import probe_tasks
 from tests.conftest import ROOT, STATE, lane_workers, python_env, wait_for, wait_for_state
 
@@ -90,6 +91,22 @@ def test_plain_huey_consumer_replaces_a_recycled_worker_at_once(own_consumer):
     assert len(handovers) >= 4, records   # 2 + 2 + 2 + 2 + 1
     # Each gap is a fork and a first claim; at a 10 s check all four would be under 3 s by chance 1 in 100+.
     assert max(handovers) < 3, handovers
+
+
+def test_the_consumers_pause_ends_when_a_worker_exits():
+    """The consumer's loop pauses on its stop flag (0.1 s a turn); a watched worker's exit ends the pause
+    at once (a pidfd), once, so the loop replaces the worker then, and stopping still reads as stopping."""
+    flag = ExitWatchingFlag()
+    worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(0.3)'])
+    flag.watch(worker.pid)
+    began = time.monotonic()
+    assert flag.wait(20) is False            # woken by the exit, not stopped
+    assert time.monotonic() - began < 10     # not the whole pause
+    worker.wait()
+    assert flag.pidfds == {}                 # reported once: the next pause is a plain one
+    assert flag.wait(0.05) is False
+    flag.set()
+    assert flag.wait(20) is True
 
 
 def test_the_graceful_stop_waits_for_a_running_task_up_to_the_timeout(own_consumer):
