@@ -397,13 +397,25 @@ class ExitWatchingFlag(ForkSafeFlag):
     def __init__(self):
         super().__init__()
         self.owner = os.getpid()
-        self.pidfds = {}   # pid -> pidfd, in the consumer's process
+        self.pidfds = {}   # pid -> pidfd, in the consumer's process; None where pidfds fail
 
     def watch(self, pid):
+        """Also end the wait when `pid` exits; without a pidfd the loop's next 0.1 s turn finds the exit."""
+        if self.pidfds is None:
+            return
         try:
             self.pidfds[pid] = os.pidfd_open(pid)
-        except (AttributeError, OSError):   # no pidfds here, or gone already: the loop's next turn finds it
-            pass
+        except ProcessLookupError:
+            logger.info('process %d exited before it could be watched; the next check replaces it', pid)
+        except (AttributeError, OSError) as exc:   # not Linux 5.3+, or out of descriptors
+            logger.warning('worker exits not watched (%s): a dead or recycled worker is replaced at the '
+                           "consumer loop's next 0.1 s turn", exc)
+            self._stop_watching()
+
+    def _stop_watching(self):
+        for fd in self.pidfds.values():
+            os.close(fd)
+        self.pidfds = None
 
     def wait(self, timeout=None):
         if os.getpid() != self.owner or not self.pidfds:
