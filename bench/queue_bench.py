@@ -45,12 +45,10 @@ import json
 import os
 import pathlib
 import select
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -349,24 +347,17 @@ def main():
     if args.rounds < 1:
         parser.error('--rounds must be at least 1')
 
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix='queue-bench-'))
-    redis, postgres = services.start_redis(workdir / 'redis'), services.start_postgres(workdir / 'postgres')
     children = {}
-    try:
-        for name in ('embedded', 'scaleout'):
-            children[name] = Child(name, workdir, redis, postgres, timeout=2 * DEADLINE + 4 * args.idle)
-        rounds, celery = run_rounds(children, redis, workdir, args)
-        final = {name: child.ask('final', n=args.n, samples=args.samples, idle=args.idle)
-                 for name, child in children.items()}
-    except BaseException:
-        print(f'queue_bench: the logs are kept in {workdir}', file=sys.stderr)
-        raise
-    finally:
-        for child in children.values():
-            child.close()
-        redis.stop()
-        postgres.stop()
-    shutil.rmtree(workdir, ignore_errors=True)   # a PostgreSQL cluster and two ledgers: tens of MB a run
+    with services.benchmark_servers('queue_bench') as (workdir, redis, postgres):
+        try:
+            for name in ('embedded', 'scaleout'):
+                children[name] = Child(name, workdir, redis, postgres, timeout=2 * DEADLINE + 4 * args.idle)
+            rounds, celery = run_rounds(children, redis, workdir, args)
+            final = {name: child.ask('final', n=args.n, samples=args.samples, idle=args.idle)
+                     for name, child in children.items()}
+        finally:
+            for child in children.values():
+                child.close()
     report(rounds, final, celery, args)
 
 

@@ -30,11 +30,9 @@ every ~0.7 s; real tasks recycle minutes apart.
 import argparse
 import os
 import pathlib
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -94,10 +92,8 @@ def main():
         return run_child(args.n, args.rounds)
     if args.rounds < 1 or args.n < 1:
         parser.error('--rounds and --n must be at least 1')
-    workdir = pathlib.Path(tempfile.mkdtemp(prefix='seed-consumer-bench-'))
-    redis, postgres = services.start_redis(workdir / 'redis'), services.start_postgres(workdir / 'postgres')
     results = {}
-    try:
+    with services.benchmark_servers('seed_consumer_bench') as (workdir, redis, postgres):
         for name in ('embedded', 'scaleout'):
             out = subprocess.run([sys.executable, __file__, '--child', '--n', str(args.n), '--rounds', str(args.rounds)],
                                  cwd=ROOT, env=backend_env(name, workdir, redis, postgres), capture_output=True,
@@ -105,13 +101,6 @@ def main():
             if out.returncode:
                 raise RuntimeError(f'{name} drains failed:\n{out.stderr[-3000:]}')
             results[name] = [tuple(float(x) for x in line.split()) for line in out.stdout.splitlines()]
-    except BaseException:
-        print(f'seed_consumer_bench: the logs are kept in {workdir}', file=sys.stderr)
-        raise
-    finally:
-        redis.stop()
-        postgres.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
     report(results, args)
 
 

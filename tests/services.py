@@ -31,6 +31,7 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 import time
 
 import psycopg2
@@ -418,6 +419,24 @@ def start_postgres(workdir: pathlib.Path) -> Postgres:
     postgres._start()
     postgres.create_database(postgres.database)
     return postgres
+
+
+@contextlib.contextmanager
+def benchmark_servers(name: str):
+    """(work directory, Redis, PostgreSQL) for a benchmark: both servers stopped at the end; the
+    directory (a PostgreSQL cluster and ledgers, tens of MB) removed after a success, kept and
+    named on stderr after a failure."""
+    workdir = pathlib.Path(tempfile.mkdtemp(prefix=f'{name}-'))
+    redis, postgres = start_redis(workdir / 'redis'), start_postgres(workdir / 'postgres')
+    try:
+        yield workdir, redis, postgres
+    except BaseException:
+        print(f'{name}: the logs are kept in {workdir}', file=sys.stderr)
+        raise
+    finally:
+        redis.stop()
+        postgres.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- Dovecot
