@@ -140,16 +140,25 @@ class Backend:
         wait_for_workers(self.models, running, self.workers)
         return running
 
-    def pair(self, n, three_first):
-        """Throughput with 1 consumer and with 3, back to back, in the order asked."""
+    def rates(self, n, counts):
+        """Throughput with each number of consumers in `counts`, back to back: {count: tasks/s}."""
         rates, running = {}, []
         try:
-            for count in (3, 1) if three_first else (1, 3):
+            for count in counts:
                 running = self.consumers(running, count)
                 rates[count] = throughput(self.tasks, self.models, n)
         finally:
             stop(running)
+        return rates
+
+    def pair(self, n, three_first):
+        """Throughput with 1 consumer and with 3, back to back, in the order asked."""
+        rates = self.rates(n, (3, 1) if three_first else (1, 3))
         return {'one': rates[1], 'three': rates[3], 'three_first': three_first}
+
+    def one(self, n):
+        """Throughput with the seed consumer alone (bench/ledger_floor_bench.py compares it with its floors)."""
+        return self.rates(n, (1,))[1]
 
     def final(self, n, samples, idle):
         """Latency on the seed consumer; PSS of web + the seed consumer, then of web + a consumer with 2 workers."""
