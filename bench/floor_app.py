@@ -5,8 +5,8 @@ What a task costs any design that keeps emailsvc's ledger contract, written
 as plainly as it can be: the record's INSERT before the enqueue returns (a 202
 means the task is on record), the claim's compare-and-set before the run (one
 run owns the record, under a worker whose lease row exists) and the final
-write after it, each a statement of its own on the service's real schema
-(taskq/ledger.py builds the same three). No signed payloads, lanes, tenant
+write after it, each a statement of its own on the service's real schema,
+built by taskq/ledger.py's own builders. No signed payloads, lanes, tenant
 turns, doorbell, lease renewal, or revoke marks.
 
 Environment: FLOOR_QUEUE (a SQLite file, or a redis:// URL), FLOOR_LEDGER (a
@@ -24,6 +24,7 @@ from huey import PriorityRedisHuey, SqliteHuey
 from huey import signals as S
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from taskq import ledger as service_ledger  # noqa: E402  the service's statements, as it builds them
 from taskq.storage import WriteTurns  # noqa: E402  the service's own turns among a SQLite file's writers
 
 QUEUE, LEDGER, DONE = os.environ['FLOOR_QUEUE'], os.environ.get('FLOOR_LEDGER', ''), os.environ['FLOOR_DONE']
@@ -35,15 +36,18 @@ else:
     # fsync=False is synchronous=OFF, a step lighter than the service's NORMAL: the floor is generous
     huey = SqliteHuey('floor', filename=QUEUE, fsync=False)
 
-INSERT = ('INSERT INTO "task_record" ("id", "state", "name", "priority", "retries_left", "tenant_id", "user_id", '
-          '"request_id", "args", "attempts", "enqueued_at") VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})')
-CLAIM = ('UPDATE "task_record" SET "state" = \'running\', "attempts" = "attempts" + 1, "started_at" = {p}, '
-         '"retries_left" = {p}, "next_retry_at" = {p}, "finished_at" = {p}, "worker" = {p} WHERE "id" = {p} '
-         'AND "state" IN ({p}, {p}) AND EXISTS (SELECT 1 FROM "consumer_heartbeat" WHERE "id" = {p})')
-FINAL = ('UPDATE "task_record" SET "state" = {p}, "finished_at" = {p}, "result" = {p}, "error" = {p}, '
-         '"traceback" = {p} WHERE "id" = {p} AND "state" IN ({p}) AND "worker" = {p}')
 LEASE = ('INSERT INTO "consumer_heartbeat" ("id", "host", "pid", "consumer_pid", "started_at", "last_seen", '
          '"tasks_done") VALUES ({p}, {p}, {p}, {p}, {p}, {p}, 0)')
+CLAIM_COLUMNS = ('started_at', 'retries_left', 'next_retry_at', 'finished_at')   # as ledger.claim sets them
+FINAL_COLUMNS = ('state', 'finished_at', 'result', 'error', 'traceback')         # as a success's final write
+
+
+def statements(param):
+    """(INSERT, claim, final write, lease row) in the database's parameter style."""
+    return (service_ledger._insert_sql(param, service_ledger.RECORD_COLUMNS),
+            service_ledger._claim_sql(param, CLAIM_COLUMNS),
+            service_ledger._update_sql(param, FINAL_COLUMNS, (), 1, ('worker',)),
+            LEASE.format(p=param))
 
 
 class SqliteLedger:
@@ -75,24 +79,20 @@ class PostgresLedger:
         if key not in self.connections:
             connection = psycopg2.connect(self.url)
             connection.autocommit = True
-            self.connections[key] = (connection, {})
+            self.connections[key] = (connection, set())
         connection, prepared = self.connections[key]
+        name, prepare, run = service_ledger._prepared_form(sql)
         with connection.cursor() as cursor:
-            if sql not in prepared:   # prepared once per connection, as taskq.ledger.execute does
-                numbered = iter(range(1, sql.count('%s') + 1))
-                cursor.execute(f'PREPARE s{len(prepared)} AS ' + sql.replace('%s', '${}').format(
-                    *[next(numbered) for _ in range(sql.count('%s'))]))
-                prepared[sql] = f's{len(prepared)}'
-            cursor.execute(f'EXECUTE {prepared[sql]} ({", ".join(["%s"] * len(params))})', params)
+            if name not in prepared:   # prepared once per connection, as taskq.ledger.execute does
+                cursor.execute(prepare)
+                prepared.add(name)
+            cursor.execute(run, params)
             return cursor.rowcount
 
 
 ledger = (PostgresLedger(LEDGER) if LEDGER.startswith('postgresql://') else
           SqliteLedger(LEDGER) if LEDGER else None)
-
-
-def sql(template):
-    return template.format(p=ledger.param)
+INSERT, CLAIM, FINAL, LEASE_ROW = statements(ledger.param) if ledger is not None else (None,) * 4
 
 
 def now():
@@ -108,23 +108,23 @@ def noop(last=False):
 def enqueue(last=False):
     task = noop.s(last)
     if ledger is not None:
-        ledger.write(sql(INSERT), (task.id, 'pending', 'noop', 0, 0, None, None, None,
+        ledger.write(INSERT, (task.id, 'pending', 'noop', 0, 0, None, None, None,
                                    '{"tenant_id": null, "user_id": null}', 0, now()))
     huey.enqueue(task)
 
 
 def register_lease():
     """The lease row the claim requires (the service's worker registers one at its start)."""
-    ledger.write(sql(LEASE), (WORKER, 'floor', os.getpid(), os.getpid(), now(), now()))
+    ledger.write(LEASE_ROW, (WORKER, 'floor', os.getpid(), os.getpid(), now(), now()))
 
 
 if ledger is not None:
     @huey.pre_execute()
     def claim(task):
-        if ledger.write(sql(CLAIM), (now(), 0, None, None, WORKER, task.id, 'pending', 'retrying', WORKER)) != 1:
+        if ledger.write(CLAIM, (now(), 0, None, None, WORKER, task.id, 'pending', 'retrying', WORKER)) != 1:
             raise RuntimeError(f'floor: the claim of {task.id} was not made')
 
     @huey.signal(S.SIGNAL_COMPLETE)
     def final(signal_name, task):
-        if ledger.write(sql(FINAL), ('succeeded', now(), None, None, None, task.id, 'running', WORKER)) != 1:
+        if ledger.write(FINAL, ('succeeded', now(), None, None, None, task.id, 'running', WORKER)) != 1:
             raise RuntimeError(f'floor: the final write of {task.id} was not made')
